@@ -1,0 +1,147 @@
+"""embedscale vs sentence-transformers MultipleNegativesRankingLoss on SciFact, same everything.
+
+Same model (packaged all-MiniLM-L6-v2), same training pairs (SciFact train qrels), batch size,
+epochs, learning rate, warmup, weight decay, gradient clipping, seed and drop-last; temperature
+0.05 = ST's scale 20. ST runs its own SentenceTransformerTrainer with its recommended
+NO_DUPLICATES batch sampler. Both models are then scored by the same evaluator (SciFact test,
+exact search, 256 tokens).
+
+    python bench/st_mnrl_scifact.py                                  # runs embedscale train too
+    python bench/st_mnrl_scifact.py --embedscale-run runs/train/X    # reuse a finished quickstart run
+
+Needs the bench extra: pip install -e ".[bench]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from common import report  # noqa: E402
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from embedscale.cli import conf_dir
+    from embedscale.config import TrainConfig, register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return to_config(hydra_compose(config_name="train", overrides=overrides), TrainConfig)
+
+
+def train_sentence_transformers(cfg, out_dir: Path) -> float:
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.training_args import BatchSamplers
+
+    from embedscale.data.datamodule import load_examples
+    from embedscale.data.readers import resolve_data_root
+    from embedscale.encoder.biencoder import resolve_model_path
+
+    examples = load_examples(cfg.data, resolve_data_root(cfg.data.root))
+    dataset = Dataset.from_dict({"anchor": [e.query for e in examples], "positive": [e.positive for e in examples]})
+    model = SentenceTransformer(resolve_model_path(cfg.model.name_or_path), device="cpu")
+    model.max_seq_length = cfg.model.document_max_length
+    loss = MultipleNegativesRankingLoss(model, scale=1.0 / cfg.loss.temperature)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out_dir / "trainer"),
+        num_train_epochs=cfg.trainer.max_epochs,
+        per_device_train_batch_size=cfg.data.batch_size_per_rank,
+        learning_rate=cfg.optim.lr,
+        warmup_ratio=cfg.optim.warmup_ratio,
+        weight_decay=cfg.optim.weight_decay,
+        lr_scheduler_type=cfg.optim.scheduler.value,
+        max_grad_norm=cfg.trainer.gradient_clip_val or 0.0,
+        seed=cfg.seed,
+        dataloader_drop_last=True,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        use_cpu=True,
+    )
+    start = time.perf_counter()
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
+    seconds = time.perf_counter() - start
+    model.save(str(out_dir / "model"))
+    return seconds
+
+
+def evaluate(model_dir: str, cfg) -> dict:
+    import dataclasses
+
+    from embedscale.data.readers import resolve_data_root
+    from embedscale.encoder.biencoder import load_encoder
+    from embedscale.retrieval.evaluator import build_evaluators, evaluate_all
+
+    encoder, tokenizer = load_encoder(dataclasses.replace(cfg.model, name_or_path=model_dir))
+    evaluators = build_evaluators(cfg.eval, root=resolve_data_root(cfg.data.root), default_max_length=256)
+    return evaluate_all(evaluators, encoder, tokenizer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--embedscale-run", help="run directory of a finished `embedscale train` with these overrides")
+    parser.add_argument("--out", default="runs/bench_st_mnrl", help="where the ST model and the embedscale run go")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to both (e.g. trainer.max_epochs=2)")
+    args = parser.parse_args()
+    import torch
+
+    cfg = compose(args.overrides)
+    out = Path(args.out).resolve()
+    if args.embedscale_run:
+        es = json.loads((Path(args.embedscale_run) / "metrics.json").read_text())
+    else:
+        from embedscale.train import run
+
+        cfg_es = compose([*args.overrides, f"run_dir={out / 'embedscale'}", "logger=csv"])
+        es = run(cfg_es)
+    for key in ("lr", "epochs", "batch_size"):
+        want = {"lr": cfg.optim.lr, "epochs": cfg.trainer.max_epochs, "batch_size": cfg.data.batch_size_per_rank}[key]
+        got = es["config"][{"lr": "optim", "epochs": "trainer", "batch_size": "data"}[key]][
+            {"lr": "lr", "epochs": "max_epochs", "batch_size": "batch_size_per_rank"}[key]
+        ]
+        if got != want:
+            raise SystemExit(f"the embedscale run used {key}={got}, this comparison {want}: pass the same overrides")
+    torch.manual_seed(cfg.seed)
+    st_seconds = train_sentence_transformers(cfg, out / "st")
+    st_metrics = evaluate(str(out / "st" / "model"), cfg)
+    before, after = es["eval"]["before"], es["eval"]["after"]
+    names = ["scifact/ndcg@10", "scifact/recall@100", "scifact/mrr@10"]
+    rows = [
+        {"system": "zero-shot all-MiniLM-L6-v2", **{n: before[n] for n in names}, "train_s": 0.0},
+        {"system": "sentence-transformers MNRL", **{n: st_metrics[n] for n in names}, "train_s": round(st_seconds, 1)},
+        {"system": "embedscale", **{n: after[n] for n in names}, "train_s": es["train"]["fit_seconds"]},
+    ]
+    settings = {
+        "epochs": cfg.trainer.max_epochs,
+        "batch_size": cfg.data.batch_size_per_rank,
+        "lr": cfg.optim.lr,
+        "warmup_ratio": cfg.optim.warmup_ratio,
+        "weight_decay": cfg.optim.weight_decay,
+        "temperature": cfg.loss.temperature,
+        "seed": cfg.seed,
+        "embedscale_run": es.get("run_dir"),
+    }
+    print("settings: " + json.dumps(settings))
+    report("st_mnrl_scifact", rows, {"settings": settings})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""`embedscale <job> [hydra overrides]`: dispatches to the job modules.
+
+The CLI imports only Hydra and `embedscale.config` before the config is composed and validated, so
+a typo or a bad value fails in about a second; torch, transformers and Lightning load only after
+that (see `hydra_job`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+JOBS = {
+    "train": ("embedscale.train", "fine-tune a bi-encoder (default: all-MiniLM-L6-v2 on SciFact)"),
+    "evaluate": ("embedscale.evaluate", "BEIR/STS metrics of a model or an embedscale export"),
+}
+
+
+def conf_dir() -> Path:
+    """The directory of Hydra configs: inside the installed package, or conf/ of a source checkout."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def hydra_job(config_name: str, schema: type, run: Callable[..., Any]) -> Callable[[], Any]:
+    """Wrap `run(cfg, run_dir=...)` as a Hydra entry point that validates the config first."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    from embedscale.config import register_configs, to_config
+
+    register_configs()
+
+    @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
+    def _main(raw: DictConfig) -> Any:
+        cfg = to_config(raw, schema)
+        return run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
+
+    return _main
+
+
+def _usage() -> str:
+    lines = ["usage: embedscale <job> [key=value ...]   (Hydra overrides; --help after the job lists the config)", ""]
+    lines += [f"  {name:<10} {doc}" for name, (_, doc) in JOBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    job, rest = argv[0], argv[1:]
+    if job not in JOBS:
+        print(f"embedscale: unknown job {job!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import importlib
+
+    module = importlib.import_module(JOBS[job][0])
+    sys.argv = [f"embedscale {job}", *rest]
+    return module.main()
+
+
+if __name__ == "__main__":
+    main()

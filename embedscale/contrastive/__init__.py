@@ -1,0 +1,1 @@
+"""Contrastive training: losses (functions of embeddings), optimizer, the LightningModule, callbacks."""

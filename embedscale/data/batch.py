@@ -1,0 +1,57 @@
+"""Batch types: the one contract between the data layer and the model.
+
+A `PairExample` is one training sample as read from disk; a `PairBatch` is what the model receives.
+Every text carries a stable 63-bit id derived from its content (`text_id`), so the loss can mask
+duplicates by identity -- never by embedding similarity, which dropout makes unreliable -- and the
+ids can be all-gathered alongside the embeddings in multi-rank training.
+
+Legend: B = queries in the batch, k = hard negatives per query, L = tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+
+def text_id(text: str) -> int:
+    """Stable content id of a text: the first 63 bits of its blake2b digest (fits a signed int64)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class PairExample:
+    """One query with its positive document and optional hard negatives."""
+
+    query: str
+    positive: str
+    negatives: list[str] = field(default_factory=list)
+    key: str = ""
+    """Stable sample key (source:line or query-id:doc-id), for provenance and exact resume."""
+
+
+@dataclass
+class TextIds:
+    """Content ids of a batch's texts, used to mask duplicates in the loss."""
+
+    query_B: torch.Tensor  # (B,) int64
+    positive_B: torch.Tensor  # (B,) int64
+    negatives_Bk: torch.Tensor | None  # (B, k) int64
+
+
+@dataclass
+class PairBatch:
+    """A tokenised batch. `documents` holds the B positives first, then the B*k negatives row by row."""
+
+    queries: dict[str, torch.Tensor]  # input_ids/attention_mask (B, Lq)
+    documents: dict[str, torch.Tensor]  # input_ids/attention_mask (B * (1 + k), Ld)
+    ids: TextIds
+    num_negatives_per_query: int
+    keys: list[str]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.ids.query_B.shape[0])

@@ -1,0 +1,1 @@
+"""Encoders: backbone loading, pooling (pure functions), the BiEncoder."""

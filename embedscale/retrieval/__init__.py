@@ -1,0 +1,1 @@
+"""Retrieval: metrics (pure functions), exact search, evaluators. Never imports contrastive/."""

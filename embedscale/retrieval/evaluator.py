@@ -1,0 +1,182 @@
+"""Evaluators that share the encoder: BEIR-layout retrieval (exact search) and STS (Spearman).
+
+An evaluator is built once from files (`from_beir`, `from_sts`) and called with an encoder:
+`evaluator(encoder, tokenizer) -> {name/metric: value}`. Corpus embeddings are cached on disk,
+keyed by the document tower's weights, the encoding settings and the corpus content, so the
+"before" evaluation of a published model is paid once per machine, not once per run.
+
+Legend: Q = queries, N = corpus documents, D = dim, K = top k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from embedscale.data.readers import read_corpus, read_qrels, read_queries, read_sts
+from embedscale.encoder.biencoder import BiEncoder, encode_texts
+from embedscale.retrieval.metrics import retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EMBEDSCALE_CACHE", "~/.cache/embedscale")).expanduser()
+
+
+def exact_search(q_QD: torch.Tensor, docs_ND: torch.Tensor, k: int, *, chunk: int = 1024):
+    """Exact inner-product top-k, in chunks of queries: (scores (Q, K), indices (Q, K))."""
+    k = min(k, docs_ND.shape[0])
+    scores, indices = [], []
+    for start in range(0, q_QD.shape[0], chunk):
+        s_qN = q_QD[start : start + chunk] @ docs_ND.T
+        top = s_qN.topk(k, dim=1)
+        scores.append(top.values)
+        indices.append(top.indices)
+    return torch.cat(scores), torch.cat(indices)
+
+
+@dataclass
+class RetrievalEvaluator:
+    name: str
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    k_values: tuple[int, ...] = (1, 3, 5, 10, 100)
+    batch_size: int = 64
+    max_length: int | None = None
+    cache_dir: Path | None = None
+
+    @classmethod
+    def from_beir(cls, dataset_dir: Path, split: str, *, name: str | None = None, **kwargs) -> RetrievalEvaluator:
+        qrels = read_qrels(dataset_dir, split)
+        all_queries = read_queries(dataset_dir)
+        missing = [qid for qid in qrels if qid not in all_queries]
+        if missing:
+            raise ValueError(f"{dataset_dir}/qrels/{split}.tsv names {len(missing)} queries missing from queries.jsonl")
+        queries = {qid: all_queries[qid] for qid in qrels}
+        return cls(name or dataset_dir.name, queries, read_corpus(dataset_dir), qrels, **kwargs)
+
+    def _corpus_embeddings(self, encoder: BiEncoder, tokenizer) -> torch.Tensor:
+        ids = list(self.corpus)
+        key = hashlib.sha256()
+        key.update(encoder.fingerprint("document").encode())
+        key.update(repr((self.max_length or encoder.cfg.document_max_length, "document")).encode())
+        for doc_id in ids:
+            key.update(doc_id.encode() + b"\0" + self.corpus[doc_id].encode() + b"\0")
+        path = self.cache_dir / f"corpus-{key.hexdigest()[:24]}.pt" if self.cache_dir else None
+        if path is not None and path.exists():
+            log.info("%s: corpus embeddings from cache %s", self.name, path)
+            return torch.load(path)
+        docs_ND = encode_texts(
+            encoder,
+            tokenizer,
+            [self.corpus[i] for i in ids],
+            side="document",
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            progress=True,
+        )
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(docs_ND, tmp)
+            tmp.replace(path)
+        return docs_ND
+
+    def search(self, encoder: BiEncoder, tokenizer, *, dim: int | None = None) -> dict[str, dict[str, float]]:
+        """Run of the top max(k_values) documents per query: {query_id: {doc_id: score}}."""
+        from embedscale.encoder.biencoder import truncate
+
+        doc_ids = list(self.corpus)
+        qids = list(self.queries)
+        docs_ND = self._corpus_embeddings(encoder, tokenizer)
+        q_QD = encode_texts(
+            encoder,
+            tokenizer,
+            [self.queries[q] for q in qids],
+            side="query",
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+        )
+        normalize = encoder.cfg.normalize
+        scores_QK, idx_QK = exact_search(
+            truncate(q_QD, dim, normalize=normalize), truncate(docs_ND, dim, normalize=normalize), max(self.k_values)
+        )
+        return {
+            qid: {doc_ids[j]: float(s) for s, j in zip(scores_QK[row].tolist(), idx_QK[row].tolist())}
+            for row, qid in enumerate(qids)
+        }
+
+    def __call__(self, encoder: BiEncoder, tokenizer, *, run_path: Path | None = None) -> dict[str, float]:
+        run = self.search(encoder, tokenizer)
+        if run_path is not None:
+            run_path.parent.mkdir(parents=True, exist_ok=True)
+            run_path.write_text(json.dumps(run))
+        metrics = retrieval_metrics(run, self.qrels, self.k_values)
+        return {f"{self.name}/{k}": v for k, v in metrics.items()}
+
+
+@dataclass
+class STSEvaluator:
+    name: str
+    left: list[str]
+    right: list[str]
+    scores: list[float]
+    batch_size: int = 64
+    max_length: int | None = None
+
+    @classmethod
+    def from_sts(cls, path: Path, *, name: str | None = None, **kwargs) -> STSEvaluator:
+        left, right, scores = read_sts(path)
+        return cls(name or path.parent.name, left, right, scores, **kwargs)
+
+    def __call__(self, encoder: BiEncoder, tokenizer, *, run_path: Path | None = None) -> dict[str, float]:
+        """Spearman (x100 is what papers print; we keep [-1, 1]) of cosine similarity vs the gold scores."""
+        from scipy.stats import spearmanr
+
+        kwargs = dict(side="query", batch_size=self.batch_size, max_length=self.max_length)
+        a_ND = torch.nn.functional.normalize(encode_texts(encoder, tokenizer, self.left, **kwargs), dim=-1)
+        b_ND = torch.nn.functional.normalize(encode_texts(encoder, tokenizer, self.right, **kwargs), dim=-1)
+        cosine = (a_ND * b_ND).sum(-1).tolist()
+        return {f"{self.name}/spearman": float(spearmanr(cosine, self.scores).statistic)}
+
+
+def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[RetrievalEvaluator | STSEvaluator]:
+    """Evaluators for every BEIR and STS set of an `EvalConfig`, paths relative to the data root."""
+    from embedscale.data.readers import resolve_path
+
+    max_length = cfg.max_length or default_max_length
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    evaluators: list[RetrievalEvaluator | STSEvaluator] = [
+        RetrievalEvaluator.from_beir(
+            resolve_path(s.path, root),
+            s.split,
+            name=s.name,
+            k_values=tuple(cfg.k_values),
+            batch_size=cfg.batch_size,
+            max_length=max_length,
+            cache_dir=cache_dir,
+        )
+        for s in cfg.beir
+    ]
+    evaluators += [
+        STSEvaluator.from_sts(resolve_path(s.path, root), name=s.name, batch_size=cfg.batch_size, max_length=max_length)
+        for s in cfg.sts
+    ]
+    return evaluators
+
+
+def evaluate_all(evaluators, encoder: BiEncoder, tokenizer, *, run_dir: Path | None = None, tag: str = "") -> dict:
+    """Run every evaluator; BEIR runs are written to <run_dir>/runs/<name><tag>.json when run_dir is given."""
+    metrics: dict[str, float] = {}
+    for ev in evaluators:
+        run_path = run_dir / "runs" / f"{ev.name}{tag}.json" if run_dir is not None else None
+        metrics.update(ev(encoder, tokenizer, run_path=run_path if isinstance(ev, RetrievalEvaluator) else None))
+    return metrics

@@ -1,0 +1,159 @@
+"""Job `embedscale train`: compose -> build -> Trainer.fit -> export -> metrics.json.
+
+Heavy imports (torch, Lightning, transformers) happen inside `run`, after Hydra composed and
+validated the config, so `embedscale train loss.temprature=0.05` fails in about a second.
+Also runnable as `python -m embedscale.train` (and under torchrun).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from embedscale.cli import hydra_job
+from embedscale.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(cfg: TrainConfig, run_dir: Path) -> list:
+    import os
+
+    from lightning.pytorch import loggers
+
+    out = []
+    for name in cfg.logger.loggers:
+        if name == "csv":
+            out.append(loggers.CSVLogger(run_dir, name="logs", version=""))
+        elif name == "tensorboard":
+            out.append(loggers.TensorBoardLogger(run_dir, name="tensorboard", version=""))
+        elif name == "wandb":
+            if cfg.logger.wandb_mode:
+                os.environ["WANDB_MODE"] = cfg.logger.wandb_mode
+            out.append(loggers.WandbLogger(project=cfg.logger.project, save_dir=str(run_dir)))
+    return out
+
+
+def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    t = cfg.trainer
+    callbacks = [
+        *callbacks,
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+    ]
+    loggers = build_loggers(cfg, run_dir)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        logger=loggers or False,
+        callbacks=callbacks,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+
+
+def summarize(history: list[dict]) -> dict[str, dict[str, float]]:
+    return {entry["tag"]: entry["metrics"] for entry in history}
+
+
+def print_table(summary: dict[str, dict[str, float]], names: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    before, after = summary.get("before", {}), summary.get("after", {})
+    table = Table(title="embedscale: before / after fine-tuning")
+    for col in ("metric", "before", "after", "delta"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name in names:
+        b, a = before.get(name), after.get(name)
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        delta = f"{a - b:+.4f}" if a is not None and b is not None else "-"
+        table.add_row(name, fmt(b), fmt(a), delta)
+    Console().print(table)
+
+
+def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
+    """Fine-tune, evaluate before/after, export; returns what metrics.json holds."""
+    import lightning as L
+    import torch
+
+    from embedscale.contrastive.callbacks import EvalCallback
+    from embedscale.contrastive.module import ContrastiveModule
+    from embedscale.data.datamodule import PairDataModule
+    from embedscale.data.readers import resolve_data_root
+    from embedscale.encoder.biencoder import load_encoder
+    from embedscale.export import export_model, to_jsonable
+    from embedscale.retrieval.evaluator import build_evaluators
+
+    run_dir = Path(cfg.run_dir or run_dir or "runs/train").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    L.seed_everything(cfg.seed, workers=True)
+    data_root = resolve_data_root(cfg.data.root)
+    encoder, tokenizer = load_encoder(cfg.model)
+    evaluators = build_evaluators(cfg.eval, root=data_root, default_max_length=encoder.cfg.document_max_length)
+    eval_cb = EvalCallback(
+        evaluators,
+        tokenizer,
+        before=cfg.eval.before_training,
+        every_n_steps=cfg.eval.every_n_steps,
+        run_dir=run_dir if cfg.eval.save_runs else None,
+    )
+    datamodule = PairDataModule(cfg.data, tokenizer=tokenizer, model_cfg=encoder.cfg, root=data_root)
+    module = ContrastiveModule(encoder, loss_cfg=cfg.loss, optim_cfg=cfg.optim)
+    trainer = build_trainer(cfg, run_dir, [eval_cb])
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - fit_start
+    if not trainer.is_global_zero:
+        return {}
+    summary = summarize(eval_cb.history)
+    result = {
+        "run_dir": str(run_dir),
+        "model": cfg.model.name_or_path,
+        "config": to_jsonable(cfg),
+        "train": {
+            "optimizer_steps": trainer.global_step,
+            "examples": len(datamodule.examples or []),
+            "global_batch_size": cfg.data.batch_size_per_rank * trainer.world_size,
+            "fit_seconds": round(fit_seconds, 1),
+        },
+        "eval": summary,
+        "eval_history": eval_cb.history,
+    }
+    if cfg.export:
+        export_dir = export_model(encoder, tokenizer, run_dir / "model", metrics=summary.get("after"), config=cfg)
+        result["export_dir"] = str(export_dir)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if summary:
+        names = [f"{ev.name}/{m}" for ev in evaluators for m in ("ndcg@10", "recall@100", "mrr@10", "spearman")]
+        print_table(summary, [n for n in names if n in summary.get("after", summary.get("before", {}))])
+    print(f"run directory: {run_dir}  (metrics.json, checkpoints/, model/)  wall {result['wall_seconds']:.0f} s")
+    return result
+
+
+main = hydra_job("train", TrainConfig, run)
+
+if __name__ == "__main__":
+    main()

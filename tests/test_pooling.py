@@ -1,0 +1,51 @@
+"""Pooling is correct under left and right padding, and matches a per-row reference."""
+
+import pytest
+import torch
+
+from embedscale.config import Pooling
+from embedscale.encoder.pooling import pool
+
+
+def _padded(h_list, side):
+    """Stack rows of different lengths (L_i, H) with zero padding on `side`; returns (h_BLH, m_BL)."""
+    L = max(h.shape[0] for h in h_list)
+    H = h_list[0].shape[1]
+    h = torch.zeros(len(h_list), L, H, dtype=torch.float64)
+    m = torch.zeros(len(h_list), L, dtype=torch.long)
+    for i, row in enumerate(h_list):
+        n = row.shape[0]
+        sl = slice(0, n) if side == "right" else slice(L - n, L)
+        h[i, sl], m[i, sl] = row, 1
+    return h, m
+
+
+def _reference(row, how):
+    n = row.shape[0]
+    if how is Pooling.cls:
+        return row[0]
+    if how is Pooling.last_token:
+        return row[-1]
+    if how is Pooling.mean:
+        return row.mean(0)
+    w = torch.arange(1, n + 1, dtype=row.dtype)
+    return (row * w[:, None]).sum(0) / w.sum()
+
+
+@pytest.mark.parametrize("how", list(Pooling))
+def test_pooling_matches_reference_under_both_padding_sides(how):
+    torch.manual_seed(0)
+    rows = [torch.randn(n, 5, dtype=torch.float64) for n in (1, 4, 7, 3)]
+    expected = torch.stack([_reference(r, how) for r in rows])
+    for side in ("left", "right"):
+        h, m = _padded(rows, side)
+        torch.testing.assert_close(pool(h, m, how), expected, rtol=0, atol=1e-12, msg=f"{how} {side}")
+
+
+def test_padding_garbage_is_ignored():
+    torch.manual_seed(1)
+    rows = [torch.randn(n, 4, dtype=torch.float64) for n in (2, 5)]
+    h, m = _padded(rows, "right")
+    h_noisy = h + (1 - m[..., None]) * 1e3  # huge values in padded positions
+    for how in Pooling:
+        torch.testing.assert_close(pool(h_noisy, m, how), pool(h, m, how))

@@ -1,0 +1,171 @@
+"""End-to-end: `embedscale train` / `embedscale evaluate` on a tiny random BERT and tiny data,
+asserting on the artifacts; in-process runs cover the other training options."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from embedscale.cli import conf_dir
+from embedscale.config import TrainConfig, register_configs, to_config
+
+
+def clean_env():
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    return env
+
+
+def tiny_overrides(tiny_bert, tiny_data, tmp_path):
+    return [
+        f"model.name_or_path={tiny_bert}",
+        "model.document_max_length=32",
+        "model.query_max_length=16",
+        f"data.root={tiny_data}",
+        "data.path=tiny",
+        "data.batch_size_per_rank=4",
+        "eval.beir.0.path=tiny",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+    ]
+
+
+def test_cli_train_then_evaluate_the_export(tiny_bert, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(tiny_bert, tiny_data, tmp_path) + [f"hydra.run.dir={run_dir}", "eval=scifact_stsb"]
+    args += ["eval.beir.0.path=tiny", "eval.sts.0.path=sts/test.tsv"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedscale.cli", "train", *args], capture_output=True, text=True, env=clean_env()
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "before / after" in proc.stdout and "tiny/ndcg@10" in proc.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["optimizer_steps"] == 3
+    for tag in ("before", "after"):
+        assert {"tiny/ndcg@10", "tiny/recall@100", "tiny/mrr@10", "tiny/map@10", "stsb/spearman"} <= set(
+            metrics["eval"][tag]
+        )
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    export = run_dir / "model"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modules.json",
+        "1_Pooling/config.json",
+        "embedscale.json",
+        "README.md",
+    ):
+        assert (export / name).is_file(), name
+    csv = (run_dir / "logs" / "metrics.csv").read_text()
+    assert "train/loss" in csv and "eval/tiny/ndcg@10" in csv
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "runs" / "tiny-before.json").read_text())
+
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedscale.cli",
+            "evaluate",
+            f"model.name_or_path={export}",
+            f"data_root={tiny_data}",
+            "eval.beir.0.path=tiny",
+            "eval.sts.0.path=sts/test.tsv",
+            f"output={out}",
+            f"hydra.run.dir={tmp_path / 'ev'}",
+            f"eval.cache_dir={tmp_path / 'cache'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads(out.read_text())["metrics"]
+    for key, value in metrics["eval"]["after"].items():
+        assert evaluated[key] == pytest.approx(value, abs=1e-5), key
+
+
+def _cfg(overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return to_config(compose(config_name="train", overrides=overrides), TrainConfig)
+
+
+def _triplets(path: Path, n=16):
+    topics = ["protein", "galaxy", "river", "violin"]
+    with open(path, "w") as f:
+        for i in range(n):
+            t = topics[i % 4]
+            f.write(
+                json.dumps({"q": f"about {t} {i}", "pos": f"{t} text {i}", "neg": [f"other {i}", f"more {i}"]}) + "\n"
+            )
+    return path
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["model.shared_towers=false", "loss=symmetric", "model.matryoshka_dims=[32,16]", "optim=adamw_cosine"],
+        [
+            "loss=learnable_temperature",
+            "model.pooling=weighted_mean",
+            "model.query_prefix='query: '",
+            "logger=wandb",
+            "logger.wandb_mode=offline",
+        ],
+    ],
+)
+def test_training_options_with_hard_negatives(tiny_bert, tiny_data, tmp_path, extra):
+    from embedscale.train import run
+
+    data = _triplets(tmp_path / "triplets.jsonl")
+    cfg = _cfg(
+        tiny_overrides(tiny_bert, tiny_data, tmp_path)
+        + [
+            "data.format=jsonl",
+            f"data.path={data}",
+            "data.query_field=q",
+            "data.positive_field=pos",
+            "data.negatives_field=neg",
+            "data.num_hard_negatives=2",
+            "trainer.enable_progress_bar=false",
+            "eval.before_training=false",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+        + extra
+    )
+    result = run(cfg)
+    assert result["train"]["optimizer_steps"] == 3
+    assert "tiny/ndcg@10" in result["eval"]["after"]
+    from embedscale.config import ModelConfig
+    from embedscale.encoder.biencoder import load_encoder
+
+    reloaded, _ = load_encoder(ModelConfig(name_or_path=result["export_dir"]))
+    assert reloaded.cfg.shared_towers == cfg.model.shared_towers
+    assert reloaded.cfg.pooling == cfg.model.pooling and reloaded.cfg.query_prefix == cfg.model.query_prefix
+
+
+def test_missing_data_names_both_settings(tmp_path, monkeypatch):
+    from embedscale.data.readers import resolve_data_root
+
+    monkeypatch.delenv("EMBEDSCALE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="data.root") as err:
+        resolve_data_root(str(tmp_path / "nope"))
+    monkeypatch.setenv("EMBEDSCALE_DATA", str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="EMBEDSCALE_DATA") as err:
+        resolve_data_root(None)
+    assert "data.root" in str(err.value)
