@@ -16,6 +16,7 @@ from typing import Any
 JOBS = {
     "train": ("embedscale.train", "fine-tune a bi-encoder (default: all-MiniLM-L6-v2 on SciFact)"),
     "evaluate": ("embedscale.evaluate", "BEIR/STS metrics of a model or an embedscale export"),
+    "doctor": ("embedscale.doctor", "check distributed and GradCache gradients on this launcher; bandwidth"),
 }
 
 
@@ -25,6 +26,9 @@ def conf_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parent.parent / "conf"
+
+
+_LAUNCH_ARGV: list[str] | None = None  # the command line as typed, restored for relaunches (Lightning ddp)
 
 
 def hydra_job(config_name: str, schema: type, run: Callable[..., Any]) -> Callable[[], Any]:
@@ -40,6 +44,8 @@ def hydra_job(config_name: str, schema: type, run: Callable[..., Any]) -> Callab
     @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
     def _main(raw: DictConfig) -> Any:
         cfg = to_config(raw, schema)
+        if _LAUNCH_ARGV is not None:  # so that `embedscale train ...` relaunches itself with the job name
+            sys.argv = list(_LAUNCH_ARGV)
         return run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
 
     return _main
@@ -63,8 +69,10 @@ def main(argv: list[str] | None = None) -> Any:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import importlib
 
+    global _LAUNCH_ARGV
     module = importlib.import_module(JOBS[job][0])
-    sys.argv = [f"embedscale {job}", *rest]
+    _LAUNCH_ARGV = [sys.argv[0], job, *rest]
+    sys.argv = [sys.argv[0], *rest]  # Hydra parses sys.argv[1:] as overrides
     return module.main()
 
 

@@ -252,6 +252,17 @@ class EvalConfig:
 
 
 @dataclass
+class GradCacheConfig:
+    chunk_size: int = 0
+    """Rows encoded at once with GradCache (queries and documents chunked separately); 0 turns GradCache
+    off. The gradient is exact either way; GradCache trades a second forward for activation memory."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 0:
+            raise ValueError(f"gradcache.chunk_size must be >= 0 (0 = off), got {self.chunk_size}")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -260,6 +271,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gradcache: GradCacheConfig = field(default_factory=GradCacheConfig)
     seed: int = 42
     run_dir: str | None = None
     """Where checkpoints, logs, metrics.json and the export go; None uses Hydra's run directory."""
@@ -269,6 +281,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.data.num_hard_negatives == 0 and self.data.batch_size_per_rank == 1 and self.loss.symmetric_weight == 0:
             raise ValueError("data.batch_size_per_rank=1 with no hard negatives leaves no negatives: raise one of them")
+        if self.gradcache.chunk_size and self.trainer.precision == "16-mixed":
+            raise ValueError(
+                "gradcache.chunk_size with trainer.precision=16-mixed: fp16 loss scaling would scale the cached "
+                "surrogates but not the temperature's gradient; use trainer.precision=bf16-mixed or 32-true"
+            )
+        if self.gradcache.chunk_size and self.trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                "gradcache.chunk_size with trainer.accumulate_grad_batches > 1: set accumulate_grad_batches=1 and "
+                "raise data.batch_size_per_rank instead (GradCache makes the batch itself bigger, with more negatives)"
+            )
 
 
 @dataclass

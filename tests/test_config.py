@@ -72,6 +72,9 @@ def test_typos_and_wrong_types_fail_naming_the_full_key(override, key):
         (["logger.loggers=[mlflow]"], r"logger\.loggers"),
         (["model.matryoshka_dims=[384,64,32]", "model.matryoshka_weights=[1.0]"], r"model\.matryoshka_weights"),
         (["data.batch_size_per_rank=1"], r"data\.batch_size_per_rank"),
+        (["gradcache.chunk_size=-1"], r"gradcache\.chunk_size"),
+        (["gradcache.chunk_size=4", "trainer.accumulate_grad_batches=2"], r"trainer\.accumulate_grad_batches"),
+        (["gradcache.chunk_size=4", "trainer.precision=16-mixed"], r"trainer\.precision=16-mixed"),
     ],
 )
 def test_post_init_checks_name_the_key(overrides, match):

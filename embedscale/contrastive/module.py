@@ -1,9 +1,14 @@
-"""The LightningModule: encode a `PairBatch`, compute the contrastive loss, log what matters.
+"""The LightningModule: encode a `PairBatch`, gather across ranks, compute the loss, log what matters.
 
-Single-process today; the exact multi-rank path (gather with gradient + local loss, GradCache)
-plugs in at `_embed_and_score` without touching the loss maths (see contrastive/losses.py).
-The learnable temperature lives here, outside the encoder, but inside the module whose forward
-DDP wraps -- so its gradient is averaged across ranks like every other parameter's.
+Multi-rank: every rank gathers the queries, the positives and each hard-negative column of the
+whole global batch *with gradient* (contrastive/gather.py), then scores only its own query rows
+(`local`, labels offset by rank x b). Under DDP's gradient average this is exactly the one-process
+gradient of the global batch; one process is the special case W = 1. The learnable temperature
+lives here, outside the encoder, but inside the module whose forward DDP wraps -- so its gradient
+is averaged across ranks like every other parameter's.
+
+With `gradcache_chunk_size > 0` the step is GradCache (contrastive/gradcache.py) with manual
+optimisation: several backward passes, one explicit gradient all-reduce, clipping, update.
 
 Legend: B = queries in the batch, k = hard negatives per query, D = dim.
 """
@@ -12,17 +17,33 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from embedscale.config import LossConfig, OptimConfig
+from embedscale.contrastive.gather import all_gather_no_grad, all_gather_with_grad, all_reduce_gradients_, world
+from embedscale.contrastive.gradcache import gradcache_step
 from embedscale.contrastive.losses import Temperature, contrastive_loss
 from embedscale.contrastive.optim import build_optimizer
-from embedscale.data.batch import PairBatch
+from embedscale.data.batch import PairBatch, TextIds
 from embedscale.encoder.biencoder import BiEncoder
 
 
 class ContrastiveModule(L.LightningModule):
-    def __init__(self, encoder: BiEncoder, *, loss_cfg: LossConfig, optim_cfg: OptimConfig) -> None:
+    def __init__(
+        self,
+        encoder: BiEncoder,
+        *,
+        loss_cfg: LossConfig,
+        optim_cfg: OptimConfig,
+        gradcache_chunk_size: int = 0,
+        gradient_clip_val: float | None = None,
+    ) -> None:
+        """With `gradcache_chunk_size > 0` the module optimises manually (GradCache needs several backward
+        passes per step) and clips at `gradient_clip_val` itself; otherwise the Trainer does both."""
         super().__init__()
+        self.gradcache_chunk_size = gradcache_chunk_size
+        self.gradient_clip_val = gradient_clip_val
+        self.automatic_optimization = gradcache_chunk_size == 0
         self.encoder = encoder.train()  # from_pretrained returns eval mode: dropout must be on while training
         self.loss_cfg = loss_cfg
         self.optim_cfg = optim_cfg
@@ -34,23 +55,64 @@ class ContrastiveModule(L.LightningModule):
         B, k = batch.batch_size, batch.num_negatives_per_query
         q_BD = self.encoder.encode(batch.queries, side="query")
         docs_XD = self.encoder.encode(batch.documents, side="document")  # (B * (1 + k), D)
-        pos_BD = docs_XD[:B]
         neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
+        return self.loss_from_embeddings(q_BD, docs_XD[:B], neg_BkD, batch.ids)
+
+    def loss_from_embeddings(
+        self, q_BD: torch.Tensor, pos_BD: torch.Tensor, neg_BkD: torch.Tensor | None, ids: TextIds
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Gather this rank's embeddings into the global batch and score the local query rows."""
+        rank, _ = world()
+        B = q_BD.shape[0]
+        q_ND = all_gather_with_grad(q_BD, "query embeddings")
+        pos_ND = all_gather_with_grad(pos_BD, "positive embeddings")
+        neg_NkD = None
+        if neg_BkD is not None:  # one column at a time: concatenating first would interleave ranks
+            cols = [all_gather_with_grad(neg_BkD[:, m], f"negative column {m}") for m in range(neg_BkD.shape[1])]
+            neg_NkD = torch.stack(cols, dim=1)
+        gathered_ids = None
+        if self.loss_cfg.mask_duplicates:
+            gathered_ids = TextIds(
+                all_gather_no_grad(ids.query_B, "query ids"),
+                all_gather_no_grad(ids.positive_B, "positive ids"),
+                None if ids.negatives_Bk is None else all_gather_no_grad(ids.negatives_Bk, "negative ids"),
+            )
         cfg = self.encoder.cfg
         return contrastive_loss(
-            q_BD,
-            pos_BD,
-            neg_BkD,
+            q_ND,
+            pos_ND,
+            neg_NkD,
             inverse_temperature=self.temperature(),
-            ids=batch.ids if self.loss_cfg.mask_duplicates else None,
+            ids=gathered_ids,
+            local=slice(rank * B, rank * B + B),
             symmetric_weight=self.loss_cfg.symmetric_weight,
             matryoshka_dims=cfg.matryoshka_dims,
             matryoshka_weights=cfg.matryoshka_weights,
             normalize=cfg.normalize,
         )
 
+    def on_train_batch_start(self, batch: PairBatch, batch_idx: int) -> None:
+        # GradCache runs several backward passes per step; DDP's reducer (which expects one) is switched
+        # off for the whole step and the gradients are averaged once, explicitly, before the update.
+        if self.gradcache_chunk_size and isinstance(self.trainer.model, DistributedDataParallel):
+            self.trainer.model.require_backward_grad_sync = False
+
+    def _gradcache_training_step(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        loss, metrics = gradcache_step(self, batch, chunk_size=self.gradcache_chunk_size, backward=self.manual_backward)
+        all_reduce_gradients_(self.parameters())
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return loss, metrics
+
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
-        loss, metrics = self.compute_loss(batch)
+        if self.gradcache_chunk_size:
+            loss, metrics = self._gradcache_training_step(batch)
+        else:
+            loss, metrics = self.compute_loss(batch)
         metrics["temperature"] = 1.0 / self.temperature().detach()
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, prog_bar=False, batch_size=batch.batch_size)
         self.log("loss", metrics["loss"], prog_bar=True, logger=False, batch_size=batch.batch_size)

@@ -1,9 +1,12 @@
 """Collate (prefixes + tokenisation) and the LightningDataModule for in-memory pair datasets.
 
 The WebDataset streaming path arrives with the data-layer issue; it will produce the same
-`PairBatch`, so nothing downstream changes. Here a list of `PairExample` is read once, and
-Lightning's DistributedSampler shards it over ranks. The last incomplete batch is dropped (every rank
-must take the same number of equal-shaped steps); how many samples that dropped is logged.
+`PairBatch`, so nothing downstream changes. Here a list of `PairExample` is read once and sharded
+by our own `DistributedSampler` (the Trainer runs with `use_distributed_sampler=False`): one seeded
+permutation per epoch, rank r taking every W-th index, so that a step's global batch is the same set
+of examples whatever the number of ranks (Lightning's replacement sampler would reshuffle even with
+data.shuffle=false). The last incomplete global batch is dropped (every rank must take the same
+number of equal-shaped steps); how many samples that dropped is logged.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from embedscale.config import DataConfig, DataFormat, ModelConfig
 from embedscale.data.batch import PairBatch, PairExample, TextIds, text_id
@@ -80,9 +83,10 @@ def load_examples(cfg: DataConfig, root: Path) -> list[PairExample]:
 
 
 class PairDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, *, tokenizer, model_cfg: ModelConfig, root: Path) -> None:
+    def __init__(self, cfg: DataConfig, *, tokenizer, model_cfg: ModelConfig, root: Path, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.seed = seed
         self.root = root
         self.collator = PairCollator(tokenizer, model_cfg=model_cfg, num_hard_negatives=cfg.num_hard_negatives)
         self.examples: list[PairExample] | None = None
@@ -94,6 +98,7 @@ class PairDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.examples is not None, "setup() first"
         world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         global_batch = self.cfg.batch_size_per_rank * world
         if len(self.examples) < global_batch:
             raise ValueError(
@@ -107,10 +112,13 @@ class PairDataModule(L.LightningDataModule):
             global_batch,
             dropped,
         )
+        sampler = DistributedSampler(
+            self.examples, num_replicas=world, rank=rank, shuffle=self.cfg.shuffle, seed=self.seed, drop_last=True
+        )
         return DataLoader(
             self.examples,
             batch_size=self.cfg.batch_size_per_rank,
-            shuffle=self.cfg.shuffle,
+            sampler=sampler,
             drop_last=True,
             num_workers=self.cfg.num_workers,
             collate_fn=self.collator,

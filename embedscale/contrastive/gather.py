@@ -1,0 +1,97 @@
+"""The only place with explicit torch.distributed calls: all-gathers with and without gradient.
+
+Why gather *with* gradient and score only local rows (docs/training.md, DESIGN.md): rank r's loss is
+the mean over its b queries; summed over ranks that is W x the global mean. The gather's backward is
+a reduce-scatter with SUM, so each rank receives the gradient of that sum for its own embeddings,
+and DDP's gradient average divides by W: the result is exactly the one-process gradient of the
+global mean. No "loss x W" factor is needed (that belongs to the no-grad-gather pattern).
+
+Every gather first checks that all ranks hold the same shape: a mismatched all_gather does not fail,
+it hangs until the process-group timeout.
+
+Legend: b = rows on this rank, W = world size, N = W * b.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def check_same_shape(x: torch.Tensor, name: str = "tensor") -> None:
+    """Raise on every rank if the ranks disagree on x's shape (instead of hanging in the gather)."""
+    _, size = world()
+    shape = torch.tensor([x.dim(), *x.shape, *[0] * (8 - x.dim())], dtype=torch.long, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(size)]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        found = [tuple(s[1 : 1 + int(s[0])].tolist()) for s in shapes]
+        raise RuntimeError(
+            f"all-gather of {name}: ranks hold different shapes {found}; every rank must take equal-shaped "
+            "batches (drop or pad the last batch)"
+        )
+
+
+def all_gather_with_grad(x_bX: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+    """Concatenate every rank's x along dim 0 -> (N, ...), with the gradient flowing back to each rank."""
+    _, size = world()
+    if size == 1:
+        return x_bX
+    check_same_shape(x_bX, name)
+    try:
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+        out = all_gather_tensor_autograd(x_bX.contiguous(), gather_dim=0, group=dist.group.WORLD)
+        return out.wait() if hasattr(out, "wait") else out
+    except ImportError:  # older torch: the (deprecated) autograd-aware gather
+        import torch.distributed.nn.functional as dist_fn
+
+        return torch.cat(dist_fn.all_gather(x_bX.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x_bX: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+    """Concatenate every rank's x along dim 0 -> (N, ...), without gradient (ids, metrics)."""
+    _, size = world()
+    if size == 1:
+        return x_bX
+    check_same_shape(x_bX, name)
+    parts = [torch.empty_like(x_bX) for _ in range(size)]
+    dist.all_gather(parts, x_bX.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_gradients_(params) -> None:
+    """Average the gradients of `params` over ranks in one flat all-reduce per dtype (in place).
+
+    Used by GradCache, whose several backward passes per step run outside DDP's reducer: one explicit
+    reduction per step is exact, never mistimed, and works for any subset of used parameters
+    (a missing gradient counts as zero, so every rank reduces identically shaped buffers).
+    """
+    _, size = world()
+    if size == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        check_same_shape(flat, "flattened gradients")
+        dist.all_reduce(flat)
+        flat /= size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()

@@ -1,0 +1,179 @@
+"""Gather-with-gradient + local loss on W gloo ranks gives the one-process full-batch gradient.
+
+Dropout is on. To give every configuration the same dropout masks, the one-process reference encodes
+the batch in W chunks, seeding chunk r exactly as rank r seeds its own forward; chunked encoding does
+not change the full-batch gradient (no batch statistics in a transformer). Texts are padded to a
+fixed length so that mask shapes agree. float64 throughout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist import spawn
+
+from embedscale.config import LossConfig, ModelConfig, OptimConfig
+from embedscale.data.batch import PairExample, TextIds, text_id
+
+N, K, LEN = 8, 1, 16
+
+
+def examples() -> list[PairExample]:
+    rows = [PairExample(f"query about topic {i}", f"document on topic {i}", [f"unrelated text {i}"]) for i in range(N)]
+    rows[5].positive = rows[1].positive  # duplicate positive across ranks 0 and 1 (W=2) / 0 and 2 (W=4)
+    rows[6].query = rows[2].query  # same query text on two ranks
+    rows[3].negatives = [rows[7].positive]  # a hard negative equal to a positive on another rank
+    return rows
+
+
+def build(tiny_bert: str, cfg: dict):
+    from embedscale.contrastive.module import ContrastiveModule
+    from embedscale.encoder.biencoder import load_encoder
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(name_or_path=tiny_bert, shared_towers=cfg["shared"], matryoshka_dims=cfg["matryoshka"])
+    encoder, tokenizer = load_encoder(mcfg)
+    lcfg = LossConfig(symmetric_weight=cfg["symmetric"], learnable_temperature=True)
+    module = ContrastiveModule(encoder.double(), loss_cfg=lcfg, optim_cfg=OptimConfig()).double().train()
+    return module, tokenizer
+
+
+def encode_rows(module, tokenizer, rows: list[PairExample], seed: int):
+    """Rank-style forward of some rows: seed, queries, then [positives | negatives] as one document batch."""
+    tok = lambda texts: {  # noqa: E731
+        k: v
+        for k, v in tokenizer(texts, padding="max_length", max_length=LEN, truncation=True, return_tensors="pt").items()
+        if k in ("input_ids", "attention_mask")
+    }
+    torch.manual_seed(seed)
+    b = len(rows)
+    q = module.encoder.encode(tok([r.query for r in rows]), side="query")
+    docs = module.encoder.encode(
+        tok([r.positive for r in rows] + [n for r in rows for n in r.negatives]), side="document"
+    )
+    ids = TextIds(
+        torch.tensor([text_id(r.query) for r in rows]),
+        torch.tensor([text_id(r.positive) for r in rows]),
+        torch.tensor([[text_id(n) for n in r.negatives] for r in rows]),
+    )
+    return q, docs[:b], docs[b:].view(b, K, -1), ids
+
+
+def grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _rank(rank: int, world_size: int, tiny_bert: str, cfg: dict, out: str) -> None:
+    module, tokenizer = build(tiny_bert, cfg)
+    b = N // world_size
+    rows = examples()[rank * b : (rank + 1) * b]
+    loss, _ = module.loss_from_embeddings(*encode_rows(module, tokenizer, rows, seed=100 + rank))
+    loss.backward()
+    for p in module.parameters():  # what DDP does: average the gradients over ranks
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+    if rank == 0:
+        torch.save(grads(module), out)
+
+
+def reference(tiny_bert: str, cfg: dict, chunks: int) -> dict[str, torch.Tensor]:
+    module, tokenizer = build(tiny_bert, cfg)
+    b = N // chunks
+    parts = [encode_rows(module, tokenizer, examples()[r * b : (r + 1) * b], seed=100 + r) for r in range(chunks)]
+    q, pos, neg = (torch.cat([p[i] for p in parts]) for i in range(3))
+    ids = TextIds(*(torch.cat([getattr(p[3], f) for p in parts]) for f in ("query_B", "positive_B", "negatives_Bk")))
+    loss, _ = module.loss_from_embeddings(q, pos, neg, ids)
+    loss.backward()
+    return grads(module)
+
+
+CASES = {
+    "shared, symmetric, matryoshka": {"shared": True, "symmetric": 1.0, "matryoshka": [32, 16]},
+    "separate towers, q->d only": {"shared": False, "symmetric": 0.0, "matryoshka": []},
+}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("case", list(CASES))
+def test_multi_rank_gradient_equals_one_process(tiny_bert, tmp_path, world_size, case):
+    cfg = CASES[case]
+    out = tmp_path / "grads.pt"
+    spawn(_rank, world_size, str(tiny_bert), cfg, str(out))
+    got, want = torch.load(out), reference(str(tiny_bert), cfg, chunks=world_size)
+    assert set(got) == set(want) and "temperature.log_inverse" in got
+    flat_got, flat_want = (torch.cat([g[n].reshape(-1) for n in sorted(want)]) for g in (got, want))
+    worst = ((flat_got - flat_want).abs().max() / flat_want.abs().max()).item()
+    print(f"{case} W={world_size}: max |difference| / max |gradient| = {worst:.1e}")
+    assert worst < 1e-10
+    for name in want:  # attention key biases have exactly-zero true gradients: compare with an absolute floor
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-12, msg=name)
+
+
+def _train(args: list[str], run_dir) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "embedscale.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_lightning_ddp_with_gradcache_equals_one_process(tiny_bert_nodrop, tiny_data, tmp_path):
+    """`trainer=ddp_cpu` (2 processes) + GradCache chunk 2 trains 3 shuffled optimizer steps to the weights of one
+    process on the same global batch of 8 (no dropout here: the runs draw different random streams)."""
+    from safetensors.torch import load_file
+
+    common = [
+        f"model.name_or_path={tiny_bert_nodrop}",
+        "model.query_max_length=16",
+        "model.document_max_length=32",
+        f"data.root={tiny_data}",
+        "data.path=tiny",
+        "trainer.max_steps=3",
+        "trainer.max_epochs=3",
+        "eval=none",
+        "logger=none",
+        "optim.lr=1e-3",
+        "trainer.enable_progress_bar=false",
+        "trainer.num_threads=1",
+    ]
+    _train([*common, "trainer=ddp_cpu", "data.batch_size_per_rank=4", "gradcache.chunk_size=2"], tmp_path / "ddp")
+    _train([*common, "data.batch_size_per_rank=8"], tmp_path / "single")
+    ddp, single = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("ddp", "single"))
+    start = load_file(tiny_bert_nodrop / "model.safetensors")
+    assert set(ddp) == set(single)
+    moved = max((single[n] - start[n]).abs().max().item() for n in single if n in start)
+    assert moved > 1e-3  # the weights really trained
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_doctor_under_torchrun_two_ranks():
+    """`torchrun --standalone --nproc_per_node=2 -m embedscale.doctor --json` reports exact gradients."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "embedscale.doctor",
+        "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert report["world_size"] == 2 and report["backend"] == "gloo"
+    assert len(report["checks"]) == 2 and all(c["ok"] and c["max_rel_diff"] < 1e-10 for c in report["checks"])
+    assert report["allgather_GBps"] > 0 and report["rows_per_s"] > 0
