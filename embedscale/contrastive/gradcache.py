@@ -6,12 +6,12 @@ Per step (Gao et al., 2021):
 2. Treat the embeddings as leaves, gather and compute the loss (contrastive/module.py), and backward
    to the embeddings only: their gradients are the cache; the temperature's gradient lands here once.
 3. Re-encode each chunk *with* grad under its recorded RNG state (same dropout masks) and backward
-   the surrogate sum(embeddings * cached_grad) in fp32. Every backward but the last runs under
-   `no_sync` (when the caller passes one) so that gradient reduction happens once per step. Under
-   Lightning DDP the module instead switches DDP's reducer off for the step and averages the
-   gradients in one explicit all-reduce (contrastive/module.py): DDP's reducer expects exactly one
-   backward per forward and a fixed set of used parameters, which GradCache's passes (the cache
-   backward touches only the temperature, a chunk only one tower) do not give it.
+   the surrogate sum(embeddings * cached_grad) in fp32 (or wider). Gradients only accumulate
+   locally here; the caller reduces them once per step. Under Lightning DDP the module switches
+   DDP's reducer off for the step and averages the gradients in one explicit all-reduce
+   (contrastive/module.py): DDP's reducer expects exactly one backward per forward and a fixed set
+   of used parameters, which GradCache's passes (the cache backward touches only the temperature,
+   a chunk only one tower) do not give it.
 
 Peak activation memory is one chunk's; the score matrix stays (local x global).
 Chunks are rows of the tokenised batch, trimmed to their own longest text (less padding).
@@ -22,7 +22,7 @@ Legend: B = queries, k = hard negatives per query, c = rows in a chunk, D = dim.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +70,6 @@ def gradcache_step(
     *,
     chunk_size: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    no_sync: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Accumulate the exact gradient of `module.loss_from_embeddings` over `batch` into the parameters.
 
@@ -81,7 +80,6 @@ def gradcache_step(
         backward: how to backpropagate a surrogate (Lightning's `manual_backward` for precision plugins).
             A loss-scaling plugin (fp16 GradScaler) would scale the surrogates but not the temperature's
             gradient, so the config rejects GradCache with 16-mixed; 32-true and bf16-mixed are exact.
-        no_sync: context manager that suppresses data-parallel gradient reduction.
     Returns:
         (loss, metrics) detached, as the uncached path returns them.
     """
@@ -105,9 +103,8 @@ def gradcache_step(
 
     cache = list(q_BD.grad.split([len(t["input_ids"]) for _, t in jobs[:num_q]]))
     cache += list(docs_XD.grad.split([len(t["input_ids"]) for _, t in jobs[num_q:]]))
-    for i, ((side, tokens), state, grad_cD) in enumerate(zip(jobs, states, cache, strict=True)):
-        last = i == len(jobs) - 1
-        with nullcontext() if last else no_sync(), state.replay():  # pass 2: same dropout masks
+    for (side, tokens), state, grad_cD in zip(jobs, states, cache, strict=True):
+        with state.replay():  # pass 2: same dropout masks
             e_cD = encoder.encode(tokens, side=side)
             dtype = torch.promote_types(e_cD.dtype, torch.float32)  # fp32 at least (bf16 autocast), fp64 kept
             backward((e_cD.to(dtype) * grad_cD.to(dtype)).sum())
