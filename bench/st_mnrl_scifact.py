@@ -44,7 +44,7 @@ def compose(overrides: list[str]):
         return to_config(hydra_compose(config_name="train", overrides=overrides), TrainConfig)
 
 
-def train_sentence_transformers(cfg, out_dir: Path) -> float:
+def train_sentence_transformers(cfg, out_dir: Path, device: str = "cpu") -> float:
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
@@ -64,7 +64,7 @@ def train_sentence_transformers(cfg, out_dir: Path) -> float:
 
     examples = load_examples(cfg.data, resolve_data_root(cfg.data.root))
     dataset = Dataset.from_dict({"anchor": [e.query for e in examples], "positive": [e.positive for e in examples]})
-    model = SentenceTransformer(resolve_model_path(cfg.model.name_or_path), device="cpu")
+    model = SentenceTransformer(resolve_model_path(cfg.model.name_or_path), device=device)
     model.max_seq_length = cfg.model.document_max_length
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / cfg.loss.temperature)
     args = SentenceTransformerTrainingArguments(
@@ -82,7 +82,7 @@ def train_sentence_transformers(cfg, out_dir: Path) -> float:
         save_strategy="no",
         report_to="none",
         logging_steps=10,
-        use_cpu=True,
+        use_cpu=device == "cpu",
     )
     start = time.perf_counter()
     SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
@@ -92,7 +92,7 @@ def train_sentence_transformers(cfg, out_dir: Path) -> float:
     return seconds
 
 
-def evaluate(model_dir: str, cfg) -> dict:
+def evaluate(model_dir: str, cfg, device: str = "cpu") -> dict:
     import dataclasses
 
     from embedscale.data.readers import resolve_data_root
@@ -100,6 +100,7 @@ def evaluate(model_dir: str, cfg) -> dict:
     from embedscale.retrieval.evaluator import build_evaluators, evaluate_all
 
     encoder, tokenizer = load_encoder(dataclasses.replace(cfg.model, name_or_path=model_dir))
+    encoder.to(device)
     evaluators = build_evaluators(cfg.eval, root=resolve_data_root(cfg.data.root), default_max_length=256)
     return evaluate_all(evaluators, encoder, tokenizer)
 
@@ -113,15 +114,15 @@ def _embedscale(cfg_overrides: list[str], run_dir: Path) -> dict:
     return run(compose([*cfg_overrides, f"run_dir={run_dir}", "logger=csv"]))
 
 
-def _sentence_transformers(cfg, out_dir: Path) -> tuple[float, dict]:
+def _sentence_transformers(cfg, out_dir: Path, device: str = "cpu") -> tuple[float, dict]:
     """(train seconds, metrics) of an ST run in out_dir (its model reused when present), else train one."""
     import torch
 
     if not (out_dir / "train_seconds.json").exists():
         torch.manual_seed(cfg.seed)
-        train_sentence_transformers(cfg, out_dir)
+        train_sentence_transformers(cfg, out_dir, device)
     seconds = json.loads((out_dir / "train_seconds.json").read_text())["train_seconds"]
-    return seconds, evaluate(str(out_dir / "model"), cfg)
+    return seconds, evaluate(str(out_dir / "model"), cfg, device)
 
 
 def main() -> None:
