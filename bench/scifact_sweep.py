@@ -111,7 +111,8 @@ def main() -> None:
                 "ndcg@10 std": statistics.stdev(ndcg) if len(ndcg) > 1 else 0.0,
             }
         )
-    report(f"scifact_sweep_{args.device}", summary, {"runs": rows, "failed": failed, "variants": args.variant or DEFAULT_VARIANTS})
+    extra = {"runs": rows, "failed": failed, "variants": args.variant or DEFAULT_VARIANTS}
+    report(f"scifact_sweep_{args.device}", summary, extra)
 
 
 if __name__ == "__main__":

@@ -101,8 +101,12 @@ class DataConfig:
     """JSONL field names; negatives may be a string or a list of strings."""
     num_hard_negatives: int = 0
     """Hard negatives per query taken from each sample (k); samples with fewer are an error."""
-    batch_size_per_rank: int = 32
-    """Queries per rank per step; the global batch (in-batch negatives) is this x world size."""
+    batch_size_per_rank: int | None = 32
+    """Queries per rank per step. null: derived from global_batch_size / world size."""
+    global_batch_size: int | None = None
+    """Queries per optimizer step over all ranks: each query sees global_batch_size - 1 in-batch negatives
+    (plus hard negatives). The world size is trainer.devices x trainer.num_nodes. Give this or
+    batch_size_per_rank (the other null), or both when they agree; anything else fails at compose time."""
     num_workers: int = 0
     """DataLoader workers (tokenisation happens in them)."""
     shuffle: bool = True
@@ -110,8 +114,12 @@ class DataConfig:
     """Use only the first N samples (smoke tests, debugging)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size_per_rank < 1:
-            raise ValueError(f"data.batch_size_per_rank must be >= 1, got {self.batch_size_per_rank}")
+        if self.batch_size_per_rank is None and self.global_batch_size is None:
+            raise ValueError("data.batch_size_per_rank and data.global_batch_size are both null: set one of them")
+        for key in ("batch_size_per_rank", "global_batch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {value}")
         if self.num_hard_negatives < 0:
             raise ValueError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
 
@@ -128,8 +136,13 @@ class LossConfig:
     mask_duplicates: bool = True
     """Never count as a negative a candidate with the same text as the query's positive, or the positive
     of a row whose query is the same text."""
+    row_chunk_size: int = 1024
+    """Score at most this many of a rank's query rows at once (checkpointed): peak score memory is
+    row_chunk_size x global candidates instead of local x global. 0 scores all local rows at once."""
 
     def __post_init__(self) -> None:
+        if self.row_chunk_size < 0:
+            raise ValueError(f"loss.row_chunk_size must be >= 0 (0 = no chunking), got {self.row_chunk_size}")
         if not self.temperature > 0:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
         if 1.0 / self.temperature > self.max_inverse_temperature:
@@ -186,6 +199,19 @@ class TrainerConfig:
     """torch.set_num_threads per process; None keeps torch's default."""
     enable_progress_bar: bool = True
     deterministic: bool = False
+
+    def world_size(self) -> int | None:
+        """Processes the run will have, when the config alone says so (None for devices=auto/-1 on GPUs)."""
+        devices = self.devices
+        if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+            devices = int(devices)
+        if isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+            return len(devices) * self.num_nodes
+        if isinstance(devices, int) and devices > 0:
+            return devices * self.num_nodes
+        if devices == "auto" and self.accelerator == "cpu":
+            return self.num_nodes
+        return None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -254,12 +280,24 @@ class EvalConfig:
 @dataclass
 class GradCacheConfig:
     chunk_size: int = 0
-    """Rows encoded at once with GradCache (queries and documents chunked separately); 0 turns GradCache
-    off. The gradient is exact either way; GradCache trades a second forward for activation memory."""
+    """At most this many rows encoded at once with GradCache (queries and documents chunked separately).
+    GradCache is on when chunk_size or token_budget is > 0. The gradient is exact either way; GradCache
+    trades a second forward for activation memory (one chunk's instead of the batch's)."""
+    token_budget: int = 0
+    """At most this many padded tokens (rows x the chunk's longest text) per chunk; texts are sorted by
+    length first. On variable-length data this keeps activation memory flat and padding low."""
+    sort_by_length: bool = True
+    """Group texts of similar length into the same chunk (longest first): less padding, same gradient."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.chunk_size > 0 or self.token_budget > 0
 
     def __post_init__(self) -> None:
         if self.chunk_size < 0:
             raise ValueError(f"gradcache.chunk_size must be >= 0 (0 = off), got {self.chunk_size}")
+        if self.token_budget < 0:
+            raise ValueError(f"gradcache.token_budget must be >= 0 (0 = chunk by rows), got {self.token_budget}")
 
 
 @dataclass
@@ -279,18 +317,61 @@ class TrainConfig:
     """Export a sentence-transformers/HF model to <run_dir>/model after training."""
 
     def __post_init__(self) -> None:
-        if self.data.num_hard_negatives == 0 and self.data.batch_size_per_rank == 1 and self.loss.symmetric_weight == 0:
-            raise ValueError("data.batch_size_per_rank=1 with no hard negatives leaves no negatives: raise one of them")
-        if self.gradcache.chunk_size and self.trainer.precision == "16-mixed":
+        world = self.trainer.world_size()
+        if world is not None:
+            resolve_batch_sizes(self, world)
+        if self.data.num_hard_negatives == 0 and self.data.global_batch_size == 1 and self.loss.symmetric_weight == 0:
             raise ValueError(
-                "gradcache.chunk_size with trainer.precision=16-mixed: fp16 loss scaling would scale the cached "
+                f"data.global_batch_size=1 (data.batch_size_per_rank={self.data.batch_size_per_rank} x {world} rank) "
+                "with no hard negatives leaves no negatives: raise one of them"
+            )
+        if self.gradcache.enabled and self.trainer.precision == "16-mixed":
+            raise ValueError(
+                "gradcache with trainer.precision=16-mixed: fp16 loss scaling would scale the cached "
                 "surrogates but not the temperature's gradient; use trainer.precision=bf16-mixed or 32-true"
             )
-        if self.gradcache.chunk_size and self.trainer.accumulate_grad_batches > 1:
+        if self.gradcache.enabled and self.trainer.accumulate_grad_batches > 1:
             raise ValueError(
-                "gradcache.chunk_size with trainer.accumulate_grad_batches > 1: set accumulate_grad_batches=1 and "
+                "gradcache with trainer.accumulate_grad_batches > 1: set accumulate_grad_batches=1 and "
                 "raise data.batch_size_per_rank instead (GradCache makes the batch itself bigger, with more negatives)"
             )
+
+
+def resolve_batch_sizes(cfg: TrainConfig, world: int) -> None:
+    """Check data.global_batch_size against data.batch_size_per_rank x world and fill in whichever is null;
+    check GradCache's chunking against the per-rank batch. Called at compose time when the config fixes
+    the world size, and again by `train.run` with the launcher's real world size."""
+    data, gc = cfg.data, cfg.gradcache
+    t = cfg.trainer
+    ranks = f"{world} rank(s) (trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes})"
+    if data.batch_size_per_rank is None:
+        if data.global_batch_size % world:
+            low, high = data.global_batch_size // world * world, -(-data.global_batch_size // world) * world
+            raise ValueError(
+                f"data.global_batch_size={data.global_batch_size} does not split over {ranks}: "
+                f"set data.global_batch_size to a multiple of {world} (e.g. {low or world} or {high})"
+            )
+        data.batch_size_per_rank = data.global_batch_size // world
+    elif data.global_batch_size is None:
+        data.global_batch_size = data.batch_size_per_rank * world
+    elif data.global_batch_size != data.batch_size_per_rank * world:
+        raise ValueError(
+            f"data.global_batch_size={data.global_batch_size} but data.batch_size_per_rank={data.batch_size_per_rank} "
+            f"x {ranks} = {data.batch_size_per_rank * world}: set data.batch_size_per_rank=null to derive it "
+            "from the global batch, or drop data.global_batch_size"
+        )
+    if gc.chunk_size and gc.chunk_size >= data.batch_size_per_rank * (1 + data.num_hard_negatives):
+        raise ValueError(
+            f"gradcache.chunk_size={gc.chunk_size} holds a whole rank's batch (data.batch_size_per_rank="
+            f"{data.batch_size_per_rank}): GradCache would only add a second forward; lower gradcache.chunk_size "
+            "or set it to 0"
+        )
+    longest = max(cfg.model.query_max_length, cfg.model.document_max_length)
+    if gc.token_budget and gc.token_budget < longest:
+        raise ValueError(
+            f"gradcache.token_budget={gc.token_budget} is below one text of model.document_max_length/"
+            f"query_max_length={longest} tokens: raise gradcache.token_budget to at least {longest}"
+        )
 
 
 @dataclass

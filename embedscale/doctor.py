@@ -115,8 +115,8 @@ def _reference_grad(world: int, device: torch.device, chunk: int) -> torch.Tenso
         batch = _rows(r, device)
         torch.manual_seed(77 + r)
         # the same forward calls as the rank made: whole batch, or GradCache's trimmed chunks
-        q_parts = split_tokens(batch.queries, chunk) if chunk else [batch.queries]
-        d_parts = split_tokens(batch.documents, chunk) if chunk else [batch.documents]
+        q_parts = [c.tokens for c in split_tokens(batch.queries, chunk)] if chunk else [batch.queries]
+        d_parts = [c.tokens for c in split_tokens(batch.documents, chunk)] if chunk else [batch.documents]
         q.append(torch.cat([enc.encode(t, side="query") for t in q_parts]))
         docs = torch.cat([enc.encode(t, side="document") for t in d_parts])
         pos.append(docs[:ROWS_PER_RANK])

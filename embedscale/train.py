@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from embedscale.cli import hydra_job
-from embedscale.config import TrainConfig
+from embedscale.config import TrainConfig, resolve_batch_sizes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
         strategy=t.strategy,
         num_nodes=t.num_nodes,
         precision=t.precision,
-        gradient_clip_val=None if cfg.gradcache.chunk_size else t.gradient_clip_val,  # GradCache clips itself
+        gradient_clip_val=None if cfg.gradcache.enabled else t.gradient_clip_val,  # GradCache clips itself
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar,
@@ -120,15 +120,16 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         every_n_steps=cfg.eval.every_n_steps,
         run_dir=run_dir if cfg.eval.save_runs else None,
     )
-    datamodule = PairDataModule(cfg.data, tokenizer=tokenizer, model_cfg=encoder.cfg, root=data_root, seed=cfg.seed)
     module = ContrastiveModule(
         encoder,
         loss_cfg=cfg.loss,
         optim_cfg=cfg.optim,
-        gradcache_chunk_size=cfg.gradcache.chunk_size,
+        gradcache=cfg.gradcache,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
     )
     trainer = build_trainer(cfg, run_dir, [eval_cb])
+    resolve_batch_sizes(cfg, trainer.world_size)  # the launcher's real world size (devices=auto, SLURM, ...)
+    datamodule = PairDataModule(cfg.data, tokenizer=tokenizer, model_cfg=encoder.cfg, root=data_root, seed=cfg.seed)
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - fit_start
@@ -142,7 +143,8 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         "train": {
             "optimizer_steps": trainer.global_step,
             "examples": len(datamodule.examples or []),
-            "global_batch_size": cfg.data.batch_size_per_rank * trainer.world_size,
+            "global_batch_size": cfg.data.global_batch_size,
+            "batch_size_per_rank": cfg.data.batch_size_per_rank,
             "fit_seconds": round(fit_seconds, 1),
         },
         "eval": summary,

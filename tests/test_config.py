@@ -75,11 +75,54 @@ def test_typos_and_wrong_types_fail_naming_the_full_key(override, key):
         (["gradcache.chunk_size=-1"], r"gradcache\.chunk_size"),
         (["gradcache.chunk_size=4", "trainer.accumulate_grad_batches=2"], r"trainer\.accumulate_grad_batches"),
         (["gradcache.chunk_size=4", "trainer.precision=16-mixed"], r"trainer\.precision=16-mixed"),
+        (["gradcache.token_budget=-1"], r"gradcache\.token_budget"),
+        # batch-size semantics: each message names the value to change
+        (["data.global_batch_size=64"], r"data\.global_batch_size=64 but data\.batch_size_per_rank=32 x 1 rank"),
+        (["trainer=ddp_cpu", "data.global_batch_size=32"], r"set data\.batch_size_per_rank=null"),
+        (["trainer=ddp_cpu", "data.batch_size_per_rank=null", "data.global_batch_size=33"], r"multiple of 2"),
+        (["data.batch_size_per_rank=null"], r"both null"),
+        (["data.global_batch_size=0"], r"data\.global_batch_size must be >= 1"),
+        (["gradcache.chunk_size=32"], r"lower gradcache\.chunk_size"),
+        (["gradcache.token_budget=100"], r"raise gradcache\.token_budget to at least 256"),
     ],
 )
 def test_post_init_checks_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
         to_config(_compose("train", overrides), TrainConfig)
+
+
+@pytest.mark.parametrize(
+    "overrides, per_rank, global_",
+    [
+        ([], 32, 32),
+        (["trainer=ddp_cpu"], 32, 64),
+        (["trainer=ddp_cpu", "data.batch_size_per_rank=null", "data.global_batch_size=256"], 128, 256),
+        (
+            [
+                "trainer.devices=4",
+                "trainer.num_nodes=2",
+                "data.batch_size_per_rank=null",
+                "data.global_batch_size=16384",
+            ],
+            2048,
+            16384,
+        ),
+        (["trainer=ddp_cpu", "data.global_batch_size=64"], 32, 64),  # both given and consistent
+        (
+            [
+                "trainer.accelerator=gpu",
+                "trainer.devices=-1",
+                "data.global_batch_size=512",
+                "data.batch_size_per_rank=null",
+            ],
+            None,
+            512,
+        ),  # world unknown until launch: train.run resolves it
+    ],
+)
+def test_global_batch_size_resolves_against_the_world(overrides, per_rank, global_):
+    cfg = to_config(_compose("train", overrides), TrainConfig)
+    assert (cfg.data.batch_size_per_rank, cfg.data.global_batch_size) == (per_rank, global_)
 
 
 def test_cli_typo_fails_fast_naming_the_key():

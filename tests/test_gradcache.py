@@ -38,30 +38,44 @@ def make_batch(tokenizer, cfg, n=6, k=2):
     return PairCollator(tokenizer, model_cfg=cfg, num_hard_negatives=k)(rows)
 
 
-def uncached_chunked(module, batch, chunk_size):
+def uncached_chunked(module, batch, plan):
     """Reference: the same chunks encoded with grad in the same order (same RNG draws), one backward."""
     B, k = batch.batch_size, batch.num_negatives_per_query
-    q = torch.cat([module.encoder.encode(t, side="query") for t in split_tokens(batch.queries, chunk_size)])
-    d = torch.cat([module.encoder.encode(t, side="document") for t in split_tokens(batch.documents, chunk_size)])
+
+    def encode(tokens, side):
+        chunks = split_tokens(tokens, **plan)
+        e = torch.cat([module.encoder.encode(c.tokens, side=side) for c in chunks])
+        return e[torch.argsort(torch.cat([c.rows_c for c in chunks]))]  # back to batch order
+
+    q, d = encode(batch.queries, "query"), encode(batch.documents, "document")
     loss, metrics = module.loss_from_embeddings(q, d[:B], d[B:].view(B, k, -1), batch.ids)
     loss.backward()
     return loss.detach(), metrics
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4])
+PLANS = [
+    dict(chunk_size=1),
+    dict(chunk_size=4),
+    dict(chunk_size=4, sort_by_length=True),
+    dict(token_budget=40),  # length-sorted, rows x longest <= 40 tokens
+    dict(chunk_size=3, token_budget=60),
+]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
 @pytest.mark.parametrize(
     "shared, matryoshka, symmetric", [(True, [], 0.0), (True, [32, 16], 1.0), (False, [32, 8], 0.5)]
 )
-def test_gradcache_equals_uncached(tiny_bert, chunk_size, shared, matryoshka, symmetric):
+def test_gradcache_equals_uncached(tiny_bert, plan, shared, matryoshka, symmetric):
     grads, losses = [], []
     for cached in (False, True):
         module, tokenizer = build(tiny_bert, shared=shared, matryoshka=matryoshka, symmetric=symmetric)
         batch = make_batch(tokenizer, module.encoder.cfg)
         torch.manual_seed(123)  # dropout stays on: both paths draw the same masks
         if cached:
-            loss, metrics = gradcache_step(module, batch, chunk_size=chunk_size)
+            loss, metrics = gradcache_step(module, batch, **plan)
         else:
-            loss, metrics = uncached_chunked(module, batch, chunk_size)
+            loss, metrics = uncached_chunked(module, batch, plan)
         losses.append((loss.item(), metrics["accuracy"].item(), metrics["negatives_per_query"].item()))
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
     assert losses[0] == pytest.approx(losses[1], rel=1e-12)
@@ -79,7 +93,7 @@ def test_dropout_replay_matters(tiny_bert):
     g1 = module.encoder.query_backbone.embeddings.word_embeddings.weight.grad.clone()
     module.zero_grad()
     torch.manual_seed(999)
-    uncached_chunked(module, batch, 4)
+    uncached_chunked(module, batch, dict(chunk_size=4))
     g2 = module.encoder.query_backbone.embeddings.word_embeddings.weight.grad
     assert not torch.allclose(g1, g2, rtol=1e-5, atol=1e-12)
 
@@ -92,5 +106,25 @@ def test_split_tokens_trims_padding_both_sides():
     mask[2] = torch.tensor([1, 1, 0, 0])
     mask[3] = torch.tensor([1, 0, 0, 0])  # noqa: E702
     chunks = split_tokens({"input_ids": ids, "attention_mask": mask}, 2)
-    assert chunks[0]["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
-    assert chunks[1]["input_ids"].tolist() == [[1, 2], [3, 0]]
+    assert chunks[0].tokens["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert chunks[1].tokens["input_ids"].tolist() == [[1, 2], [3, 0]]
+    assert [c.rows_c.tolist() for c in chunks] == [[0, 1], [2, 3]]
+
+
+def test_token_budget_chunks_sort_by_length_and_respect_the_budget():
+    lengths = [3, 17, 5, 30, 8, 8, 2, 21, 12, 1]
+    L = max(lengths)
+    mask = torch.tensor([[1] * n + [0] * (L - n) for n in lengths])
+    tokens = {"input_ids": mask * 7, "attention_mask": mask}
+    chunks = split_tokens(tokens, token_budget=45)
+    rows = torch.cat([c.rows_c for c in chunks]).tolist()
+    assert sorted(rows) == list(range(len(lengths)))  # every row exactly once
+    assert [lengths[r] for r in rows] == sorted(lengths, reverse=True)  # longest first
+    for c in chunks:
+        padded = c.tokens["input_ids"].numel()
+        assert padded <= 45 or len(c.rows_c) == 1  # over budget only as a single text
+        assert c.tokens["attention_mask"].shape[1] == max(lengths[r] for r in c.rows_c.tolist())
+    by_count = split_tokens(tokens, 3)
+    assert sum(c.tokens["input_ids"].numel() for c in chunks) < sum(c.tokens["input_ids"].numel() for c in by_count)
+    with pytest.raises(ValueError):
+        split_tokens(tokens)

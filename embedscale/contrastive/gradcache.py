@@ -14,7 +14,8 @@ Per step (Gao et al., 2021):
    a chunk only one tower) do not give it.
 
 Peak activation memory is one chunk's; the score matrix stays (local x global).
-Chunks are rows of the tokenised batch, trimmed to their own longest text (less padding).
+Chunks are rows of the tokenised batch, by count or by a token budget, optionally grouped by length
+(longest first), each trimmed to its own longest text: less padding than fixed mini-batches.
 
 Legend: B = queries, k = hard negatives per query, c = rows in a chunk, D = dim.
 """
@@ -54,13 +55,56 @@ class RngState:
             yield
 
 
-def split_tokens(tokens: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
-    """Row chunks of a tokenised batch, each trimmed to its longest sequence (padding-side aware)."""
+@dataclass
+class Chunk:
+    """Rows of a tokenised batch encoded together: their indices in the batch and their trimmed tokens."""
+
+    rows_c: torch.Tensor
+    tokens: dict[str, torch.Tensor]
+
+
+def split_tokens(
+    tokens: dict[str, torch.Tensor],
+    chunk_size: int = 0,
+    *,
+    token_budget: int = 0,
+    sort_by_length: bool = False,
+) -> list[Chunk]:
+    """Row chunks of a tokenised batch, each trimmed to its own longest sequence (padding-side aware).
+
+    Args:
+        chunk_size: at most this many rows per chunk (0: no row cap; then token_budget must be set).
+        token_budget: at most this many padded tokens (rows x the chunk's longest text) per chunk; a
+            text longer than the budget gets a chunk of its own. 0: chunks by row count only.
+        sort_by_length: group texts of similar length (longest first) so chunks carry little padding;
+            always on with a token budget. GradCache may compose chunks freely: the loss sees every
+            embedding back in batch order.
+    """
+    if chunk_size <= 0 and token_budget <= 0:
+        raise ValueError("split_tokens needs chunk_size > 0 or token_budget > 0")
+    mask_RL = tokens["attention_mask"]
+    lengths_R = mask_RL.sum(dim=1)
+    if sort_by_length or token_budget:
+        order_R = torch.argsort(lengths_R, descending=True, stable=True)
+    else:
+        order_R = torch.arange(mask_RL.shape[0], device=mask_RL.device)
+    groups: list[list[int]] = []
+    width = 0
+    for row, length in zip(order_R.tolist(), lengths_R[order_R].tolist(), strict=True):
+        if groups:
+            rows, new_width = len(groups[-1]) + 1, max(width, length)
+            if (not chunk_size or rows <= chunk_size) and (not token_budget or rows * new_width <= token_budget):
+                groups[-1].append(row)
+                width = new_width
+                continue
+        groups.append([row])
+        width = length
     chunks = []
-    for start in range(0, tokens["input_ids"].shape[0], chunk_size):
-        part = {k: v[start : start + chunk_size] for k, v in tokens.items()}
+    for group in groups:
+        rows_c = torch.tensor(group, device=mask_RL.device)
+        part = {k: v[rows_c] for k, v in tokens.items()}
         keep_L = part["attention_mask"].any(dim=0)  # columns holding at least one real token
-        chunks.append({k: v[:, keep_L] for k, v in part.items()})
+        chunks.append(Chunk(rows_c, {k: v[:, keep_L] for k, v in part.items()}))
     return chunks
 
 
@@ -68,7 +112,9 @@ def gradcache_step(
     module,
     batch: PairBatch,
     *,
-    chunk_size: int,
+    chunk_size: int = 0,
+    token_budget: int = 0,
+    sort_by_length: bool = False,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Accumulate the exact gradient of `module.loss_from_embeddings` over `batch` into the parameters.
@@ -76,7 +122,8 @@ def gradcache_step(
     Args:
         module: a ContrastiveModule (its `encoder` and `loss_from_embeddings` are used).
         batch: the rank's batch.
-        chunk_size: rows encoded at once (queries and documents are chunked separately).
+        chunk_size, token_budget, sort_by_length: how texts are grouped into chunks (`split_tokens`);
+            queries and documents are chunked separately.
         backward: how to backpropagate a surrogate (Lightning's `manual_backward` for precision plugins).
             A loss-scaling plugin (fp16 GradScaler) would scale the surrogates but not the temperature's
             gradient, so the config rejects GradCache with 16-mixed; 32-true and bf16-mixed are exact.
@@ -86,26 +133,33 @@ def gradcache_step(
     encoder = module.encoder
     B, k = batch.batch_size, batch.num_negatives_per_query
     device = batch.queries["input_ids"].device
-    jobs = [("query", t) for t in split_tokens(batch.queries, chunk_size)]
-    jobs += [("document", t) for t in split_tokens(batch.documents, chunk_size)]
+    plan = dict(chunk_size=chunk_size, token_budget=token_budget, sort_by_length=sort_by_length)
+    jobs = [("query", c) for c in split_tokens(batch.queries, **plan)]
+    num_q = len(jobs)
+    jobs += [("document", c) for c in split_tokens(batch.documents, **plan)]
 
     states, embeddings = [], []
     with torch.no_grad():
-        for side, tokens in jobs:  # pass 1: no activations kept
+        for side, chunk in jobs:  # pass 1: no activations kept
             states.append(RngState.capture(device))
-            embeddings.append(encoder.encode(tokens, side=side))
-    num_q = sum(1 for side, _ in jobs if side == "query")
-    q_BD = torch.cat(embeddings[:num_q]).detach().requires_grad_(True)
-    docs_XD = torch.cat(embeddings[num_q:]).detach().requires_grad_(True)  # (B * (1 + k), D)
+            embeddings.append(encoder.encode(chunk.tokens, side=side))
+
+    def in_batch_order(parts: list[torch.Tensor], chunks: list[Chunk]) -> torch.Tensor:
+        order_R = torch.cat([c.rows_c for c in chunks])
+        return torch.cat(parts)[torch.argsort(order_R)]
+
+    q_chunks = [c for _, c in jobs[:num_q]]
+    d_chunks = [c for _, c in jobs[num_q:]]
+    q_BD = in_batch_order(embeddings[:num_q], q_chunks).detach().requires_grad_(True)
+    docs_XD = in_batch_order(embeddings[num_q:], d_chunks).detach().requires_grad_(True)  # (B * (1 + k), D)
     neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
     loss, metrics = module.loss_from_embeddings(q_BD, docs_XD[:B], neg_BkD, batch.ids)
     loss.backward()  # fills q_BD.grad, docs_XD.grad (the cache) and the temperature's gradient; unscaled
 
-    cache = list(q_BD.grad.split([len(t["input_ids"]) for _, t in jobs[:num_q]]))
-    cache += list(docs_XD.grad.split([len(t["input_ids"]) for _, t in jobs[num_q:]]))
-    for (side, tokens), state, grad_cD in zip(jobs, states, cache, strict=True):
+    cache = [q_BD.grad[c.rows_c] for c in q_chunks] + [docs_XD.grad[c.rows_c] for c in d_chunks]
+    for (side, chunk), state, grad_cD in zip(jobs, states, cache, strict=True):
         with state.replay():  # pass 2: same dropout masks
-            e_cD = encoder.encode(tokens, side=side)
+            e_cD = encoder.encode(chunk.tokens, side=side)
             dtype = torch.promote_types(e_cD.dtype, torch.float32)  # fp32 at least (bf16 autocast), fp64 kept
             backward((e_cD.to(dtype) * grad_cD.to(dtype)).sum())
     return loss.detach(), metrics

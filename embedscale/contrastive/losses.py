@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from embedscale.data.batch import TextIds
 from embedscale.encoder.biencoder import truncate
@@ -59,10 +60,36 @@ def duplicate_masks(ids: TextIds, local: slice) -> tuple[torch.Tensor, torch.Ten
     return dup_bN, torch.cat([dup_bN, dup_neg_bNk], dim=1)
 
 
-def _masked_cross_entropy(s_bC: torch.Tensor, labels_b: torch.Tensor, mask_bC: torch.Tensor | None) -> torch.Tensor:
-    if mask_bC is not None:
-        s_bC = s_bC.masked_fill(mask_bC, float("-inf"))
-    return F.cross_entropy(s_bC, labels_b)
+def _masked_cross_entropy_sum(s_cC: torch.Tensor, labels_c: torch.Tensor, mask_cC: torch.Tensor | None) -> torch.Tensor:
+    if mask_cC is not None:
+        s_cC = s_cC.masked_fill(mask_cC, float("-inf"))
+    return F.cross_entropy(s_cC, labels_c, reduction="sum")
+
+
+def _rows(
+    queries_ND: torch.Tensor,
+    positives_ND: torch.Tensor,
+    cand_CD: torch.Tensor,
+    inverse_temperature: torch.Tensor | float,
+    rows: slice,
+    ids: TextIds | None,
+    symmetric_weight: float,
+) -> tuple[torch.Tensor, ...]:
+    """Sums over query rows `rows` (c of them): q->d loss, d->q loss, correct, negatives, positive cosine."""
+    labels_c = torch.arange(rows.start, rows.stop, device=queries_ND.device)
+    mask_dq_cN, mask_cC = duplicate_masks(ids, rows) if ids is not None else (None, None)
+    s_cC = queries_ND[rows] @ cand_CD.T * inverse_temperature  # (c, C): the only score block alive
+    loss_q2d = _masked_cross_entropy_sum(s_cC, labels_c, mask_cC)
+    loss_d2q = torch.zeros_like(loss_q2d)
+    if symmetric_weight > 0:
+        s_cN = positives_ND[rows] @ queries_ND.T * inverse_temperature  # (c, N): documents -> queries
+        loss_d2q = _masked_cross_entropy_sum(s_cN, labels_c, mask_dq_cN)
+    with torch.no_grad():
+        masked = mask_cC.sum(1) if mask_cC is not None else torch.zeros_like(labels_c)
+        correct = (s_cC.argmax(dim=1) == labels_c).sum().to(s_cC.dtype)
+        negatives = (cand_CD.shape[0] - 1 - masked).sum().to(s_cC.dtype)
+        positive = s_cC[torch.arange(len(labels_c)), labels_c].sum() / inverse_temperature
+    return loss_q2d, loss_d2q, correct, negatives, positive
 
 
 def info_nce(
@@ -72,30 +99,35 @@ def info_nce(
     *,
     inverse_temperature: torch.Tensor | float,
     local: slice,
-    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ids: TextIds | None = None,
     symmetric_weight: float = 0.0,
+    row_chunk_size: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """InfoNCE of the local query rows over every gathered candidate, plus the optional d->q term."""
+    """InfoNCE of the local query rows over every gathered candidate, plus the optional d->q term.
+
+    With `row_chunk_size` < local rows, the rows are scored `row_chunk_size` at a time under activation
+    checkpointing: only one (row_chunk_size, C) score block exists at a time, in forward and in
+    backward (which recomputes it), instead of (b, C). The result is the same sum, chunk by chunk.
+    """
     N, D = positives_ND.shape
-    q_bD = queries_ND[local]
-    labels_b = torch.arange(local.start, local.stop, device=q_bD.device)
+    b = local.stop - local.start
     cand_CD = positives_ND if negatives_NkD is None else torch.cat([positives_ND, negatives_NkD.reshape(-1, D)])
-    s_bC = q_bD @ cand_CD.T * inverse_temperature  # (b, C)
-    mask_dq_bN, mask_bC = masks if masks is not None else (None, None)
-    loss_q2d = _masked_cross_entropy(s_bC, labels_b, mask_bC)
-    loss = loss_q2d
-    with torch.no_grad():
-        masked = mask_bC.sum(1) if mask_bC is not None else torch.zeros_like(labels_b)
-        metrics = {
-            "loss_q2d": loss_q2d.detach(),
-            "accuracy": (s_bC.argmax(dim=1) == labels_b).float().mean(),
-            "negatives_per_query": (cand_CD.shape[0] - 1 - masked).float().mean(),
-            "positive_similarity": s_bC[torch.arange(len(labels_b)), labels_b].mean() / inverse_temperature,
-        }
+    step = row_chunk_size if 0 < row_chunk_size < b else b
+    totals = None
+    for start in range(local.start, local.stop, step):
+        rows = slice(start, min(start + step, local.stop))
+        args = (queries_ND, positives_ND, cand_CD, inverse_temperature, rows, ids, symmetric_weight)
+        part = checkpoint(_rows, *args, use_reentrant=False) if step < b else _rows(*args)
+        totals = part if totals is None else tuple(t + p for t, p in zip(totals, part, strict=True))
+    loss_q2d, loss_d2q, correct, negatives, positive = (t / b for t in totals)
+    loss = loss_q2d + symmetric_weight * loss_d2q if symmetric_weight > 0 else loss_q2d
+    metrics = {
+        "loss_q2d": loss_q2d.detach(),
+        "accuracy": correct,
+        "negatives_per_query": negatives,
+        "positive_similarity": positive,
+    }
     if symmetric_weight > 0:
-        s_bN = positives_ND[local] @ queries_ND.T * inverse_temperature  # (b, N): documents -> queries
-        loss_d2q = _masked_cross_entropy(s_bN, labels_b, mask_dq_bN)
-        loss = loss + symmetric_weight * loss_d2q
         metrics["loss_d2q"] = loss_d2q.detach()
     return loss, metrics
 
@@ -112,6 +144,7 @@ def contrastive_loss(
     matryoshka_dims: Sequence[int] = (),
     matryoshka_weights: Sequence[float] = (),
     normalize: bool = True,
+    row_chunk_size: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE with in-batch + hard negatives, duplicate masking, symmetric term and Matryoshka dims.
 
@@ -124,12 +157,19 @@ def contrastive_loss(
         symmetric_weight: weight of the document -> query term (0 = off).
         matryoshka_dims: if given, the loss is the weighted sum over these prefix dims.
         normalize: re-normalise Matryoshka prefixes (set when the model normalises).
+        row_chunk_size: score at most this many local rows at once (peak score memory chunk x C, not
+            b x C); 0 scores all local rows at once. Same loss and gradient either way.
     Returns:
         (loss, metrics): a scalar mean over the local rows, and detached scalar metrics.
     """
     local = local if local is not None else slice(0, queries_ND.shape[0])
-    masks = duplicate_masks(ids, local) if ids is not None else None
-    kwargs = dict(inverse_temperature=inverse_temperature, local=local, masks=masks, symmetric_weight=symmetric_weight)
+    kwargs = dict(
+        inverse_temperature=inverse_temperature,
+        local=local,
+        ids=ids,
+        symmetric_weight=symmetric_weight,
+        row_chunk_size=row_chunk_size,
+    )
     if not matryoshka_dims:
         loss, metrics = info_nce(queries_ND, positives_ND, negatives_NkD, **kwargs)
         metrics["loss"] = loss.detach()

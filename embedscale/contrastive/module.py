@@ -7,8 +7,9 @@ gradient of the global batch; one process is the special case W = 1. The learnab
 lives here, outside the encoder, but inside the module whose forward DDP wraps -- so its gradient
 is averaged across ranks like every other parameter's.
 
-With `gradcache_chunk_size > 0` the step is GradCache (contrastive/gradcache.py) with manual
-optimisation: several backward passes, one explicit gradient all-reduce, clipping, update.
+With GradCache on (`gradcache.chunk_size` or `gradcache.token_budget`) the step is GradCache
+(contrastive/gradcache.py) with manual optimisation: several backward passes, one explicit gradient
+all-reduce, clipping, update.
 
 Legend: B = queries in the batch, k = hard negatives per query, D = dim.
 """
@@ -19,7 +20,7 @@ import lightning as L
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from embedscale.config import LossConfig, OptimConfig
+from embedscale.config import GradCacheConfig, LossConfig, OptimConfig
 from embedscale.contrastive.gather import all_gather_no_grad, all_gather_with_grad, all_reduce_gradients_, world
 from embedscale.contrastive.gradcache import gradcache_step
 from embedscale.contrastive.losses import Temperature, contrastive_loss
@@ -35,15 +36,15 @@ class ContrastiveModule(L.LightningModule):
         *,
         loss_cfg: LossConfig,
         optim_cfg: OptimConfig,
-        gradcache_chunk_size: int = 0,
+        gradcache: GradCacheConfig | None = None,
         gradient_clip_val: float | None = None,
     ) -> None:
-        """With `gradcache_chunk_size > 0` the module optimises manually (GradCache needs several backward
-        passes per step) and clips at `gradient_clip_val` itself; otherwise the Trainer does both."""
+        """With GradCache on (`gradcache.enabled`) the module optimises manually (GradCache needs several
+        backward passes per step) and clips at `gradient_clip_val` itself; otherwise the Trainer does both."""
         super().__init__()
-        self.gradcache_chunk_size = gradcache_chunk_size
+        self.gradcache = gradcache if gradcache is not None and gradcache.enabled else None
         self.gradient_clip_val = gradient_clip_val
-        self.automatic_optimization = gradcache_chunk_size == 0
+        self.automatic_optimization = self.gradcache is None
         self.encoder = encoder.train()  # from_pretrained returns eval mode: dropout must be on while training
         self.loss_cfg = loss_cfg
         self.optim_cfg = optim_cfg
@@ -89,17 +90,26 @@ class ContrastiveModule(L.LightningModule):
             matryoshka_dims=cfg.matryoshka_dims,
             matryoshka_weights=cfg.matryoshka_weights,
             normalize=cfg.normalize,
+            row_chunk_size=self.loss_cfg.row_chunk_size,
         )
 
     def on_train_batch_start(self, batch: PairBatch, batch_idx: int) -> None:
         # GradCache runs several backward passes per step; DDP's reducer (which expects one) is switched
         # off for the whole step and the gradients are averaged once, explicitly, before the update.
-        if self.gradcache_chunk_size and isinstance(self.trainer.model, DistributedDataParallel):
+        if self.gradcache is not None and isinstance(self.trainer.model, DistributedDataParallel):
             self.trainer.model.require_backward_grad_sync = False
 
     def _gradcache_training_step(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        loss, metrics = gradcache_step(self, batch, chunk_size=self.gradcache_chunk_size, backward=self.manual_backward)
+        gc = self.gradcache
+        loss, metrics = gradcache_step(
+            self,
+            batch,
+            chunk_size=gc.chunk_size,
+            token_budget=gc.token_budget,
+            sort_by_length=gc.sort_by_length,
+            backward=self.manual_backward,
+        )
         all_reduce_gradients_(self.parameters())
         if self.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
@@ -109,7 +119,7 @@ class ContrastiveModule(L.LightningModule):
         return loss, metrics
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
-        if self.gradcache_chunk_size:
+        if self.gradcache is not None:
             loss, metrics = self._gradcache_training_step(batch)
         else:
             loss, metrics = self.compute_loss(batch)
