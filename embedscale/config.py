@@ -110,6 +110,10 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader workers (tokenisation happens in them)."""
     shuffle: bool = True
+    no_duplicates: bool = True
+    """Compose each global batch without repeated texts (query, positive or hard negative) where the data
+    allows, deferring a colliding example to the next batch; what cannot be avoided is masked by
+    loss.mask_duplicates. No example is dropped for being a duplicate."""
     max_samples: int | None = None
     """Use only the first N samples (smoke tests, debugging)."""
 

@@ -1,12 +1,12 @@
 """Collate (prefixes + tokenisation) and the LightningDataModule for in-memory pair datasets.
 
 The WebDataset streaming path arrives with the data-layer issue; it will produce the same
-`PairBatch`, so nothing downstream changes. Here a list of `PairExample` is read once and sharded
-by our own `DistributedSampler` (the Trainer runs with `use_distributed_sampler=False`): one seeded
-permutation per epoch, rank r taking every W-th index, so that a step's global batch is the same set
-of examples whatever the number of ranks (Lightning's replacement sampler would reshuffle even with
-data.shuffle=false). The last incomplete global batch is dropped (every rank must take the same
-number of equal-shaped steps); how many samples that dropped is logged.
+`PairBatch`, so nothing downstream changes. Here a list of `PairExample` is read once and cut into
+global batches by our own `GlobalBatchSampler` (data/sampler.py; the Trainer runs with
+`use_distributed_sampler=False`): one seeded composition per epoch, without repeated texts in a
+global batch where the data allows, each rank taking its slice, so that a step's global batch is the
+same set of examples whatever the number of ranks. The last incomplete global batch is dropped
+(every rank must take the same number of equal-shaped steps); how many samples that dropped is logged.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from embedscale.config import DataConfig, DataFormat, ModelConfig
 from embedscale.data.batch import PairBatch, PairExample, TextIds, text_id
 from embedscale.data.readers import read_beir_pairs, read_jsonl_pairs, resolve_path
+from embedscale.data.sampler import GlobalBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -100,26 +101,28 @@ class PairDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         global_batch = self.cfg.batch_size_per_rank * world
-        if len(self.examples) < global_batch:
-            raise ValueError(
-                f"{len(self.examples)} training examples are fewer than one global batch ({global_batch} = "
-                f"data.batch_size_per_rank x {world} ranks): lower data.batch_size_per_rank"
-            )
-        dropped = len(self.examples) % global_batch
+        sampler = GlobalBatchSampler(
+            self.examples,
+            global_batch_size=global_batch,
+            world_size=world,
+            rank=rank,
+            seed=self.seed,
+            shuffle=self.cfg.shuffle,
+            no_duplicates=self.cfg.no_duplicates,
+            num_hard_negatives=self.cfg.num_hard_negatives,
+        )
         log.info(
-            "training on %d examples, global batch %d; %d examples per epoch fall in the dropped last batch",
+            "training on %d examples, global batch %d (%d per rank), %d steps per epoch; the last %d examples "
+            "of each epoch's order fall in the dropped incomplete batch",
             len(self.examples),
             global_batch,
-            dropped,
-        )
-        sampler = DistributedSampler(
-            self.examples, num_replicas=world, rank=rank, shuffle=self.cfg.shuffle, seed=self.seed, drop_last=True
+            self.cfg.batch_size_per_rank,
+            len(sampler),
+            len(self.examples) % global_batch,
         )
         return DataLoader(
             self.examples,
-            batch_size=self.cfg.batch_size_per_rank,
-            sampler=sampler,
-            drop_last=True,
+            batch_sampler=sampler,
             num_workers=self.cfg.num_workers,
             collate_fn=self.collator,
             persistent_workers=self.cfg.num_workers > 0,
