@@ -209,7 +209,7 @@ class TrainerConfig:
         devices = self.devices
         if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
             devices = int(devices)
-        if isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        if not isinstance(devices, str) and hasattr(devices, "__len__"):  # a list of device ids (also ListConfig)
             return len(devices) * self.num_nodes
         if isinstance(devices, int) and devices > 0:
             return devices * self.num_nodes
