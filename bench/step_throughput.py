@@ -4,8 +4,13 @@
     python bench/step_throughput.py --datasets fixed --systems bare,es-plain    # a subset
 
 One optimizer step (forward, loss, backward, AdamW) of all-MiniLM-L6-v2 on `--global-batch` pairs,
-one process, timed after a warm-up step on 16 pairs; each system runs in its own process (clean
-peak RSS). Tokenisation happens before the clock starts, for every system alike.
+one process per system (clean peak RSS): one untimed warm-up step at full size, then the median of
+`--repeats` timed steps (the first step at a new size pays the allocator's growth -- 12 GiB of page
+faults for a whole 128-pair batch -- which a training run pays once, not per step). Tokenisation
+happens before the clock starts, for every system alike. With `--interleave` all systems share one
+process and the timed steps go round-robin (order rotated each round); ratios are then medians of
+per-round ratios. On this 2-core VM whole-batch steps vary by +-10% from step to step, so only
+interleaved ratios are worth comparing at the 5% level; peak RSS is per system only without it.
 
 Datasets: `fixed` = synthetic text of exactly 128 tokens per query and document; `scifact` and
 `medquad` = the first pairs of a fixed shuffle of the real training pairs, queries and documents
@@ -32,6 +37,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -175,7 +181,11 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
     return step, padded
 
 
-def child(system: str, dataset: str, n: int, chunk: int, threads: int) -> dict:
+def child(systems: list[str], dataset: str, n: int, chunk: int, threads: int, repeats: int) -> dict:
+    """Time `systems` in this process: one untimed full-size warm-up each, then `repeats` rounds.
+
+    With several systems the rounds interleave them (rotating the order each round), so a drift of
+    the machine (allocator state, a noisy neighbour) hits all of them alike."""
     import torch
 
     from embedscale.encoder.biencoder import resolve_model_path
@@ -186,15 +196,31 @@ def child(system: str, dataset: str, n: int, chunk: int, threads: int) -> dict:
     from transformers import AutoTokenizer
 
     queries, docs, max_length = load_pairs(dataset, n, AutoTokenizer.from_pretrained(model_path))
-    warm, _ = make_step(system, model_path, queries[:16], docs[:16], max_length, min(chunk, 8))
-    warm()
-    step, padded = make_step(system, model_path, queries, docs, max_length, chunk)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "padded_tokens": padded, "peak_rss_MiB": round(max(peak, rss_before) / 1024)}
+    steps = {s: make_step(s, model_path, queries, docs, max_length, chunk) for s in systems}
+    for step, _ in steps.values():
+        step()  # warm-up at full size: the allocator's first growth and lazy inits are paid once per run
+    times: dict[str, list[float]] = {s: [] for s in systems}
+    for r in range(repeats):
+        for system in systems[r % len(systems) :] + systems[: r % len(systems)]:
+            start = time.perf_counter()
+            steps[system][0]()
+            times[system].append(time.perf_counter() - start)
+    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {
+        s: {
+            "seconds": statistics.median(times[s]),
+            "all_seconds": [round(t, 2) for t in times[s]],
+            "padded_tokens": steps[s][1],
+            "peak_rss_MiB": peak if len(systems) == 1 else f"{peak} (process, all systems)",
+        }
+        for s in systems
+    }
+
+
+def ratio(a: dict, b: dict) -> float:
+    """Time ratio a / b: the median of per-round ratios (rounds pair up when interleaved)."""
+    pairs = zip(a["all_seconds"], b["all_seconds"], strict=True)
+    return statistics.median(x / y for x, y in pairs)
 
 
 def main() -> None:
@@ -204,31 +230,37 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps after the warm-up; the median is reported")
+    parser.add_argument(
+        "--interleave", action="store_true", help="time all systems in one process, round-robin (timing only)"
+    )
     parser.add_argument("--name", default="step_throughput")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        system, dataset = args.child
-        print(json.dumps(child(system, dataset, args.global_batch, args.chunk, args.threads)))
+        systems, dataset = args.child
+        print(json.dumps(child(systems.split(","), dataset, args.global_batch, args.chunk, args.threads, args.repeats)))
         return
     rows = []
     for dataset in args.datasets.split(","):
         results = {}
-        for system in args.systems.split(","):
-            cmd = [sys.executable, __file__, "--child", system, dataset, "--global-batch", str(args.global_batch)]
-            cmd += ["--chunk", str(args.chunk), "--threads", str(args.threads)]
+        groups = [args.systems] if args.interleave else args.systems.split(",")
+        for group in groups:
+            cmd = [sys.executable, __file__, "--child", group, dataset, "--global-batch", str(args.global_batch)]
+            cmd += ["--chunk", str(args.chunk), "--threads", str(args.threads), "--repeats", str(args.repeats)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
-                raise SystemExit(f"{system} on {dataset} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            results[system] = r
-            print(f"{dataset} {system}: {r}", flush=True)
+                raise SystemExit(f"{group} on {dataset} failed:\n{out.stderr[-3000:]}")
+            for system, r in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                results[system] = r
+                print(f"{dataset} {system}: {r}", flush=True)
         for system, r in results.items():
             row = {
                 "dataset": dataset,
                 "system": system,
                 "pairs": args.global_batch,
                 "seconds": round(r["seconds"], 1),
+                "all_s": " ".join(f"{t:.1f}" for t in r["all_seconds"]),
                 "pairs/s": round(args.global_batch / r["seconds"], 2),
                 "padded_tokens": r["padded_tokens"],
                 "peak_rss_MiB": r["peak_rss_MiB"],
@@ -236,13 +268,17 @@ def main() -> None:
             }
             ref = {"es-plain": "bare", "es-gc": "bare-chunks", "es-gc-tok": "bare-chunks"}.get(system)
             if ref in results:
-                row["vs"] = f"{r['seconds'] / results[ref]['seconds']:.3f}x time of {ref}"
+                row["vs"] = f"{ratio(r, results[ref]):.3f}x time of {ref}"
             peers = {"st-mnrl": ["es-plain"], "st-cached": ["es-gc", "es-gc-tok"]}.get(system, [])
-            speedups = [f"{p} {r['seconds'] / results[p]['seconds']:.3f}x" for p in peers if p in results]
+            speedups = [f"{p} {ratio(r, results[p]):.3f}x" for p in peers if p in results]
             if speedups:
                 row["vs"] = "embedscale speed-up: " + ", ".join(speedups)
             rows.append(row)
-    report(args.name, rows, {"global_batch": args.global_batch, "chunk": args.chunk, "threads": args.threads})
+    report(
+        args.name,
+        rows,
+        {"global_batch": args.global_batch, "chunk": args.chunk, "threads": args.threads, "repeats": args.repeats},
+    )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """GradCache: the contrastive gradient of a batch larger than activation memory, exactly.
 
 Per step (Gao et al., 2021):
-1. Encode the batch in chunks *without* grad, recording each chunk's RNG state (CPU and the
-   chunk's device) so that dropout can be replayed.
+1. Encode the batch in chunks *without* grad (inference mode), recording each chunk's RNG state
+   (CPU and the chunk's device) so that dropout can be replayed. The most expensive chunk is the
+   exception: it is encoded with grad and keeps its graph, so it is never encoded twice (peak
+   activation memory is one chunk's either way; the step saves that chunk's no-grad forward).
 2. Treat the embeddings as leaves, gather and compute the loss (contrastive/module.py), and backward
    to the embeddings only: their gradients are the cache; the temperature's gradient lands here once.
-3. Re-encode each chunk *with* grad under its recorded RNG state (same dropout masks) and backward
-   the surrogate sum(embeddings * cached_grad) in fp32 (or wider). Gradients only accumulate
+3. Backward the kept chunk's surrogate sum(embeddings * cached_grad) in fp32 (or wider), freeing
+   its graph; then re-encode every other chunk *with* grad under its recorded RNG state (same
+   dropout masks) and backward its surrogate. Gradients only accumulate
    locally here; the caller reduces them once per step. Under Lightning DDP the module switches
    DDP's reducer off for the step and averages the gradients in one explicit all-reduce
    (contrastive/module.py): DDP's reducer expects exactly one backward per forward and a fixed set
@@ -138,28 +141,43 @@ def gradcache_step(
     num_q = len(jobs)
     jobs += [("document", c) for c in split_tokens(batch.documents, **plan)]
 
-    states, embeddings = [], []
-    with torch.no_grad():
-        for side, chunk in jobs:  # pass 1: no activations kept
-            states.append(RngState.capture(device))
+    # The most expensive chunk keeps its graph from pass 1 and is not re-encoded: peak memory is one
+    # chunk's activations either way, and the step saves that chunk's no-grad forward.
+    cost = [c.tokens["input_ids"].numel() for _, c in jobs]
+    kept = max(range(len(jobs)), key=cost.__getitem__)
+    states, embeddings, kept_cD = [], [], None
+    for i, (side, chunk) in enumerate(jobs):  # pass 1: no activations kept, except the kept chunk's
+        if i == kept:
+            states.append(None)
+            kept_cD = encoder.encode(chunk.tokens, side=side)
+            embeddings.append(kept_cD.detach())
+            continue
+        states.append(RngState.capture(device))
+        with torch.inference_mode():
             embeddings.append(encoder.encode(chunk.tokens, side=side))
 
     def in_batch_order(parts: list[torch.Tensor], chunks: list[Chunk]) -> torch.Tensor:
         order_R = torch.cat([c.rows_c for c in chunks])
-        return torch.cat(parts)[torch.argsort(order_R)]
+        return torch.cat(parts)[torch.argsort(order_R)]  # a normal tensor, also from inference-mode parts
 
     q_chunks = [c for _, c in jobs[:num_q]]
     d_chunks = [c for _, c in jobs[num_q:]]
-    q_BD = in_batch_order(embeddings[:num_q], q_chunks).detach().requires_grad_(True)
-    docs_XD = in_batch_order(embeddings[num_q:], d_chunks).detach().requires_grad_(True)  # (B * (1 + k), D)
+    q_BD = in_batch_order(embeddings[:num_q], q_chunks).requires_grad_(True)
+    docs_XD = in_batch_order(embeddings[num_q:], d_chunks).requires_grad_(True)  # (B * (1 + k), D)
     neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
     loss, metrics = module.loss_from_embeddings(q_BD, docs_XD[:B], neg_BkD, batch.ids)
     loss.backward()  # fills q_BD.grad, docs_XD.grad (the cache) and the temperature's gradient; unscaled
 
+    def surrogate(e_cD: torch.Tensor, grad_cD: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(e_cD.dtype, torch.float32)  # fp32 at least (bf16 autocast), fp64 kept
+        return (e_cD.to(dtype) * grad_cD.to(dtype)).sum()
+
     cache = [q_BD.grad[c.rows_c] for c in q_chunks] + [docs_XD.grad[c.rows_c] for c in d_chunks]
-    for (side, chunk), state, grad_cD in zip(jobs, states, cache, strict=True):
+    backward(surrogate(kept_cD, cache[kept]))  # frees the kept graph before any re-encoding
+    del kept_cD
+    for i, ((side, chunk), state, grad_cD) in enumerate(zip(jobs, states, cache, strict=True)):
+        if i == kept:
+            continue
         with state.replay():  # pass 2: same dropout masks
-            e_cD = encoder.encode(chunk.tokens, side=side)
-            dtype = torch.promote_types(e_cD.dtype, torch.float32)  # fp32 at least (bf16 autocast), fp64 kept
-            backward((e_cD.to(dtype) * grad_cD.to(dtype)).sum())
+            backward(surrogate(encoder.encode(chunk.tokens, side=side), grad_cD))
     return loss.detach(), metrics
