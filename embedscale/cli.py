@@ -16,6 +16,7 @@ from typing import Any
 JOBS = {
     "train": ("embedscale.train", "fine-tune a bi-encoder (default: all-MiniLM-L6-v2 on SciFact)"),
     "evaluate": ("embedscale.evaluate", "BEIR/STS metrics of a model or an embedscale export"),
+    "shard": ("embedscale.shard", "convert JSONL/BEIR/TSV/CSV/HF datasets into WebDataset tar shards + manifest"),
     "doctor": ("embedscale.doctor", "check distributed and GradCache gradients on this launcher; bandwidth"),
 }
 

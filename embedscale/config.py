@@ -31,6 +31,7 @@ class Pooling(enum.Enum):
 class DataFormat(enum.Enum):
     beir = "beir"
     jsonl = "jsonl"
+    shards = "shards"
 
 
 class Scheduler(enum.Enum):
@@ -86,6 +87,27 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a sharded mixture (data.format=shards)."""
+
+    path: str = "???"
+    """Directory written by `embedscale shard` (holds manifest.json), relative to data.root unless absolute."""
+    name: str | None = None
+    """Source name in logs and the loader state; default: the manifest's name."""
+    weight: float | None = None
+    """Share of global batches drawn from this source; None: (samples) ** data.mixture_alpha."""
+    global_batch_size: int | None = None
+    """This source's global batch size; None: the run's (data.global_batch_size). Must split over the ranks."""
+    in_batch_negatives: bool = True
+    """False: queries of this source see only their own positive and hard negatives (other rows are not
+    true negatives here, e.g. sources with many near-duplicate texts)."""
+    query_prefix: str | None = None
+    document_prefix: str | None = None
+    """Instruction templates for this source (e.g. "Instruct: Given a claim, find evidence\nQuery: "),
+    applied at collate time; None: the model's (model.query_prefix / model.document_prefix)."""
+
+
+@dataclass
 class DataConfig:
     root: str | None = None
     """Data root; None reads $EMBEDSCALE_DATA, then ../shared/data next to the working directory or repo."""
@@ -116,6 +138,27 @@ class DataConfig:
     loss.mask_duplicates. No example is dropped for being a duplicate."""
     max_samples: int | None = None
     """Use only the first N samples (smoke tests, debugging)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """data.format=shards: the mixture's sources; empty: one source at data.path."""
+    homogeneous_batches: bool = True
+    """data.format=shards: each global batch from one source (the same on every rank: in-batch negatives
+    of one kind); false: every global batch mixes the sources' rows by weight."""
+    mixture_alpha: float = 1.0
+    """Weight of a source without an explicit weight: samples ** alpha (1: proportional to size, 0: uniform)."""
+    shuffle_window: int = 8
+    """data.format=shards: samples are shuffled within windows of this many (shuffled) shards."""
+    length_bucket: int = 0
+    """data.format=shards: sort runs of this many shuffled samples by size so batches pad little (e.g. 16 x
+    the global batch); 0: off. In-batch negatives then share a length range; the order stays exact."""
+    steps_per_epoch: int | None = None
+    """data.format=shards: global batches per epoch; None: all samples of all sources // global batch."""
+    on_error: str = "raise"
+    """data.format=shards, a sample that cannot be read or is invalid (truncated or missing shard, bad JSON
+    or UTF-8, empty text, too few negatives): `raise` (names the shard, the sample and the fix) or `skip`
+    (its row is refilled with a copy of a good row of the slice, which the loss masks; counted per reason
+    in the logs and metrics.json)."""
+    record_keys: bool = False
+    """Write every consumed batch's sample keys to <run_dir>/samples/rank<r>.jsonl (step, source, keys)."""
 
     def __post_init__(self) -> None:
         if self.batch_size_per_rank is None and self.global_batch_size is None:
@@ -126,6 +169,8 @@ class DataConfig:
                 raise ValueError(f"data.{key} must be >= 1, got {value}")
         if self.num_hard_negatives < 0:
             raise ValueError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error={self.on_error!r}: use raise or skip")
 
 
 @dataclass
@@ -203,6 +248,11 @@ class TrainerConfig:
     """torch.set_num_threads per process; None keeps torch's default."""
     enable_progress_bar: bool = True
     deterministic: bool = False
+    checkpoint_every_n_steps: int | None = None
+    """Also write checkpoints/last.ckpt every N optimizer steps (mid-epoch), not only at epoch ends."""
+    resume: str | None = None
+    """Resume from a Lightning checkpoint: a path, or `last` for <run_dir>/checkpoints/last.ckpt (when it
+    exists; a fresh start otherwise). Model, optimizer, scheduler and the data stream's cursor are restored."""
 
     def world_size(self) -> int | None:
         """Processes the run will have, when the config alone says so (None for devices=auto/-1 on GPUs)."""
@@ -388,11 +438,63 @@ class EvaluateConfig:
     """metrics.json path; None writes into Hydra's run directory."""
 
 
+class ShardFormat(enum.Enum):
+    jsonl = "jsonl"
+    beir = "beir"
+    tsv = "tsv"
+    csv = "csv"
+    hf = "hf"
+
+
+@dataclass
+class ShardConfig:
+    """`embedscale shard`: convert inputs into WebDataset tar shards with a manifest (docs/data.md)."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Input files (jsonl/tsv/csv, optionally .gz) or directories (beir layout, hf save_to_disk),
+    relative to data_root unless absolute; each is converted in parallel with the others."""
+    format: ShardFormat = ShardFormat.jsonl
+    name: str | None = None
+    """Dataset name: shard file prefix, the samples' `source` and key prefix. Default: the first input's stem."""
+    output: str | None = None
+    """Output directory; None: shards/<name> under the working directory."""
+    data_root: str | None = None
+    """Root for relative inputs; None reads $EMBEDSCALE_DATA, then ../shared/data."""
+    split: str = "train"
+    """qrels split (beir) or DatasetDict split (hf)."""
+    query_field: str = "query"
+    positive_field: str = "positive"
+    negatives_field: str = "negatives"
+    """Field names (jsonl, hf); for tsv/csv, every column whose name starts with negatives_field."""
+    target_mb: float = 64.0
+    """Close a shard before it exceeds this size (MB = 2**20 bytes). 0: no byte limit."""
+    samples_per_shard: int = 0
+    """Close a shard at this many samples. 0: no count limit."""
+    workers: int = 1
+    """Inputs converted in parallel (processes)."""
+    overwrite: bool = False
+    """Replace an existing output directory's shards; otherwise an existing manifest is an error."""
+
+    def __post_init__(self) -> None:
+        if self.target_mb <= 0 and self.samples_per_shard <= 0:
+            raise ValueError("shard.target_mb and shard.samples_per_shard are both 0: set a shard size")
+        if self.name is not None and (not self.name or any(c in self.name for c in "./ ")):
+            raise ValueError(f"shard.name={self.name!r} must be non-empty without '.', '/' or spaces")
+        if self.workers < 1:
+            raise ValueError(f"shard.workers must be >= 1, got {self.workers}")
+
+
+@dataclass
+class ShardJobConfig:
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+
 def register_configs() -> None:
     """Register the top-level schemas; every group file of conf/ is merged onto their typed nodes."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="shard_schema", node=ShardJobConfig)
 
 
 def to_config(cfg: DictConfig, schema: type) -> Any:

@@ -44,7 +44,12 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
     t = cfg.trainer
     callbacks = [
         *callbacks,
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=t.checkpoint_every_n_steps,
+        ),
     ]
     loggers = build_loggers(cfg, run_dir)
     if loggers:
@@ -69,6 +74,18 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
+
+
+def resume_path(cfg: TrainConfig, run_dir: Path) -> str | None:
+    resume = cfg.trainer.resume
+    if resume is None:
+        return None
+    if resume == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(resume).exists():
+        raise ValueError(f"trainer.resume={resume!r} does not exist: give a checkpoint path or `last`")
+    return resume
 
 
 def summarize(history: list[dict]) -> dict[str, dict[str, float]]:
@@ -96,9 +113,10 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     import lightning as L
     import torch
 
+    from embedscale.config import DataFormat
     from embedscale.contrastive.callbacks import EvalCallback
     from embedscale.contrastive.module import ContrastiveModule
-    from embedscale.data.datamodule import PairDataModule
+    from embedscale.data.datamodule import PairDataModule, StreamDataModule, StreamProgress
     from embedscale.data.readers import resolve_data_root
     from embedscale.encoder.biencoder import load_encoder
     from embedscale.export import export_model, to_jsonable
@@ -127,11 +145,17 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         gradcache=cfg.gradcache,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
     )
-    trainer = build_trainer(cfg, run_dir, [eval_cb])
+    callbacks: list = [eval_cb]
+    data_args = dict(tokenizer=tokenizer, model_cfg=encoder.cfg, root=data_root, seed=cfg.seed)
+    if cfg.data.format is DataFormat.shards:
+        datamodule = StreamDataModule(cfg.data, **data_args)
+        callbacks.append(StreamProgress(datamodule, record_dir=run_dir / "samples" if cfg.data.record_keys else None))
+    else:
+        datamodule = PairDataModule(cfg.data, **data_args)
+    trainer = build_trainer(cfg, run_dir, callbacks)
     resolve_batch_sizes(cfg, trainer.world_size)  # the launcher's real world size (devices=auto, SLURM, ...)
-    datamodule = PairDataModule(cfg.data, tokenizer=tokenizer, model_cfg=encoder.cfg, root=data_root, seed=cfg.seed)
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, run_dir))
     fit_seconds = time.perf_counter() - fit_start
     if not trainer.is_global_zero:
         return {}
@@ -142,7 +166,9 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         "config": to_jsonable(cfg),
         "train": {
             "optimizer_steps": trainer.global_step,
-            "examples": len(datamodule.examples or []),
+            "examples": len(getattr(datamodule, "examples", None) or []) or None,
+            "stream": datamodule.state_dict() if isinstance(datamodule, StreamDataModule) else None,
+            "skipped_samples": getattr(datamodule, "skipped", {}),
             "global_batch_size": cfg.data.global_batch_size,
             "batch_size_per_rank": cfg.data.batch_size_per_rank,
             "fit_seconds": round(fit_seconds, 1),

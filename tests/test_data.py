@@ -65,3 +65,16 @@ def test_collate_layout_and_ids(tiny_bert):
 def test_text_id_is_stable_and_fits_int64():
     assert text_id("hello") == text_id("hello") != text_id("hello ")
     assert 0 <= text_id("x") < 2**63
+
+
+def test_collate_per_example_instruction_templates(tiny_bert):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    collate = PairCollator(tok, model_cfg=ModelConfig(query_prefix="query: "), num_hard_negatives=1)
+    examples = [PairExample("q0", "p0", ["n0"]), PairExample("q1", "p1", ["n1"])]
+    batch = collate(examples, query_prefix=["Instruct: a\nQuery: ", None], document_prefix=[None, "doc: "])
+    texts = [tok.decode(ids, skip_special_tokens=True).replace(" ", "") for ids in batch.queries["input_ids"]]
+    assert texts == ["instruct:aquery:q0", "query:q1"]
+    docs = [tok.decode(ids, skip_special_tokens=True).replace(" ", "") for ids in batch.documents["input_ids"]]
+    assert docs == ["p0", "doc:p1", "n0", "doc:n1"]  # positives first, then each row's negatives

@@ -190,3 +190,26 @@ def test_row_chunks_give_the_same_loss_metrics_and_gradients(local, row_chunk_si
     for a, b in zip(g0, g1):
         assert (a - b).abs().max().item() <= 1e-12
     assert abs(t0.item() - t1.item()) <= 1e-12 and abs(t0.item()) > 1e-4
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("local", [None, slice(4, 8)])
+@pytest.mark.parametrize("row_chunk_size", [0, 3])
+def test_in_batch_negatives_off_scores_only_own_candidates(k, local, row_chunk_size):
+    """A source with in-batch negatives off: each query against its own positive and own hard negatives."""
+    q, p, n, *_, ids = make_batch(k=k)
+    rows = range(8) if local is None else range(local.start, local.stop)
+    want = 0.0
+    for g in rows:
+        cands = [(q[g] * p[g]).sum()] + [(q[g] * n[g, m]).sum() for m in range(k)]
+        want = want + torch.logsumexp(torch.stack(cands) * 20.0, 0) - cands[0] * 20.0
+    want = want / len(rows)
+    got, metrics = contrastive_loss(
+        q, p, n, inverse_temperature=20.0, ids=ids, local=local, in_batch_negatives=False, row_chunk_size=row_chunk_size
+    )
+    assert abs(got.item() - want.item()) < 1e-12
+    assert metrics["negatives_per_query"].item() == k  # the duplicates of make_batch are all in other rows
+    sym, _ = contrastive_loss(
+        q, p, n, inverse_temperature=20.0, local=local, symmetric_weight=0.5, in_batch_negatives=False
+    )
+    assert abs(sym.item() - want.item()) < 1e-12  # d->q over its own query only: log(1) = 0

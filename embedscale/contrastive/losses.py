@@ -60,6 +60,17 @@ def duplicate_masks(ids: TextIds, local: slice) -> tuple[torch.Tensor, torch.Ten
     return dup_bN, torch.cat([dup_bN, dup_neg_bNk], dim=1)
 
 
+def own_candidates_mask(rows: slice, N: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks (True = excluded) that keep only each row's own positive and own hard negatives: in-batch
+    negatives off. Over positives (c, N) and over all candidates (c, N + N * k)."""
+    g_c = torch.arange(rows.start, rows.stop, device=device)
+    other_cN = torch.arange(N, device=device)[None, :] != g_c[:, None]
+    if not k:
+        return other_cN, other_cN
+    owner_Nk = torch.arange(N, device=device).repeat_interleave(k)  # row that owns each negative column
+    return other_cN, torch.cat([other_cN, owner_Nk[None, :] != g_c[:, None]], dim=1)
+
+
 def _masked_cross_entropy_sum(s_cC: torch.Tensor, labels_c: torch.Tensor, mask_cC: torch.Tensor | None) -> torch.Tensor:
     if mask_cC is not None:
         s_cC = s_cC.masked_fill(mask_cC, float("-inf"))
@@ -74,10 +85,16 @@ def _rows(
     rows: slice,
     ids: TextIds | None,
     symmetric_weight: float,
+    in_batch_negatives: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Sums over query rows `rows` (c of them): q->d loss, d->q loss, correct, negatives, positive cosine."""
     labels_c = torch.arange(rows.start, rows.stop, device=queries_ND.device)
     mask_dq_cN, mask_cC = duplicate_masks(ids, rows) if ids is not None else (None, None)
+    if not in_batch_negatives:
+        N = positives_ND.shape[0]
+        own_dq_cN, own_cC = own_candidates_mask(rows, N, (cand_CD.shape[0] - N) // N, queries_ND.device)
+        mask_dq_cN = own_dq_cN if mask_dq_cN is None else mask_dq_cN | own_dq_cN
+        mask_cC = own_cC if mask_cC is None else mask_cC | own_cC
     s_cC = queries_ND[rows] @ cand_CD.T * inverse_temperature  # (c, C): the only score block alive
     loss_q2d = _masked_cross_entropy_sum(s_cC, labels_c, mask_cC)
     loss_d2q = torch.zeros_like(loss_q2d)
@@ -102,6 +119,7 @@ def info_nce(
     ids: TextIds | None = None,
     symmetric_weight: float = 0.0,
     row_chunk_size: int = 0,
+    in_batch_negatives: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE of the local query rows over every gathered candidate, plus the optional d->q term.
 
@@ -116,7 +134,7 @@ def info_nce(
     totals = None
     for start in range(local.start, local.stop, step):
         rows = slice(start, min(start + step, local.stop))
-        args = (queries_ND, positives_ND, cand_CD, inverse_temperature, rows, ids, symmetric_weight)
+        args = (queries_ND, positives_ND, cand_CD, inverse_temperature, rows, ids, symmetric_weight, in_batch_negatives)
         part = checkpoint(_rows, *args, use_reentrant=False) if step < b else _rows(*args)
         totals = part if totals is None else tuple(t + p for t, p in zip(totals, part, strict=True))
     loss_q2d, loss_d2q, correct, negatives, positive = (t / b for t in totals)
@@ -145,6 +163,7 @@ def contrastive_loss(
     matryoshka_weights: Sequence[float] = (),
     normalize: bool = True,
     row_chunk_size: int = 0,
+    in_batch_negatives: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE with in-batch + hard negatives, duplicate masking, symmetric term and Matryoshka dims.
 
@@ -159,6 +178,8 @@ def contrastive_loss(
         normalize: re-normalise Matryoshka prefixes (set when the model normalises).
         row_chunk_size: score at most this many local rows at once (peak score memory chunk x C, not
             b x C); 0 scores all local rows at once. Same loss and gradient either way.
+        in_batch_negatives: False scores each query against its own positive and own hard negatives only
+            (a source whose other rows are not true negatives, e.g. many near-duplicates).
     Returns:
         (loss, metrics): a scalar mean over the local rows, and detached scalar metrics.
     """
@@ -169,6 +190,7 @@ def contrastive_loss(
         ids=ids,
         symmetric_weight=symmetric_weight,
         row_chunk_size=row_chunk_size,
+        in_batch_negatives=in_batch_negatives,
     )
     if not matryoshka_dims:
         loss, metrics = info_nce(queries_ND, positives_ND, negatives_NkD, **kwargs)

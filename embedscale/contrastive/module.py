@@ -57,10 +57,15 @@ class ContrastiveModule(L.LightningModule):
         q_BD = self.encoder.encode(batch.queries, side="query")
         docs_XD = self.encoder.encode(batch.documents, side="document")  # (B * (1 + k), D)
         neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
-        return self.loss_from_embeddings(q_BD, docs_XD[:B], neg_BkD, batch.ids)
+        return self.loss_from_embeddings(q_BD, docs_XD[:B], neg_BkD, batch.ids, batch.in_batch_negatives)
 
     def loss_from_embeddings(
-        self, q_BD: torch.Tensor, pos_BD: torch.Tensor, neg_BkD: torch.Tensor | None, ids: TextIds
+        self,
+        q_BD: torch.Tensor,
+        pos_BD: torch.Tensor,
+        neg_BkD: torch.Tensor | None,
+        ids: TextIds,
+        in_batch_negatives: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Gather this rank's embeddings into the global batch and score the local query rows."""
         rank, _ = world()
@@ -91,6 +96,7 @@ class ContrastiveModule(L.LightningModule):
             matryoshka_weights=cfg.matryoshka_weights,
             normalize=cfg.normalize,
             row_chunk_size=self.loss_cfg.row_chunk_size,
+            in_batch_negatives=in_batch_negatives,
         )
 
     def on_train_batch_start(self, batch: PairBatch, batch_idx: int) -> None:

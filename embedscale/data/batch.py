@@ -51,6 +51,12 @@ class PairBatch:
     ids: TextIds
     num_negatives_per_query: int
     keys: list[str]
+    source: str = ""
+    """The data source of this global batch (streamed data); empty for in-memory data."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    in_batch_negatives: bool = True
+    """False: each query is scored against its own positive and hard negatives only (a per-source switch)."""
+    """Bad samples of this rank's slice replaced under data.on_error=skip, by reason."""
 
     @property
     def batch_size(self) -> int:

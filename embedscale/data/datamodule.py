@@ -1,7 +1,9 @@
-"""Collate (prefixes + tokenisation) and the LightningDataModule for in-memory pair datasets.
+"""Collate (prefixes + tokenisation) and the LightningDataModules: in-memory pairs, and sharded streams.
 
-The WebDataset streaming path arrives with the data-layer issue; it will produce the same
-`PairBatch`, so nothing downstream changes. Here a list of `PairExample` is read once and cut into
+Both produce the same `PairBatch`, so nothing downstream differs. `StreamDataModule`
+(data.format=shards) streams WebDataset shards through `MixtureStream` (data/stream.py): exact,
+resumable, rank- and worker-independent order; its cursor lives in the Lightning checkpoint.
+In `PairDataModule` a list of `PairExample` is read once and cut into
 global batches by our own `GlobalBatchSampler` (data/sampler.py; the Trainer runs with
 `use_distributed_sampler=False`): one seeded composition per epoch, without repeated texts in a
 global batch where the data allows, each rank taking its slice, so that a step's global batch is the
@@ -38,13 +40,27 @@ class PairCollator:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def __call__(self, examples: list[PairExample]) -> PairBatch:
+    def __call__(
+        self,
+        examples: list[PairExample],
+        *,
+        query_prefix: str | None | list[str | None] = None,
+        document_prefix: str | None | list[str | None] = None,
+    ) -> PairBatch:
+        """Prefixes (the model's, or a source's instruction templates: one for the batch or one per
+        example, None meaning the model's), tokenisation, ids."""
         k = self.num_hard_negatives
         cfg = self.model_cfg
+
+        def per_example(given, default: str) -> list[str]:
+            given = given if isinstance(given, list) else [given] * len(examples)
+            return [default if p is None else p for p in given]
+
+        q_prefix = per_example(query_prefix, cfg.query_prefix)
+        d_prefix = per_example(document_prefix, cfg.document_prefix)
         negatives = [neg for ex in examples for neg in ex.negatives[:k]]  # (B * k,) row-major
         if len(negatives) != k * len(examples):
             raise ValueError(f"a batch needs {k} negatives per example (data.num_hard_negatives); some have fewer")
-        documents = [ex.positive for ex in examples] + negatives
         ids = TextIds(
             query_B=torch.tensor([text_id(ex.query) for ex in examples], dtype=torch.long),
             positive_B=torch.tensor([text_id(ex.positive) for ex in examples], dtype=torch.long),
@@ -53,8 +69,14 @@ class PairCollator:
             else None,
         )
         return PairBatch(
-            queries=self._tokenize([cfg.query_prefix + ex.query for ex in examples], cfg.query_max_length),
-            documents=self._tokenize([cfg.document_prefix + d for d in documents], cfg.document_max_length),
+            queries=self._tokenize(
+                [p + ex.query for p, ex in zip(q_prefix, examples, strict=True)], cfg.query_max_length
+            ),
+            documents=self._tokenize(
+                [d_prefix[i] + ex.positive for i, ex in enumerate(examples)]
+                + [d_prefix[i] + neg for i, ex in enumerate(examples) for neg in ex.negatives[:k]],
+                cfg.document_max_length,
+            ),
             ids=ids,
             num_negatives_per_query=k,
             keys=[ex.key for ex in examples],
@@ -127,3 +149,130 @@ class PairDataModule(L.LightningDataModule):
             collate_fn=self.collator,
             persistent_workers=self.cfg.num_workers > 0,
         )
+
+
+def source_specs(cfg: DataConfig, root: Path) -> list:
+    """The mixture's sources, opened, with their weights (explicit, or samples ** data.mixture_alpha)."""
+    from embedscale.config import SourceConfig
+    from embedscale.data.shards import ShardedDataset
+    from embedscale.data.stream import Source
+
+    specs = cfg.sources or [SourceConfig(path=cfg.path)]
+    sources, names = [], set()
+    for i, spec in enumerate(specs):
+        ds = ShardedDataset.open(resolve_path(spec.path, root))
+        name = spec.name or ds.manifest["name"]
+        if name in names:
+            raise ValueError(f"data.sources[{i}]: a second source named {name!r}; give it data.sources[{i}].name")
+        names.add(name)
+        weight = spec.weight if spec.weight is not None else float(len(ds)) ** cfg.mixture_alpha
+        sources.append(
+            Source(
+                name,
+                ds,
+                weight,
+                global_batch_size=spec.global_batch_size,
+                in_batch_negatives=spec.in_batch_negatives,
+                query_prefix=spec.query_prefix,
+                document_prefix=spec.document_prefix,
+            )
+        )
+    return sources
+
+
+class StreamDataModule(L.LightningDataModule):
+    """Sharded sources -> `MixtureStream` -> this rank's `PairBatch`es; the stream cursor is checkpointed.
+
+    Lightning stores `state_dict()` in every checkpoint and hands it back to `load_state_dict()` on
+    resume; the cursor counts the global batches the *model* has consumed (`on_train_batch_end`),
+    not what the workers have prefetched, so a resumed run starts at exactly the next unseen batch.
+    """
+
+    def __init__(self, cfg: DataConfig, *, tokenizer, model_cfg: ModelConfig, root: Path, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg, self.root, self.seed = cfg, root, seed
+        self.collator = PairCollator(tokenizer, model_cfg=model_cfg, num_hard_negatives=cfg.num_hard_negatives)
+        self.stream = None
+        self.consumed = 0
+        self.skipped: dict[str, int] = {}  # bad samples replaced under data.on_error=skip (all ranks after fit)
+        self._loaded_state: dict | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.stream is not None:
+            return
+        from embedscale.data.stream import MixtureStream
+
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self.stream = MixtureStream(
+            source_specs(self.cfg, self.root),
+            global_batch_size=self.cfg.batch_size_per_rank * world,
+            world_size=world,
+            rank=rank,
+            seed=self.seed,
+            shuffle=self.cfg.shuffle,
+            shuffle_window=self.cfg.shuffle_window,
+            length_bucket=self.cfg.length_bucket,
+            steps_per_epoch=self.cfg.steps_per_epoch,
+            collate=self.collator,
+            num_hard_negatives=self.cfg.num_hard_negatives,
+            on_error=self.cfg.on_error,
+            homogeneous=self.cfg.homogeneous_batches,
+        )
+        if self._loaded_state is not None:
+            self.stream.load_state(self._loaded_state)
+            self.consumed = self.stream.state.step
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.stream is not None, "setup() first"
+        self.stream.state = self.stream.state_after(self.consumed)  # workers get a copy made now
+        return DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers)
+
+    def state_dict(self) -> dict:
+        if self.stream is None:
+            return {}
+        return self.stream.state_after(self.consumed).as_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self._loaded_state = state
+        self.consumed = int(state["step"])
+        if self.stream is not None:
+            self.stream.load_state(state)
+
+
+class StreamProgress(L.Callback):
+    """Counts the global batches the model consumed, for `StreamDataModule`'s checkpointed cursor."""
+
+    def __init__(self, datamodule: StreamDataModule, *, record_dir: Path | None = None) -> None:
+        self.datamodule = datamodule
+        self.record_dir = record_dir
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        stream = self.datamodule.stream  # later epochs' iterators (and worker copies) are made after this hook
+        stream.state = stream.state_after(self.datamodule.consumed)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dm = self.datamodule
+        for reason, count in batch.skipped.items():
+            dm.skipped[reason] = dm.skipped.get(reason, 0) + count
+            pl_module.log(f"data/skipped/{reason.replace(' ', '_')}", float(dm.skipped[reason]), reduce_fx="max")
+        if self.record_dir is not None:  # the sample ledger: what the model consumed, step by step
+            import json
+
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.record_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": dm.consumed, "source": batch.source, "keys": batch.keys}) + "\n")
+        dm.consumed += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import torch
+
+        from embedscale.data.stream import SKIP_REASONS
+
+        dm = self.datamodule  # the total over ranks, for metrics.json: one collective, at the end, on every rank
+        if trainer.world_size > 1:
+            counts = torch.tensor([float(dm.skipped.get(r, 0)) for r in SKIP_REASONS])
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            dm.skipped = {r: int(c) for r, c in zip(SKIP_REASONS, counts.tolist(), strict=True) if c}

@@ -100,10 +100,9 @@ def read_qrels(dataset_dir: Path, split: str) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def read_beir_pairs(dataset_dir: Path, split: str) -> list[PairExample]:
-    """One (query, positive) example per relevant qrel of the split (relevance > 0)."""
+def iter_beir_pairs(dataset_dir: Path, split: str) -> Iterator[tuple[str, str, str, str]]:
+    """(query id, doc id, query text, doc text) per relevant qrel of the split (relevance > 0)."""
     corpus, queries, qrels = read_corpus(dataset_dir), read_queries(dataset_dir), read_qrels(dataset_dir, split)
-    examples = []
     for qid, docs in qrels.items():
         if qid not in queries:
             raise ValueError(f"{dataset_dir}/qrels/{split}.tsv names query {qid!r} missing from queries.jsonl")
@@ -112,8 +111,15 @@ def read_beir_pairs(dataset_dir: Path, split: str) -> list[PairExample]:
                 continue
             if did not in corpus:
                 raise ValueError(f"{dataset_dir}/qrels/{split}.tsv names document {did!r} missing from corpus.jsonl")
-            examples.append(PairExample(queries[qid], corpus[did], key=f"{dataset_dir.name}:{qid}:{did}"))
-    return examples
+            if not corpus[did].strip() or not queries[qid].strip():
+                raise ValueError(f"{dataset_dir}: query {qid!r} or document {did!r} has an empty text")
+            yield qid, did, queries[qid], corpus[did]
+
+
+def read_beir_pairs(dataset_dir: Path, split: str) -> list[PairExample]:
+    """One (query, positive) example per relevant qrel of the split (relevance > 0)."""
+    pairs = iter_beir_pairs(dataset_dir, split)
+    return [PairExample(q, d, key=f"{dataset_dir.name}:{qid}:{did}") for qid, did, q, d in pairs]
 
 
 def read_jsonl_pairs(
