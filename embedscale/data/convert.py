@@ -1,4 +1,5 @@
-"""Converters: JSONL, BEIR, TSV/CSV and local HF `datasets` -> `Record`s for the shard writer.
+"""Converters: JSONL, BEIR, TSV/CSV and local HF `datasets` -> `PairExample`s for the shard writer
+(each example's `key` holds where it was read: file:line or query-id:doc-id).
 
 Every converter validates as it reads and raises `ValueError` naming the file, the line (or row)
 and the config key to change: a missing or empty query/positive field, invalid UTF-8, invalid JSON.
@@ -13,8 +14,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from embedscale.data.batch import PairExample
 from embedscale.data.readers import iter_beir_pairs
-from embedscale.data.shards import Record
 
 
 def _open(path: Path):
@@ -44,17 +45,17 @@ def _negatives(value, where: str, field: str) -> list[str]:
     return values
 
 
-def _record(row: dict, where: str, *, query_field: str, positive_field: str, negatives_field: str) -> Record:
+def _record(row: dict, where: str, *, query_field: str, positive_field: str, negatives_field: str) -> PairExample:
     for name, key in ((query_field, "shard.query_field"), (positive_field, "shard.positive_field")):
         value = row.get(name)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{where}: field {name!r} is missing or empty; set {key} to one of {sorted(row)}")
-    return Record(
+    return PairExample(
         row[query_field], row[positive_field], _negatives(row.get(negatives_field), where, negatives_field), where
     )
 
 
-def jsonl_records(path: Path, *, query_field: str, positive_field: str, negatives_field: str) -> Iterator[Record]:
+def jsonl_records(path: Path, *, query_field: str, positive_field: str, negatives_field: str) -> Iterator[PairExample]:
     for line_no, line in _lines(path):
         if not line.strip():
             continue
@@ -70,7 +71,7 @@ def jsonl_records(path: Path, *, query_field: str, positive_field: str, negative
 
 def delimited_records(
     path: Path, *, delimiter: str, query_field: str, positive_field: str, negatives_field: str
-) -> Iterator[Record]:
+) -> Iterator[PairExample]:
     """TSV/CSV with a header row; every column whose name starts with `negatives_field` is a negative
     (`negative`, `negative_2`, ... in header order)."""
     lines = (line for _, line in _lines(path))
@@ -89,10 +90,10 @@ def delimited_records(
         yield rec
 
 
-def beir_records(dataset_dir: Path, split: str) -> Iterator[Record]:
+def beir_records(dataset_dir: Path, split: str) -> Iterator[PairExample]:
     """One record per relevant qrel (relevance > 0): (query text, title + text of the document)."""
     for qid, did, query, doc in iter_beir_pairs(dataset_dir, split):
-        yield Record(query, doc, [], f"{qid}:{did}")
+        yield PairExample(query, doc, [], f"{qid}:{did}")
 
 
 def hf_records(path: Path, *, split: str, query_field: str, positive_field: str, negatives_field: str):

@@ -30,18 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from embedscale.data.batch import PairExample
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-@dataclass
-class Record:
-    """One training sample on its way into a shard."""
-
-    query: str
-    positive: str
-    negatives: list[str] = field(default_factory=list)
-    origin: str = ""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -117,7 +109,7 @@ class ShardWriter:
         return self.shards
 
 
-def write_records(records: Iterable[Record], out_dir: Path, *, name: str, file_index: int, **limits) -> dict:
+def write_records(records: Iterable[PairExample], out_dir: Path, *, name: str, file_index: int, **limits) -> dict:
     """Shard one input's records; returns {shards, samples, negatives (min, max)} for the manifest."""
     writer = ShardWriter(out_dir, f"{name}-{file_index:03d}", **limits)
     count, k_min, k_max = 0, None, 0
@@ -129,7 +121,7 @@ def write_records(records: Iterable[Record], out_dir: Path, *, name: str, file_i
             "positive": rec.positive,
             "negatives": list(rec.negatives),
             "source": name,
-            "origin": rec.origin,
+            "origin": rec.key,  # where the converter read it (file:line, query-id:doc-id)
         }
         writer.write(key, sample)
         count += 1
