@@ -220,8 +220,7 @@ class StreamDataModule(L.LightningDataModule):
             homogeneous=self.cfg.homogeneous_batches,
         )
         if self._loaded_state is not None:
-            self.stream.load_state(self._loaded_state)
-            self.consumed = self.stream.state.step
+            self.stream.load_state(self._loaded_state)  # load_state_dict already set self.consumed
 
     def train_dataloader(self) -> DataLoader:
         assert self.stream is not None, "setup() first"

@@ -36,9 +36,10 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    """sha256 of a local file or an fsspec URL."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -242,12 +243,4 @@ class ShardedDataset:
 
     def verify(self) -> list[str]:
         """Shards whose sha256 does not match the manifest (empty: all intact)."""
-        bad = []
-        for s in self.shards:
-            h = hashlib.sha256()
-            with open_binary(self.location(s["file"])) as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-            if h.hexdigest() != s["sha256"]:
-                bad.append(s["file"])
-        return bad
+        return [s["file"] for s in self.shards if sha256_file(self.location(s["file"])) != s["sha256"]]
