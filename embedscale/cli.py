@@ -17,6 +17,11 @@ JOBS = {
     "train": ("embedscale.train", "fine-tune a bi-encoder (default: all-MiniLM-L6-v2 on SciFact)"),
     "evaluate": ("embedscale.evaluate", "BEIR/STS metrics of a model or an embedscale export"),
     "shard": ("embedscale.shard", "convert JSONL/BEIR/TSV/CSV/HF datasets into WebDataset tar shards + manifest"),
+    "reranker": ("embedscale.reranker", "train a cross-encoder on mined groups; re-rank a bi-encoder's top-k"),
+    "mine": ("embedscale.mine", "mine hard negatives (dense/BM25/hybrid, false-negative filters) into training shards"),
+    "pipeline": ("embedscale.pipeline", "run stages in order (train -> mine -> train ...), with lineage per stage"),
+    "sweep": ("embedscale.sweep", "retrieval metrics vs Matryoshka dim and index precision (fp32/int8/binary)"),
+    "report": ("embedscale.report", "HTML report of a run directory: training curves, eval over steps, sweeps"),
     "doctor": ("embedscale.doctor", "check distributed and GradCache gradients on this launcher; bandwidth"),
 }
 

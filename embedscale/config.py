@@ -253,6 +253,10 @@ class TrainerConfig:
     resume: str | None = None
     """Resume from a Lightning checkpoint: a path, or `last` for <run_dir>/checkpoints/last.ckpt (when it
     exists; a fresh start otherwise). Model, optimizer, scheduler and the data stream's cursor are restored."""
+    requeue_on_signal: str = "auto"
+    """On SIGUSR1 (`#SBATCH --signal=USR1@90`): checkpoint to checkpoints/last.ckpt at the next step boundary,
+    `scontrol requeue` the job and exit; run with trainer.resume=last to continue exactly. auto: when running
+    as a SLURM batch job (Lightning's own auto-requeue is then off); true: always; false: never."""
 
     def world_size(self) -> int | None:
         """Processes the run will have, when the config alone says so (None for devices=auto/-1 on GPUs)."""
@@ -272,6 +276,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.accumulate_grad_batches < 1:
             raise ValueError("trainer.accumulate_grad_batches must be >= 1")
+        if self.requeue_on_signal not in ("auto", "true", "false"):
+            raise ValueError(f"trainer.requeue_on_signal={self.requeue_on_signal!r}: use auto, true or false")
 
 
 @dataclass
@@ -436,6 +442,9 @@ class EvaluateConfig:
     """Data root, as data.root for training."""
     output: str | None = None
     """metrics.json path; None writes into Hydra's run directory."""
+    mteb_output: str | None = None
+    """Also write MTEB result files (mteb's TaskResult JSON, one per set MTEB knows: scifact -> SciFact, stsb ->
+    STSBenchmark) under mteb_output/<model>/<revision>/, for mteb's result tooling; None: off (docs/evaluation.md)."""
 
 
 class ShardFormat(enum.Enum):
@@ -489,15 +498,338 @@ class ShardJobConfig:
     shard: ShardConfig = field(default_factory=ShardConfig)
 
 
+@dataclass
+class IndexConfig:
+    """The faiss index used for dense mining (and its scale benchmark). See retrieval/index.py."""
+
+    kind: str = "flat"
+    """flat (exact inner product), ivf, hnsw or ivfpq (approximate; for millions of documents)."""
+    nlist: int = 0
+    """IVF cells; 0: about 4 x sqrt(N), at most N // 39 (faiss wants >= 39 training points per cell)."""
+    nprobe: int = 32
+    """IVF cells searched per query (recall vs speed)."""
+    hnsw_m: int = 32
+    ef_search: int = 128
+    pq_m: int = 0
+    """PQ sub-vectors (must divide the dim); 0: dim // 8."""
+    gpu: str = "auto"
+    """auto: a GPU index when faiss-gpu and CUDA are present; true: require one; false: CPU."""
+    train_size: int = 262_144
+    """At most this many vectors (a seeded sample) train IVF/PQ."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flat", "ivf", "hnsw", "ivfpq"):
+            raise ValueError(f"index.kind={self.kind!r}: use flat, ivf, hnsw or ivfpq")
+        if self.gpu not in ("auto", "true", "false"):
+            raise ValueError(f"index.gpu={self.gpu!r}: use auto, true or false")
+        if self.nlist < 0 or self.nprobe < 1 or self.pq_m < 0:
+            raise ValueError("index.nlist and index.pq_m must be >= 0 and index.nprobe >= 1")
+
+
+@dataclass
+class MineConfig:
+    """`embedscale mine`: hard negatives for (query, positive) data, written as training shards (docs/mining.md)."""
+
+    input: str = "scifact"
+    """The (query, positive) data: a BEIR directory, a JSONL/TSV/CSV file, an HF save_to_disk directory or a
+    directory written by `embedscale shard`; relative to data_root unless absolute."""
+    format: str = "beir"
+    """beir, jsonl, tsv, csv, hf or shards."""
+    split: str = "train"
+    """qrels split (beir) or DatasetDict split (hf)."""
+    query_field: str = "query"
+    positive_field: str = "positive"
+    negatives_field: str = "negatives"
+    corpus: str | None = None
+    """Documents to mine from besides the data's positives: a BEIR directory (its corpus.jsonl) or a JSONL file
+    with a `text` field (optional `_id`, `title`). A BEIR input mines from its own corpus."""
+    method: str = "dense"
+    """dense (the model + a faiss index), bm25 (bm25s) or hybrid (reciprocal-rank fusion of both)."""
+    depth: int = 0
+    """Candidates retrieved per query; 0: window_end + 50 (room for fill and filters)."""
+    num_negatives: int = 7
+    """Negatives written per sample."""
+    window_start: int = 0
+    """First candidate rank (0-based, positives included in the count) that may become a negative."""
+    window_end: int = 50
+    """One past the last rank of the window."""
+    sample: str = "top"
+    """top: the best-ranked eligible candidates of the window; random: a seeded sample of them."""
+    margin: float | None = None
+    """Drop candidates scoring >= positive's score - margin (retriever scores). None: off."""
+    relative_margin: float | None = None
+    """Drop candidates scoring >= (1 - relative_margin) x positive's score (0.05: NV-Retriever's 95%). None: off."""
+    cross_encoder: str | None = None
+    """A cross-encoder (`embedscale reranker` output or HF model) scoring the window's candidates. None: off."""
+    ce_threshold: float | None = None
+    """With cross_encoder: drop candidates with sigmoid(logit) >= this."""
+    ce_margin: float | None = None
+    """With cross_encoder: drop candidates whose logit >= the positive's logit - ce_margin."""
+    ce_batch_size: int = 64
+    ce_max_length: int = 256
+    fill: bool = True
+    """Fewer eligible negatives than num_negatives in the window: continue past it (counted in the manifest);
+    then random_fill; a sample that still has too few is an error naming it, unless allow_fewer."""
+    random_fill: bool = True
+    """Still too few after fill: add uniformly random corpus documents (never a positive; rank -1, counted in
+    the manifest). Random documents are almost never relevant: the safe fallback when margins leave a
+    query (typically one the mining model ranks badly) without candidates."""
+    allow_fewer: bool = False
+    """Keep samples with fewer than num_negatives negatives (counted); training then needs a lower
+    data.num_hard_negatives or data.on_error=skip."""
+    checkpoint: str | None = None
+    """A Lightning checkpoint (.ckpt of `embedscale train`) whose weights replace model.name_or_path's."""
+    output: str | None = None
+    """Output directory; None: shards/<name>."""
+    name: str | None = None
+    """Dataset name of the output (shard prefix, the samples' `source`). Default: <input stem>-<method>."""
+    overwrite: bool = False
+    batch_size: int = 64
+    """Texts per encoding batch."""
+    max_length: int | None = None
+    """Token budget of documents at encoding; None: model.document_max_length."""
+    cache_dir: str | None = None
+    """Corpus embedding cache; None: $EMBEDSCALE_CACHE or ~/.cache/embedscale."""
+    target_mb: float = 64.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in ("beir", "jsonl", "tsv", "csv", "hf", "shards"):
+            raise ValueError(f"mine.format={self.format!r}: use beir, jsonl, tsv, csv, hf or shards")
+        if self.method not in ("dense", "bm25", "hybrid"):
+            raise ValueError(f"mine.method={self.method!r}: use dense, bm25 or hybrid")
+        if self.sample not in ("top", "random"):
+            raise ValueError(f"mine.sample={self.sample!r}: use top or random")
+        if self.num_negatives < 1:
+            raise ValueError(f"mine.num_negatives must be >= 1, got {self.num_negatives}")
+        if not 0 <= self.window_start < self.window_end:
+            raise ValueError(
+                f"mine.window_start={self.window_start} and mine.window_end={self.window_end}: need 0 <= start < end"
+            )
+        if self.depth and self.depth < self.window_end:
+            raise ValueError(f"mine.depth={self.depth} < mine.window_end={self.window_end}: raise mine.depth or use 0")
+        if (self.ce_threshold is not None or self.ce_margin is not None) and not self.cross_encoder:
+            raise ValueError("mine.ce_threshold/mine.ce_margin need mine.cross_encoder (a model path)")
+        if self.ce_threshold is not None and not 0 < self.ce_threshold <= 1:
+            raise ValueError(f"mine.ce_threshold={self.ce_threshold} is a probability: use a value in (0, 1]")
+        for key in ("margin", "relative_margin"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ValueError(f"mine.{key} must be >= 0 (or null), got {value}")
+
+    @property
+    def candidates(self) -> int:
+        return self.depth or self.window_end + 50
+
+
+@dataclass
+class MineJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The bi-encoder for dense and hybrid mining: a hub id, a local model or an embedscale export."""
+    mine: MineConfig = field(default_factory=MineConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    data_root: str | None = None
+    """Root for relative paths, as data.root for training."""
+
+
+@dataclass
+class RerankerConfig:
+    """`embedscale reranker`: train a cross-encoder on query groups, re-rank a bi-encoder's top-k (see docs)."""
+
+    train: bool = True
+    """Train the cross-encoder (false: only evaluate `reranker.model`, which must be a trained cross-encoder)."""
+    model: str = PACKAGED_MINILM
+    """Cross-encoder to start from (train=true; a model without a classification head gets a fresh one) or to
+    evaluate (train=false): HF hub id or directory, e.g. runs/reranker/<ts>/model."""
+    data: list[str] = field(default_factory=list)
+    """Training groups: directories written by `embedscale shard` / `embedscale mine` (manifest.json), or JSONL
+    files with query / positive / negatives fields; relative to data_root unless absolute. All of one kind."""
+    num_negatives: int = 7
+    """Negatives per group: each query is scored with its positive and the first num_negatives of its negatives
+    (listwise cross-entropy over 1 + num_negatives pairs). A sample with fewer is an error."""
+    global_batch_size: int = 16
+    """Groups (queries) per batch, so per optimizer step unless trainer.accumulate_grad_batches > 1; a batch
+    scores global_batch_size x (1 + num_negatives) pairs in one forward."""
+    max_length: int = 256
+    """Token budget of a (query, document) pair, for training and re-ranking."""
+    temperature: float = 1.0
+    """Logits are divided by it in the listwise softmax."""
+    biencoder: str = PACKAGED_MINILM
+    """Bi-encoder whose top-k is re-ranked: HF id / directory, or an embedscale export (restores its settings)."""
+    biencoder_runs: list[str] = field(default_factory=list)
+    """Instead of searching with reranker.biencoder: run JSONs ({qid: {docid: score}}, as `embedscale evaluate`
+    writes under runs/), one per eval.beir set, in the same order."""
+    top_k: int = 100
+    """Documents re-ranked per query (the bi-encoder's best top_k)."""
+    alpha: float = 0.5
+    """Interpolated run: alpha x z(cross-encoder) + (1 - alpha) x z(bi-encoder), z-scored per query."""
+    batch_size: int = 64
+    """Pairs per forward when re-ranking."""
+
+    def __post_init__(self) -> None:
+        if self.num_negatives < 1:
+            raise ValueError(f"reranker.num_negatives must be >= 1 (groups need negatives), got {self.num_negatives}")
+        for key in ("global_batch_size", "max_length", "top_k", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"reranker.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.temperature > 0:
+            raise ValueError(f"reranker.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"reranker.alpha must be in [0, 1], got {self.alpha}")
+
+    def validate(self) -> None:
+        """Checks of values the user must give (ConfigStore builds the defaults, so __post_init__ cannot
+        require them); `to_config` calls it after composing."""
+        if self.train and not self.data:
+            raise ValueError(
+                "reranker.data is empty: pass training groups, e.g. 'reranker.data=[/tmp/mined/scifact-bm25]' "
+                "(embedscale mine / embedscale shard), or set reranker.train=false to evaluate reranker.model"
+            )
+        if not self.train and self.model == PACKAGED_MINILM:
+            raise ValueError(
+                f"reranker.train=false evaluates reranker.model, but it is {PACKAGED_MINILM}, a bi-encoder without "
+                "a trained cross-encoder head: set reranker.model=PATH (e.g. runs/reranker/<ts>/model)"
+            )
+
+
+@dataclass
+class RerankerJobConfig:
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The BEIR sets to re-rank on (eval.beir), cutoffs (eval.k_values), bi-encoder settings and cache."""
+    data_root: str | None = None
+    """Root of relative reranker.data and eval paths; None reads $EMBEDSCALE_DATA, then ../shared/data."""
+    seed: int = 42
+    run_dir: str | None = None
+    """Where model/, logs/, runs/ and metrics.json go; None uses Hydra's run directory."""
+
+    def __post_init__(self) -> None:
+        if self.trainer.world_size() != 1:  # the bi-encoder search after training would wait on absent ranks
+            raise ValueError(
+                f"the reranker job trains on one process (trainer.devices={self.trainer.devices}, "
+                f"trainer.num_nodes={self.trainer.num_nodes}): set trainer.devices=1 trainer.num_nodes=1"
+            )
+        if self.trainer.resume is not None or self.trainer.checkpoint_every_n_steps is not None:
+            raise ValueError(
+                "trainer.resume / trainer.checkpoint_every_n_steps: the reranker job keeps no checkpoints (it saves "
+                "the trained model to <run_dir>/model): unset them"
+            )
+        if self.reranker.biencoder_runs and len(self.reranker.biencoder_runs) != len(self.eval.beir):
+            raise ValueError(
+                f"reranker.biencoder_runs has {len(self.reranker.biencoder_runs)} run(s) but eval.beir has "
+                f"{len(self.eval.beir)} set(s): give one run per set, in order, or none"
+            )
+        if self.eval.sts:
+            raise ValueError("eval.sts is set, but a cross-encoder re-ranks retrieval runs only: set eval.sts=[]")
+
+
+SWEEP_PRECISIONS = ("fp32", "int8", "binary", "binary_rescore", "binary_rescore_int8")
+
+
+@dataclass
+class SweepConfig:
+    """`embedscale sweep`: retrieval metrics vs Matryoshka dim and vs index precision, from one encoding."""
+
+    dims: list[int] = field(default_factory=list)
+    """Matryoshka dims measured at fp32; empty: powers of two from 32 below the model's dim, plus the full dim."""
+    precisions: list[str] = field(default_factory=lambda: list(SWEEP_PRECISIONS))
+    """Index precisions (docs/evaluation.md): fp32, int8, binary, binary_rescore, binary_rescore_int8; [] skips them."""
+    quantization_dims: list[int] = field(default_factory=list)
+    """Dims at which every precision is measured; empty: the model's full dim only."""
+    rescore_multiplier: int = 4
+    """binary_rescore*: candidates re-scored per query = rescore_multiplier x 100 (the depth of recall@100)."""
+    output: str | None = None
+    """sweep.json path; None: <run dir>/sweep.json. RUN_DIR/sweep.json adds the sweep to `embedscale report RUN_DIR`."""
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.precisions if p not in SWEEP_PRECISIONS]
+        if bad:
+            raise ValueError(f"sweep.precisions has unknown {bad}: use any of {', '.join(SWEEP_PRECISIONS)}")
+        for key in ("dims", "quantization_dims"):
+            if any(d < 1 for d in getattr(self, key)):
+                raise ValueError(f"sweep.{key} must be positive dims, got {list(getattr(self, key))}")
+        if self.rescore_multiplier < 1:
+            raise ValueError(f"sweep.rescore_multiplier must be >= 1, got {self.rescore_multiplier}")
+
+
+@dataclass
+class SweepJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The BEIR sets swept (eval.beir), with eval.batch_size, eval.max_length and the embedding cache."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    data_root: str | None = None
+    """Data root, as data.root for training."""
+
+    def __post_init__(self) -> None:
+        if self.eval.sts:
+            raise ValueError("eval.sts is set, but the sweep measures retrieval only: set eval.sts=[] or eval=scifact")
+
+
+@dataclass
+class StageConfig:
+    """One stage of `embedscale pipeline`: a job and its Hydra overrides."""
+
+    name: str = "???"
+    """Stage name: its directory under pipeline.output, and `{name}` in later stages' overrides."""
+    job: str = "train"
+    """train, mine, evaluate or shard."""
+    overrides: list[str] = field(default_factory=list)
+    """As on the job's command line; `{stage}` is that stage's directory, `{self}` this one's."""
+
+    def __post_init__(self) -> None:
+        if self.job not in ("train", "mine", "evaluate", "shard"):
+            raise ValueError(f"pipeline stage {self.name!r}: job={self.job!r}, use train, mine, evaluate or shard")
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "pipeline"
+    output: str | None = None
+    """Directory holding one sub-directory per stage; None uses Hydra's run directory."""
+    stages: list[StageConfig] = field(default_factory=list)
+    resume: bool = True
+    """Skip stages whose lineage.json says done (re-running a stopped pipeline continues it)."""
+    only: list[str] = field(default_factory=list)
+    """Run only these stages (the others keep their directories for `{name}` references)."""
+
+    def validate(self) -> None:
+        names = [s.name for s in self.stages]
+        if not names:
+            raise ValueError("pipeline.stages is empty: pick a recipe (e.g. recipe=iterative) or list stages")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup or "self" in names:
+            raise ValueError(f"pipeline.stages: stage names must be unique and not 'self', got {names}")
+        unknown = [n for n in self.only if n not in names]
+        if unknown:
+            raise ValueError(f"pipeline.only names unknown stage(s) {unknown}: choose from {names}")
+
+
+@dataclass
+class PipelineJobConfig:
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
 def register_configs() -> None:
     """Register the top-level schemas; every group file of conf/ is merged onto their typed nodes."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="shard_schema", node=ShardJobConfig)
+    cs.store(name="reranker_schema", node=RerankerJobConfig)
+    cs.store(name="mine_schema", node=MineJobConfig)
+    cs.store(name="pipeline_schema", node=PipelineJobConfig)
+    cs.store(name="sweep_schema", node=SweepJobConfig)
 
 
 def to_config(cfg: DictConfig, schema: type) -> Any:
     """Turn a composed Hydra config into its dataclass, running every `__post_init__` check."""
     cfg = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-    return OmegaConf.to_object(cfg)
+    obj = OmegaConf.to_object(cfg)
+    for node in (obj, *vars(obj).values()):  # required values (see RerankerConfig.validate)
+        if callable(getattr(node, "validate", None)):
+            node.validate()
+    return obj

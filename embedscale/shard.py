@@ -11,29 +11,21 @@ the schema, every input's size and sha256, the parameters, and each shard's sha2
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from embedscale.cli import hydra_job
-from embedscale.config import ShardConfig, ShardFormat, ShardJobConfig
+from embedscale.config import ShardConfig, ShardJobConfig
 
 
 def _records(cfg: ShardConfig, path: Path):
-    from embedscale.data import convert
+    from embedscale.data.convert import records
 
     fields = dict(query_field=cfg.query_field, positive_field=cfg.positive_field, negatives_field=cfg.negatives_field)
-    if cfg.format is ShardFormat.jsonl:
-        return convert.jsonl_records(path, **fields)
-    if cfg.format in (ShardFormat.tsv, ShardFormat.csv):
-        return convert.delimited_records(path, delimiter="\t" if cfg.format is ShardFormat.tsv else ",", **fields)
-    if cfg.format is ShardFormat.beir:
-        return convert.beir_records(path, cfg.split)
-    return convert.hf_records(path, split=cfg.split, **fields)
+    return records(cfg.format.value, path, split=cfg.split, **fields)
 
 
 def input_digest(path: Path) -> tuple[int, str]:
@@ -70,9 +62,8 @@ def default_name(path: Path) -> str:
 
 
 def run(cfg: ShardJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
-    from embedscale import __version__
     from embedscale.data.readers import resolve_data_root, resolve_path
-    from embedscale.data.shards import FORMAT_VERSION, MANIFEST
+    from embedscale.data.shards import fresh_output, new_manifest, write_manifest
 
     c = cfg.shard
     if not c.inputs:
@@ -84,12 +75,7 @@ def run(cfg: ShardJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         if not path.exists():
             raise ValueError(f"shard.inputs: {path} does not exist (data root {root}); fix the path or shard.data_root")
     name = c.name or default_name(inputs[0])
-    out = Path(c.output or Path("shards") / name).resolve()
-    if (out / MANIFEST).exists():
-        if not c.overwrite:
-            raise ValueError(f"{out / MANIFEST} exists: choose another shard.output or set shard.overwrite=true")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fresh_output(Path(c.output or Path("shards") / name), overwrite=c.overwrite, job="shard")
     start = time.perf_counter()
     jobs = [(c, i, str(p), str(out), name) for i, p in enumerate(inputs)]
     if c.workers > 1 and len(jobs) > 1:
@@ -99,42 +85,20 @@ def run(cfg: ShardJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         results = [_convert(job) for job in jobs]
     shards = [s for r in results for s in r["shards"]]
     negatives = [r["negatives"] for r in results if r["samples"]]
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "created_by": f"embedscale {__version__}",
-        "num_samples": sum(r["samples"] for r in results),
-        "num_shards": len(shards),
-        "total_bytes": sum(s["bytes"] for s in shards),
-        "schema": {
-            "member": "<key>.json",
-            "fields": {
-                "key": "str",
-                "query": "str",
-                "positive": "str",
-                "negatives": "list[str]",
-                "source": "str",
-                "origin": "str",
-            },
-            "negatives_per_sample": [min(n[0] for n in negatives), max(n[1] for n in negatives)]
-            if negatives
-            else [0, 0],
-        },
-        "sources": [r["source"] for r in results],
-        "params": {
-            "format": c.format.value,
-            "split": c.split,
-            "query_field": c.query_field,
-            "positive_field": c.positive_field,
-            "negatives_field": c.negatives_field,
-            "target_mb": c.target_mb,
-            "samples_per_shard": c.samples_per_shard,
-        },
-        "shards": shards,
+    k_range = (min(n[0] for n in negatives), max(n[1] for n in negatives)) if negatives else (0, 0)
+    total = sum(r["samples"] for r in results)
+    manifest = new_manifest(name, shards, samples=total, negatives=k_range, created_by="shard")
+    manifest["sources"] = [r["source"] for r in results]
+    manifest["params"] = {
+        "format": c.format.value,
+        "split": c.split,
+        "query_field": c.query_field,
+        "positive_field": c.positive_field,
+        "negatives_field": c.negatives_field,
+        "target_mb": c.target_mb,
+        "samples_per_shard": c.samples_per_shard,
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.rename(out / MANIFEST)  # a manifest exists only for a complete conversion
+    write_manifest(out, manifest)
     seconds = time.perf_counter() - start
     print(
         f"{name}: {manifest['num_samples']} samples from {len(inputs)} input(s) -> {len(shards)} shard(s), "

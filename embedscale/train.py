@@ -41,6 +41,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from embedscale.contrastive.monitor import TrainingMonitor
+
     t = cfg.trainer
     callbacks = [
         *callbacks,
@@ -49,11 +51,22 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
             save_last=True,
             save_top_k=0,
             every_n_train_steps=t.checkpoint_every_n_steps,
+            enable_version_counter=False,  # last.ckpt is overwritten, also after a resume (not last-v1.ckpt)
         ),
     ]
+    plugins = []
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    on_slurm = SLURMEnvironment.detect()
+    if t.requeue_on_signal == "true" or (t.requeue_on_signal == "auto" and on_slurm):
+        from embedscale.contrastive.callbacks import RequeueOnSignal
+
+        callbacks.append(RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt"))
+        if on_slurm:
+            plugins.append(SLURMEnvironment(auto_requeue=False))  # ours saves at a step boundary instead
     loggers = build_loggers(cfg, run_dir)
     if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks += [LearningRateMonitor(logging_interval="step"), TrainingMonitor()]
     return L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
@@ -73,6 +86,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
         use_distributed_sampler=False,  # the DataModule shards (same global batches for any world size)
         limit_val_batches=0,
         num_sanity_val_steps=0,
+        plugins=plugins or None,
     )
 
 
@@ -181,6 +195,11 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         result["export_dir"] = str(export_dir)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if "wandb" in cfg.logger.loggers:  # the figures of `embedscale report` on the wandb run too
+        from embedscale.report import log_report_to_wandb, write_report
+
+        write_report(run_dir)
+        log_report_to_wandb(run_dir)
     if summary:
         names = [f"{ev.name}/{m}" for ev in evaluators for m in ("ndcg@10", "recall@100", "mrr@10", "spearman")]
         print_table(summary, [n for n in names if n in summary.get("after", summary.get("before", {}))])

@@ -1,8 +1,10 @@
 """EvalCallback: retrieval/STS evaluation before training, every N steps, and after training.
 
-Rank 0 evaluates (sharded evaluation arrives with the evaluation issue) while the other ranks wait
-at a barrier. Metrics go to every logger at the current global step and into `history`, from which
-the train job writes metrics.json and the before/after table.
+Every rank takes part: the corpus and queries are encoded sharded over the ranks
+(retrieval/encode.py), the metrics are computed once on rank 0 and broadcast, so the numbers equal a
+single-process evaluation while the encoding cost is split W ways. Rank 0 logs them to every logger
+at the current global step and into `history`, from which the train job writes metrics.json and the
+before/after table.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ class EvalCallback(L.Callback):
             return
         step = trainer.global_step
         self._last_step = step
+        start = time.perf_counter()
+        metrics = evaluate_all(self.evaluators, module.encoder, self.tokenizer, run_dir=self.run_dir, tag=f"-{tag}")
+        seconds = time.perf_counter() - start
         if trainer.is_global_zero:
-            start = time.perf_counter()
-            metrics = evaluate_all(self.evaluators, module.encoder, self.tokenizer, run_dir=self.run_dir, tag=f"-{tag}")
-            seconds = time.perf_counter() - start
             self.history.append({"tag": tag, "step": step, "seconds": round(seconds, 1), "metrics": metrics})
             for logger in trainer.loggers:
                 logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
@@ -66,3 +68,69 @@ class EvalCallback(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
         self._last_step = int(state_dict.get("last_step", -1))
+
+
+class RequeueOnSignal(L.Callback):
+    """Preemption-safe SLURM requeue: on the signal (`#SBATCH --signal=USR1@90`), checkpoint at the next
+    batch boundary, `scontrol requeue` the job, and exit; the requeued job resumes from that checkpoint
+    (`trainer.resume=last`) with model, optimizer, scheduler and the data cursor.
+
+    Why not Lightning's auto-requeue: it saves from inside the signal handler, i.e. at whatever bytecode
+    the main thread was running -- possibly between `optimizer.step()` and the callback that advances
+    the data cursor, which would replay a batch. Here the handler only sets a flag; the flag is
+    all-reduced (max) every step, so all ranks act at the same step even though SLURM signals each task
+    at a slightly different time, and the checkpoint is taken after every callback of that step ran.
+    """
+
+    def __init__(self, checkpoint: Path, *, signum: int | None = None) -> None:
+        import signal
+
+        self.checkpoint = Path(checkpoint)
+        self.signum = signal.SIGUSR1 if signum is None else signum
+        self.received = False
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.received = True
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        import signal
+
+        signal.signal(self.signum, self._handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        import torch
+
+        flag = torch.tensor([1.0 if self.received else 0.0], device=module.device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if flag.item() == 0:
+            return
+        step = trainer.global_step
+        trainer.save_checkpoint(self.checkpoint)  # every rank takes part (it has a barrier)
+        trainer.strategy.barrier("embedscale-requeue")
+        if trainer.is_global_zero:
+            requeue_slurm_job(step=step, checkpoint=self.checkpoint)
+        trainer.strategy.barrier("embedscale-requeued")
+        import os
+
+        os._exit(0)  # the job is requeued; nothing after this step may run (no final eval, no export)
+
+
+def requeue_slurm_job(*, step: int, checkpoint: Path) -> None:
+    import os
+    import subprocess
+
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("requeue signal outside a SLURM job: checkpoint %s written at step %d, exiting", checkpoint, step)
+        return
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    log.warning(
+        "requeue signal: checkpoint %s at step %d; scontrol requeue %s -> %s %s",
+        checkpoint,
+        step,
+        job,
+        proc.returncode,
+        proc.stderr.strip(),
+    )

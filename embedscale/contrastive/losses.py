@@ -13,7 +13,11 @@ Duplicate masking (by content ids, never by embedding similarity): for query g, 
 text as g's query (then it is a correct answer too); a hard negative is masked when it is the same
 text as g's positive. The symmetric (document -> query) term masks the same rows.
 
-Legend: N = global rows, b = local rows, k = hard negatives per row, D = dim, C = N * (1 + k).
+`listwise_loss` is the cross-encoder's (contrastive/reranker.py): a function of scores, not embeddings,
+because a cross-encoder scores each (query, document) pair jointly and there is nothing to gather.
+
+Legend: N = global rows, b = local rows, k = hard negatives per row, D = dim, C = N * (1 + k),
+B = groups (queries), G = candidates per group (1 positive + negatives).
 """
 
 from __future__ import annotations
@@ -211,3 +215,36 @@ def contrastive_loss(
             metrics.update({k: v for k, v in metrics_m.items() if not k.startswith("loss")})
     metrics["loss"] = total.detach()
     return total, metrics
+
+
+def listwise_loss(
+    scores_BG: torch.Tensor, *, temperature: float = 1.0, mask_BG: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Listwise softmax cross-entropy over each query's group of candidates (the cross-encoder's loss).
+
+    Args:
+        scores_BG: scores of B groups of G candidates; column 0 is the positive, columns 1.. its negatives.
+        temperature: scores are divided by it before the softmax (1.0: a cross-encoder's raw logits).
+        mask_BG: True = candidate excluded (e.g. a negative whose text is the positive's); column 0 must stay False.
+    Returns:
+        (loss, metrics): the mean over groups of -log softmax(scores / temperature)[0], and detached
+        scalars: accuracy (positive strictly above every kept negative), mean positive and negative scores.
+    """
+    B, G = scores_BG.shape
+    if mask_BG is not None:
+        assert not mask_BG[:, 0].any(), "the positive (column 0) cannot be masked"
+        scores_BG = scores_BG.masked_fill(mask_BG, float("-inf"))
+    labels_B = torch.zeros(B, dtype=torch.long, device=scores_BG.device)
+    loss = F.cross_entropy(scores_BG / temperature, labels_B)
+    with torch.no_grad():
+        neg_BG = scores_BG[:, 1:]  # (B, G - 1), -inf where masked
+        kept_BG = torch.isfinite(neg_BG)
+        correct_B = scores_BG[:, 0] > neg_BG.max(dim=1).values if G > 1 else torch.ones(B, dtype=torch.bool)
+        metrics = {
+            "loss": loss.detach(),
+            "accuracy": correct_B.float().mean(),
+            "positive_score": scores_BG[:, 0].mean(),
+            "negative_score": neg_BG[kept_BG].mean() if kept_BG.any() else scores_BG.new_tensor(float("nan")),
+            "negatives_per_query": kept_BG.sum(dim=1).float().mean(),
+        }
+    return loss, metrics

@@ -115,3 +115,19 @@ def hf_records(path: Path, *, split: str, query_field: str, positive_field: str,
             positive_field=positive_field,
             negatives_field=negatives_field,
         )
+
+
+def records(
+    fmt: str, path: Path, *, split: str, query_field: str, positive_field: str, negatives_field: str
+) -> Iterator[PairExample]:
+    """The converter of a format name (jsonl, tsv, csv, beir, hf) applied to one input."""
+    fields = dict(query_field=query_field, positive_field=positive_field, negatives_field=negatives_field)
+    if fmt == "jsonl":
+        return jsonl_records(path, **fields)
+    if fmt in ("tsv", "csv"):
+        return delimited_records(path, delimiter="\t" if fmt == "tsv" else ",", **fields)
+    if fmt == "beir":
+        return beir_records(path, split)
+    if fmt == "hf":
+        return hf_records(path, split=split, **fields)
+    raise ValueError(f"unknown input format {fmt!r}: use jsonl, tsv, csv, beir or hf")

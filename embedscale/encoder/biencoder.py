@@ -111,6 +111,12 @@ def truncate(e_ND: torch.Tensor, dim: int | None, *, normalize: bool) -> torch.T
     return F.normalize(e_Nd, dim=-1) if normalize else e_Nd
 
 
+def length_batches(texts: list[str], batch_size: int) -> list[list[int]]:
+    """Indices of `texts` sorted longest first (ties in input order), cut into batches of `batch_size`."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.inference_mode()
 def encode_texts(
     encoder: BiEncoder,
@@ -132,17 +138,16 @@ def encode_texts(
     if max_length is None:
         max_length = cfg.query_max_length if side == "query" else cfg.document_max_length
     device = next(encoder.parameters()).device
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    batches = length_batches(texts, batch_size)
+    order = [i for idx in batches for i in idx]
     was_training = encoder.training
     encoder.eval()
     chunks = []
-    batches = range(0, len(order), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"encode {len(texts)} {side} texts", unit="batch", leave=False)
-    for start in batches:
-        idx = order[start : start + batch_size]
+    for idx in batches:
         enc = tokenizer(
             [prefix + texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )

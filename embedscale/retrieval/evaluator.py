@@ -10,24 +10,20 @@ Legend: Q = queries, N = corpus documents, D = dim, K = top k.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from embedscale.data.readers import read_corpus, read_qrels, read_queries, read_sts
-from embedscale.encoder.biencoder import BiEncoder, encode_texts
+from embedscale.encoder.biencoder import BiEncoder
+from embedscale.retrieval.encode import default_cache_dir, encode_corpus, encode_sharded
+from embedscale.retrieval.index import broadcast_object, rank_world
 from embedscale.retrieval.metrics import retrieval_metrics
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EMBEDSCALE_CACHE", "~/.cache/embedscale")).expanduser()
 
 
 def exact_search(q_QD: torch.Tensor, docs_ND: torch.Tensor, k: int, *, chunk: int = 1024):
@@ -65,39 +61,23 @@ class RetrievalEvaluator:
 
     def _corpus_embeddings(self, encoder: BiEncoder, tokenizer) -> torch.Tensor:
         ids = list(self.corpus)
-        key = hashlib.sha256()
-        key.update(encoder.fingerprint("document").encode())
-        key.update(repr((self.max_length or encoder.cfg.document_max_length, "document")).encode())
-        for doc_id in ids:
-            key.update(doc_id.encode() + b"\0" + self.corpus[doc_id].encode() + b"\0")
-        path = self.cache_dir / f"corpus-{key.hexdigest()[:24]}.pt" if self.cache_dir else None
-        if path is not None and path.exists():
-            log.info("%s: corpus embeddings from cache %s", self.name, path)
-            return torch.load(path)
-        docs_ND = encode_texts(
+        return encode_corpus(
             encoder,
             tokenizer,
+            ids,
             [self.corpus[i] for i in ids],
-            side="document",
             batch_size=self.batch_size,
             max_length=self.max_length,
-            progress=True,
+            cache_dir=self.cache_dir,
         )
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(docs_ND, tmp)
-            tmp.replace(path)
-        return docs_ND
 
-    def search(self, encoder: BiEncoder, tokenizer, *, dim: int | None = None) -> dict[str, dict[str, float]]:
-        """Run of the top max(k_values) documents per query: {query_id: {doc_id: score}}."""
-        from embedscale.encoder.biencoder import truncate
-
-        doc_ids = list(self.corpus)
+    def embeddings(self, encoder: BiEncoder, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries (Q, D) in `self.queries` order, corpus (N, D) in `self.corpus` order); the corpus from
+        the cache when this model encoded it before. Sweeps (retrieval/quantize.py) call it once and
+        truncate or quantise the result, instead of searching once per setting."""
         qids = list(self.queries)
         docs_ND = self._corpus_embeddings(encoder, tokenizer)
-        q_QD = encode_texts(
+        q_QD = encode_sharded(
             encoder,
             tokenizer,
             [self.queries[q] for q in qids],
@@ -105,6 +85,15 @@ class RetrievalEvaluator:
             batch_size=self.batch_size,
             max_length=self.max_length,
         )
+        return q_QD, docs_ND
+
+    def search(self, encoder: BiEncoder, tokenizer, *, dim: int | None = None) -> dict[str, dict[str, float]]:
+        """Run of the top max(k_values) documents per query: {query_id: {doc_id: score}}."""
+        from embedscale.encoder.biencoder import truncate
+
+        doc_ids = list(self.corpus)
+        qids = list(self.queries)
+        q_QD, docs_ND = self.embeddings(encoder, tokenizer)
         normalize = encoder.cfg.normalize
         scores_QK, idx_QK = exact_search(
             truncate(q_QD, dim, normalize=normalize), truncate(docs_ND, dim, normalize=normalize), max(self.k_values)
@@ -115,12 +104,16 @@ class RetrievalEvaluator:
         }
 
     def __call__(self, encoder: BiEncoder, tokenizer, *, run_path: Path | None = None) -> dict[str, float]:
+        """Metrics of this set. Every rank of a process group must call it (encoding is sharded); the
+        metrics are computed once, on rank 0, and broadcast; rank 0 writes the run file."""
         run = self.search(encoder, tokenizer)
-        if run_path is not None:
-            run_path.parent.mkdir(parents=True, exist_ok=True)
-            run_path.write_text(json.dumps(run))
-        metrics = retrieval_metrics(run, self.qrels, self.k_values)
-        return {f"{self.name}/{k}": v for k, v in metrics.items()}
+        metrics = None
+        if rank_world()[0] == 0:
+            if run_path is not None:
+                run_path.parent.mkdir(parents=True, exist_ok=True)
+                run_path.write_text(json.dumps(run))
+            metrics = {f"{self.name}/{k}": v for k, v in retrieval_metrics(run, self.qrels, self.k_values).items()}
+        return broadcast_object(metrics)
 
 
 @dataclass
@@ -142,10 +135,13 @@ class STSEvaluator:
         from scipy.stats import spearmanr
 
         kwargs = dict(side="query", batch_size=self.batch_size, max_length=self.max_length)
-        a_ND = torch.nn.functional.normalize(encode_texts(encoder, tokenizer, self.left, **kwargs), dim=-1)
-        b_ND = torch.nn.functional.normalize(encode_texts(encoder, tokenizer, self.right, **kwargs), dim=-1)
+        a_ND = torch.nn.functional.normalize(encode_sharded(encoder, tokenizer, self.left, **kwargs), dim=-1)
+        b_ND = torch.nn.functional.normalize(encode_sharded(encoder, tokenizer, self.right, **kwargs), dim=-1)
         cosine = (a_ND * b_ND).sum(-1).tolist()
-        return {f"{self.name}/spearman": float(spearmanr(cosine, self.scores).statistic)}
+        metrics = None
+        if rank_world()[0] == 0:
+            metrics = {f"{self.name}/spearman": float(spearmanr(cosine, self.scores).statistic)}
+        return broadcast_object(metrics)
 
 
 def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[RetrievalEvaluator | STSEvaluator]:

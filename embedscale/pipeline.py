@@ -1,0 +1,174 @@
+"""Job `embedscale pipeline`: run a list of stages (train, mine, evaluate, shard) in order, each from the last.
+
+    embedscale pipeline                                  # recipe=iterative: train -> mine with it -> train
+    embedscale pipeline recipe=iterative pipeline.output=runs/iter1
+    embedscale pipeline pipeline.only=[round2]           # re-run one stage (earlier ones must be done)
+
+A stage is a job name and Hydra overrides, composed exactly as `embedscale <job> <overrides>` would
+be (same schemas, same compose-time errors). In overrides, `{name}` is the directory of stage `name`
+and `{self}` this stage's own, so a stage starts from its parent's export (`model.name_or_path=
+{round1}/model`) or mined shards (`data.sources=[{path:{mine1}/shards}]`).
+
+Every stage directory gets `lineage.json`: the job, the overrides as written and as resolved, the
+parent stages, the full resolved config, the data manifests it read, what it produced (metrics, export,
+mined-negative provenance) and its wall time. A stage whose lineage.json says `done` is skipped when
+the pipeline is run again (a crashed or preempted pipeline continues where it stopped).
+
+Why in-process: each stage's `run(cfg)` is the same function the job's CLI calls; no shell glue, and a
+failing stage stops the pipeline with its own error message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from embedscale.cli import conf_dir, hydra_job
+from embedscale.config import PipelineJobConfig
+
+STAGE_JOBS = {
+    "train": ("embedscale.train", "train", "TrainConfig"),
+    "mine": ("embedscale.mine", "mine", "MineJobConfig"),
+    "evaluate": ("embedscale.evaluate", "evaluate", "EvaluateConfig"),
+    "shard": ("embedscale.shard", "shard", "ShardJobConfig"),
+}
+_REF = re.compile(r"\{([A-Za-z0-9_-]+)\}")
+
+
+def resolve_overrides(overrides: list[str], dirs: dict[str, Path], stage: str) -> tuple[list[str], list[str]]:
+    """Replace {name} / {self} by stage directories; (resolved overrides, parent stage names)."""
+    parents: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        ref = m.group(1)
+        if ref == "self":
+            return str(dirs[stage])
+        if ref not in dirs:
+            return m.group(0)  # not a stage reference (e.g. a Hydra dict literal): left as written
+        if list(dirs).index(ref) >= list(dirs).index(stage):
+            raise ValueError(f"pipeline stage {stage!r} refers to {{{ref}}}, which runs after it: reorder the stages")
+        if ref not in parents:
+            parents.append(ref)
+        return str(dirs[ref])
+
+    return [_REF.sub(sub, o) for o in overrides], parents
+
+
+def compose_stage(job: str, overrides: list[str]):
+    """The typed config of `embedscale <job> <overrides>` (compose-time errors name the stage's key)."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from embedscale import config as schemas
+    from embedscale.config import register_configs, to_config
+
+    _, config_name, schema = STAGE_JOBS[job]
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        raw = compose(config_name=config_name, overrides=list(overrides))
+    importlib.import_module(STAGE_JOBS[job][0])
+    return to_config(raw, getattr(schemas, schema))
+
+
+def _manifests_read(cfg) -> list[dict]:
+    """Name, path and sha256 of the shard manifests a train stage reads (lineage of its data)."""
+    from embedscale.data.readers import resolve_data_root, resolve_path
+
+    data = getattr(cfg, "data", None)
+    if data is None or getattr(data.format, "value", None) != "shards":
+        return []
+    from embedscale.data.shards import MANIFEST, sha256_file
+
+    root = resolve_data_root(data.root)
+    paths = [s.path for s in data.sources] or [data.path]
+    out = []
+    for p in paths:
+        manifest = resolve_path(p, root) / MANIFEST
+        if manifest.exists():
+            meta = json.loads(manifest.read_text())
+            out.append(
+                {
+                    "path": str(manifest.parent),
+                    "name": meta.get("name"),
+                    "sha256": sha256_file(manifest),
+                    "mining": meta.get("mining", {}).get("model"),
+                }
+            )
+    return out
+
+
+def _produced(job: str, result: dict) -> dict:
+    if job == "train":
+        return {"eval": result.get("eval"), "export_dir": result.get("export_dir"), "train": result.get("train")}
+    if job == "mine":
+        mining = result.get("mining", {})
+        return {"samples": result.get("num_samples"), "counts": mining.get("counts"), "model": mining.get("model")}
+    if job == "evaluate":
+        return {"metrics": result}
+    return {"samples": result.get("num_samples")}
+
+
+def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
+    import importlib
+
+    from embedscale.export import to_jsonable
+
+    p = cfg.pipeline
+    out = Path(p.output or run_dir or "runs/pipeline").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = {s.name: out / s.name for s in p.stages}
+    summary: list[dict] = []
+    for stage in p.stages:
+        lineage_path = dirs[stage.name] / "lineage.json"
+        if p.only and stage.name not in p.only:
+            continue  # its directory is still what {name} resolves to for the stages that run
+        if p.resume and lineage_path.exists() and json.loads(lineage_path.read_text()).get("status") == "done":
+            print(f"[pipeline] {stage.name}: done before, skipped ({lineage_path})")
+            summary.append(json.loads(lineage_path.read_text()))
+            continue
+        overrides = list(stage.overrides)
+        if stage.job == "mine" and not any(o.startswith("mine.output=") for o in overrides):
+            overrides.append("mine.output={self}/shards")
+        if stage.job == "train" and not any(o.startswith("run_dir=") for o in overrides):
+            overrides.append("run_dir={self}")
+        resolved, parents = resolve_overrides(overrides, dirs, stage.name)
+        stage_cfg = compose_stage(stage.job, resolved)
+        dirs[stage.name].mkdir(parents=True, exist_ok=True)
+        lineage = {
+            "stage": stage.name,
+            "job": stage.job,
+            "status": "running",
+            "overrides": list(stage.overrides),
+            "resolved_overrides": resolved,
+            "parents": {name: str(dirs[name]) for name in parents},
+            "config": to_jsonable(stage_cfg),
+            "data_manifests": _manifests_read(stage_cfg),
+        }
+        lineage_path.write_text(json.dumps(lineage, indent=2) + "\n")
+        print(f"[pipeline] {stage.name}: embedscale {stage.job} " + " ".join(resolved), flush=True)
+        start = time.perf_counter()
+        result = importlib.import_module(STAGE_JOBS[stage.job][0]).run(stage_cfg, run_dir=dirs[stage.name])
+        lineage.update(
+            status="done", seconds=round(time.perf_counter() - start, 1), produced=_produced(stage.job, result)
+        )
+        lineage_path.write_text(json.dumps(to_jsonable(lineage), indent=2) + "\n")
+        summary.append(lineage)
+    table = [
+        {"stage": s["stage"], "job": s["job"], "seconds": s.get("seconds"), "produced": s.get("produced")}
+        for s in summary
+    ]
+    (out / "pipeline.json").write_text(json.dumps({"name": p.name, "stages": to_jsonable(table)}, indent=2) + "\n")
+    print(f"[pipeline] {p.name}: {len(summary)} stage(s) in {out}")
+    return {"output": str(out), "stages": summary}
+
+
+main = hydra_job("pipeline", PipelineJobConfig, run)
+
+if __name__ == "__main__":
+    main()

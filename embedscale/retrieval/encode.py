@@ -1,0 +1,109 @@
+"""Corpus encoding shared by mining and evaluation: sharded over ranks, cached on disk.
+
+Under torchrun (or any initialised process group) rank r encodes batches r, r + W, ... of the
+length-sorted corpus -- about equal work per rank, little padding -- and the rows are gathered, so
+every rank ends with the (N, D) matrix one process computes: the same batches, so the same bits
+(tests/test_mining.py checks 2 ranks against 1).
+
+The cache key is the document tower's weights and encoding settings (`BiEncoder.fingerprint`), the
+token budget, and every (id, text) of the corpus: a changed model, prefix, length or corpus never
+reads a stale file, and the same model over the same corpus is encoded once per machine.
+
+Legend: N = corpus texts, D = dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from embedscale.encoder.biencoder import BiEncoder, encode_texts, length_batches
+from embedscale.retrieval.index import broadcast_object, gather_rows, rank_world
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EMBEDSCALE_CACHE", "~/.cache/embedscale")).expanduser()
+
+
+def corpus_key(encoder: BiEncoder, ids: list[str], texts: list[str], *, max_length: int | None, side: str) -> str:
+    """Cache key of (model tower, settings, corpus)."""
+    key = hashlib.sha256()
+    key.update(encoder.fingerprint(side).encode())
+    limit = max_length or (encoder.cfg.document_max_length if side == "document" else encoder.cfg.query_max_length)
+    key.update(repr((limit, side)).encode())
+    for doc_id, text in zip(ids, texts):
+        key.update(doc_id.encode() + b"\0" + text.encode() + b"\0")
+    return key.hexdigest()[:24]
+
+
+def encode_sharded(
+    encoder: BiEncoder,
+    tokenizer,
+    texts: list[str],
+    *,
+    side: str,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """`encode_texts` with the texts split over the ranks of the process group: (N, D) on every rank."""
+    rank, world = rank_world()
+    if world == 1:
+        return encode_texts(
+            encoder, tokenizer, texts, side=side, batch_size=batch_size, max_length=max_length, progress=progress
+        )
+    # Whole batches of the length-sorted order go round-robin to the ranks, so every batch has the
+    # same texts and padding as in one process: the rows are the single-process rows, bit for bit.
+    batches = length_batches(texts, batch_size)
+    mine_n = torch.tensor([i for batch in batches[rank::world] for i in batch], dtype=torch.int64)
+    local_nD = encode_texts(
+        encoder,
+        tokenizer,
+        [texts[i] for i in mine_n.tolist()],
+        side=side,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress and rank == 0,
+    )
+    return gather_rows(local_nD, mine_n, len(texts))
+
+
+def encode_corpus(
+    encoder: BiEncoder,
+    tokenizer,
+    ids: list[str],
+    texts: list[str],
+    *,
+    side: str = "document",
+    batch_size: int = 64,
+    max_length: int | None = None,
+    cache_dir: Path | None = None,
+    name: str = "corpus",
+) -> torch.Tensor:
+    """(N, D) embeddings of a corpus, from the cache when this model has encoded it before.
+
+    Every rank returns the full matrix; only rank 0 writes the cache (atomically)."""
+    path = None
+    if cache_dir is not None:
+        path = cache_dir / f"{name}-{corpus_key(encoder, ids, texts, max_length=max_length, side=side)}.pt"
+    rank, _ = rank_world()
+    if path is not None and broadcast_object(path.exists() if rank == 0 else None):
+        if not path.exists():
+            raise ValueError(f"{path} exists on rank 0 but not on rank {rank}: put the cache on a shared filesystem")
+        log.info("%s: embeddings from cache %s", name, path)
+        return torch.load(path)
+    out_ND = encode_sharded(
+        encoder, tokenizer, texts, side=side, batch_size=batch_size, max_length=max_length, progress=True
+    )
+    if path is not None and rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(out_ND, tmp)
+        tmp.replace(path)
+    return out_ND

@@ -1,0 +1,69 @@
+"""`embedscale pipeline`: the iterative recipe (train -> mine with that model -> train from its export)
+end to end on a tiny BERT, lineage files, resume skipping finished stages, reference errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from embedscale.pipeline import resolve_overrides
+from tests.test_train_e2e import clean_env, tiny_overrides
+
+
+def _tiny(tiny_bert, tiny_data, tmp_path) -> list[str]:
+    common = [o for o in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not o.startswith("trainer.")]
+    common += ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.enable_progress_bar=false"]
+    mine = [
+        f"data_root={tiny_data}",
+        "mine.input=tiny",
+        "mine.num_negatives=2",
+        "mine.window_end=10",
+        f"mine.cache_dir={tmp_path / 'cache'}",
+    ]
+
+    def as_list(items: list[str]) -> str:  # Hydra's grammar: list items holding '=' are quoted
+        return "[" + ",".join(f"'{i}'" for i in items) + "]"
+
+    round2 = [c for c in common if not c.startswith(("data.path", "model.name_or_path"))]
+    round2 += ["model.name_or_path={round1}/model", "data.format=shards", "data.path={mine1}/shards"]
+    return [
+        f"pipeline.output={tmp_path / 'pipe'}",
+        "pipeline.stages.0.overrides=" + as_list(common),
+        "pipeline.stages.1.overrides="
+        + as_list([*mine, "model.name_or_path={round1}/model", "mine.relative_margin=0.05"]),
+        "pipeline.stages.2.overrides=" + as_list([*round2, "data.num_hard_negatives=1"]),
+    ]
+
+
+def test_iterative_recipe_end_to_end(tiny_bert, tiny_data, tmp_path):
+    args = [sys.executable, "-m", "embedscale.cli", "pipeline", *_tiny(tiny_bert, tiny_data, tmp_path)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = tmp_path / "pipe"
+    lineage = {s: json.loads((pipe / s / "lineage.json").read_text()) for s in ("round1", "mine1", "round2")}
+    assert all(v["status"] == "done" for v in lineage.values())
+    assert lineage["mine1"]["parents"] == {"round1": str(pipe / "round1")}
+    assert lineage["round2"]["parents"] == {"round1": str(pipe / "round1"), "mine1": str(pipe / "mine1")}
+    # mining used round 1's fine-tuned export, and round 2 read those shards
+    mined = json.loads((pipe / "mine1" / "shards" / "manifest.json").read_text())
+    assert mined["mining"]["model"]["name_or_path"] == str(pipe / "round1" / "model")
+    assert lineage["round2"]["data_manifests"][0]["path"] == str(pipe / "mine1" / "shards")
+    assert lineage["round2"]["config"]["model"]["name_or_path"] == str(pipe / "round1" / "model")
+    assert lineage["round2"]["produced"]["train"]["optimizer_steps"] == 2
+    assert (pipe / "round2" / "model" / "model.safetensors").is_file()
+    assert json.loads((pipe / "pipeline.json").read_text())["stages"][2]["stage"] == "round2"
+
+    again = subprocess.run(args, capture_output=True, text=True, env=clean_env())
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before, skipped") == 3
+
+
+def test_references_must_point_backwards(tmp_path):
+    dirs = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    resolved, parents = resolve_overrides(["x={a}/model", "y={self}/out", "z=[{path:p}]"], dirs, "b")
+    assert resolved == [f"x={tmp_path / 'a'}/model", f"y={tmp_path / 'b'}/out", "z=[{path:p}]"] and parents == ["a"]
+    with pytest.raises(ValueError, match="runs after it"):
+        resolve_overrides(["x={b}/model"], dirs, "a")
