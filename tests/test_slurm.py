@@ -1,0 +1,145 @@
+"""SLURM on the real local cluster (.ci/run starts it from ../shared/tools/local-slurm): a 2-task CPU
+training job gets USR1 mid-run, checkpoints at a step boundary, requeues itself, resumes, and ends with
+the weights of an uninterrupted job (rtol 1e-6), having consumed every sample exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedscale.data.batch import PairExample
+from embedscale.data.shards import write_records
+from tests.test_train_e2e import clean_env
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDSCALE = str(Path(sys.executable).parent / "embedscale")
+
+
+def _cluster_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return proc.returncode == 0 and any(s in proc.stdout for s in ("idle", "mixed", "allocated"))
+
+
+pytestmark = pytest.mark.skipif(
+    not _cluster_up(),
+    reason="no SLURM cluster: start one with ../shared/tools/local-slurm/start_local_slurm.sh (.ci/run does)",
+)
+
+
+def _shards(tmp_path: Path) -> Path:
+    from embedscale.data.shards import new_manifest, write_manifest
+
+    out = tmp_path / "shards"
+    out.mkdir()
+    topics = ["protein", "galaxy", "river", "violin", "engine", "forest", "vaccine", "crystal"]
+    examples = [
+        PairExample(f"what about {topics[i % 8]} {i}", f"document {i} about {topics[i % 8]}", key=f"row{i}")
+        for i in range(96)
+    ]
+    result = write_records(examples, out, name="tiny", file_index=0, max_bytes=0, max_samples=32)
+    write_manifest(out, new_manifest("tiny", result["shards"], samples=96, negatives=(0, 0), created_by="test"))
+    return out
+
+
+def _sbatch(run_dir: Path, overrides: list[str], out: Path) -> str:
+    env = {**clean_env(), "RUN_DIR": str(run_dir), "EMBEDSCALE": EMBEDSCALE}
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--output={out}", str(ROOT / "slurm" / "train_cpu.sbatch"), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=run_dir.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def _state(job: str) -> str:
+    proc = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    for token in proc.stdout.split():
+        if token.startswith("JobState="):
+            return token.split("=", 1)[1]
+    return "GONE"
+
+
+def _wait_done(job: str, timeout: float = 400) -> str:
+    start = time.time()
+    while time.time() - start < timeout:
+        state = _state(job)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "GONE"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    raise AssertionError(f"job {job} still {state} after {timeout} s")
+
+
+def _ledger(run_dir: Path) -> list[tuple[int, str, tuple[str, ...]]]:
+    rows = []
+    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            rows.append((r["step"], path.stem, tuple(r["keys"])))
+    return sorted(rows)
+
+
+def test_usr1_checkpoint_requeue_resume_is_exact(tmp_path, tiny_bert_nodrop):
+    shards = _shards(tmp_path)
+    overrides = [
+        f"model.name_or_path={tiny_bert_nodrop}",
+        "model.document_max_length=16",
+        "model.query_max_length=16",
+        "data.format=shards",
+        f"data.path={shards}",
+        "data.batch_size_per_rank=4",
+        "data.record_keys=true",
+        "trainer.max_epochs=4",  # 96 samples / 8 per step = 12 steps per epoch: 48 steps
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "eval=none",
+        "logger=none",
+        "export=false",
+        "seed=7",
+    ]
+    plain_dir, preempted_dir = tmp_path / "plain", tmp_path / "preempted"
+    plain = _sbatch(plain_dir, overrides, tmp_path / "plain.out")
+    assert _wait_done(plain) == "COMPLETED", (tmp_path / "plain.out").read_text()[-3000:]
+
+    job = _sbatch(preempted_dir, overrides, tmp_path / "preempted.out")
+    ledger = preempted_dir / "samples" / "rank0.jsonl"
+    start = time.time()
+    while not (ledger.exists() and len(ledger.read_text().splitlines()) >= 5):  # mid-run: step 5 of 48
+        assert time.time() - start < 300 and _state(job) in ("PENDING", "RUNNING", "CONFIGURING"), _state(job)
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # to the srun tasks, as --signal=USR1@90 does
+    assert _wait_done(job) == "COMPLETED", (tmp_path / "preempted.out").read_text()[-3000:]
+
+    log = (tmp_path / "preempted.out").read_text()
+    assert "restart 1" in log and "scontrol requeue" in log, log[-3000:]
+    # every global batch exactly once, with the same samples as the uninterrupted job
+    assert _ledger(preempted_dir) == _ledger(plain_dir)
+    steps = [s for s, rank, _ in _ledger(preempted_dir) if rank == "rank0"]
+    assert steps == list(range(48))
+    a = torch.load(plain_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(preempted_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 48
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-6, atol=1e-9)
+
+
+def test_sbatch_templates_parse():
+    for name in ("train.sbatch", "train_multinode.sbatch", "train_cpu.sbatch"):
+        proc = subprocess.run(["bash", "-n", str(ROOT / "slurm" / name)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert os.access(ROOT / "slurm" / "train_cpu.sbatch", os.X_OK)
