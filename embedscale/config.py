@@ -157,6 +157,10 @@ class DataConfig:
     or UTF-8, empty text, too few negatives): `raise` (names the shard, the sample and the fix) or `skip`
     (its row is refilled with a copy of a good row of the slice, which the loss masks; counted per reason
     in the logs and metrics.json)."""
+    teacher_scores: str | None = None
+    """data.format=shards from `embedscale mine`: distil from the scores stored with each sample's positive and
+    negatives -- `cross_encoder` (mined with mine.cross_encoder) or `retriever` (the mining model's); see
+    loss.distill_weight. None: no teacher."""
     record_keys: bool = False
     """Write every consumed batch's sample keys to <run_dir>/samples/rank<r>.jsonl (step, source, keys)."""
 
@@ -171,6 +175,8 @@ class DataConfig:
             raise ValueError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={self.on_error!r}: use raise or skip")
+        if self.teacher_scores not in (None, "cross_encoder", "retriever"):
+            raise ValueError(f"data.teacher_scores={self.teacher_scores!r}: use cross_encoder, retriever or null")
 
 
 @dataclass
@@ -185,6 +191,11 @@ class LossConfig:
     mask_duplicates: bool = True
     """Never count as a negative a candidate with the same text as the query's positive, or the positive
     of a row whose query is the same text."""
+    distill_weight: float = 0.0
+    """Weight of the distillation term: KL(teacher || student) over each query's own [positive, hard negatives]
+    (teacher scores from data.teacher_scores, softmax at distill_temperature; student at loss.temperature)."""
+    distill_temperature: float = 1.0
+    """Temperature of the teacher's softmax (cross-encoder logits: ~1; cosine scores: ~0.05)."""
     row_chunk_size: int = 1024
     """Score at most this many of a rank's query rows at once (checkpointed): peak score memory is
     row_chunk_size x global candidates instead of local x global. 0 scores all local rows at once."""
@@ -201,6 +212,8 @@ class LossConfig:
             )
         if self.symmetric_weight < 0:
             raise ValueError(f"loss.symmetric_weight must be >= 0, got {self.symmetric_weight}")
+        if self.distill_weight < 0 or not self.distill_temperature > 0:
+            raise ValueError("loss.distill_weight must be >= 0 and loss.distill_temperature > 0")
 
 
 @dataclass
@@ -384,6 +397,18 @@ class TrainConfig:
             raise ValueError(
                 f"data.global_batch_size=1 (data.batch_size_per_rank={self.data.batch_size_per_rank} x {world} rank) "
                 "with no hard negatives leaves no negatives: raise one of them"
+            )
+        if (self.loss.distill_weight > 0) != (self.data.teacher_scores is not None):
+            raise ValueError(
+                f"loss.distill_weight={self.loss.distill_weight} and data.teacher_scores={self.data.teacher_scores}: "
+                "distillation needs both (a weight > 0 and the scores to distil from), or neither"
+            )
+        if self.data.teacher_scores is not None and (
+            self.data.format is not DataFormat.shards or self.data.num_hard_negatives < 1
+        ):
+            raise ValueError(
+                "data.teacher_scores needs data.format=shards (written by `embedscale mine`) and "
+                "data.num_hard_negatives >= 1 (the teacher ranks a query's positive against its negatives)"
             )
         if self.gradcache.enabled and self.trainer.precision == "16-mixed":
             raise ValueError(

@@ -34,7 +34,9 @@ def build(tiny_bert: str, cfg: dict):
     torch.manual_seed(0)
     mcfg = ModelConfig(name_or_path=tiny_bert, shared_towers=cfg["shared"], matryoshka_dims=cfg["matryoshka"])
     encoder, tokenizer = load_encoder(mcfg)
-    lcfg = LossConfig(symmetric_weight=cfg["symmetric"], learnable_temperature=True)
+    lcfg = LossConfig(
+        symmetric_weight=cfg["symmetric"], learnable_temperature=True, distill_weight=cfg.get("distill", 0.0)
+    )
     module = ContrastiveModule(encoder.double(), loss_cfg=lcfg, optim_cfg=OptimConfig()).double().train()
     return module, tokenizer
 
@@ -60,6 +62,13 @@ def encode_rows(module, tokenizer, rows: list[PairExample], seed: int):
     return q, docs[:b], docs[b:].view(b, K, -1), ids
 
 
+def teacher(lo: int, hi: int, cfg: dict) -> torch.Tensor | None:
+    """Teacher scores of rows lo..hi over [positive, negative] (distillation cases only)."""
+    if not cfg.get("distill"):
+        return None
+    return torch.tensor([[1.0 + 0.1 * i, 0.5 - 0.3 * i] for i in range(lo, hi)], dtype=torch.float64)
+
+
 def grads(module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
@@ -68,7 +77,8 @@ def _rank(rank: int, world_size: int, tiny_bert: str, cfg: dict, out: str) -> No
     module, tokenizer = build(tiny_bert, cfg)
     b = N // world_size
     rows = examples()[rank * b : (rank + 1) * b]
-    loss, _ = module.loss_from_embeddings(*encode_rows(module, tokenizer, rows, seed=100 + rank))
+    teacher_BG = teacher(rank * b, (rank + 1) * b, cfg)
+    loss, _ = module.loss_from_embeddings(*encode_rows(module, tokenizer, rows, seed=100 + rank), teacher_BG=teacher_BG)
     loss.backward()
     for p in module.parameters():  # what DDP does: average the gradients over ranks
         if p.grad is not None:
@@ -84,7 +94,7 @@ def reference(tiny_bert: str, cfg: dict, chunks: int) -> dict[str, torch.Tensor]
     parts = [encode_rows(module, tokenizer, examples()[r * b : (r + 1) * b], seed=100 + r) for r in range(chunks)]
     q, pos, neg = (torch.cat([p[i] for p in parts]) for i in range(3))
     ids = TextIds(*(torch.cat([getattr(p[3], f) for p in parts]) for f in ("query_B", "positive_B", "negatives_Bk")))
-    loss, _ = module.loss_from_embeddings(q, pos, neg, ids)
+    loss, _ = module.loss_from_embeddings(q, pos, neg, ids, teacher_BG=teacher(0, N, cfg))
     loss.backward()
     return grads(module)
 
@@ -92,6 +102,7 @@ def reference(tiny_bert: str, cfg: dict, chunks: int) -> dict[str, torch.Tensor]
 CASES = {
     "shared, symmetric, matryoshka": {"shared": True, "symmetric": 1.0, "matryoshka": [32, 16]},
     "separate towers, q->d only": {"shared": False, "symmetric": 0.0, "matryoshka": []},
+    "distillation from teacher scores": {"shared": True, "symmetric": 0.0, "matryoshka": [], "distill": 0.5},
 }
 
 

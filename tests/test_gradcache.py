@@ -12,7 +12,7 @@ from embedscale.data.batch import PairExample
 from embedscale.data.datamodule import PairCollator
 
 
-def build(tiny_bert, *, shared, matryoshka, symmetric):
+def build(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0):
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.encoder.biencoder import load_encoder
 
@@ -25,7 +25,7 @@ def build(tiny_bert, *, shared, matryoshka, symmetric):
         document_max_length=24,
     )
     encoder, tokenizer = load_encoder(mcfg)
-    loss_cfg = LossConfig(symmetric_weight=symmetric, learnable_temperature=True)
+    loss_cfg = LossConfig(symmetric_weight=symmetric, learnable_temperature=True, distill_weight=distill)
     return ContrastiveModule(encoder, loss_cfg=loss_cfg, optim_cfg=OptimConfig()).double().train(), tokenizer
 
 
@@ -48,7 +48,7 @@ def uncached_chunked(module, batch, plan):
         return e[torch.argsort(torch.cat([c.rows_c for c in chunks]))]  # back to batch order
 
     q, d = encode(batch.queries, "query"), encode(batch.documents, "document")
-    loss, metrics = module.loss_from_embeddings(q, d[:B], d[B:].view(B, k, -1), batch.ids)
+    loss, metrics = module.loss_from_embeddings(q, d[:B], d[B:].view(B, k, -1), batch.ids, teacher_BG=batch.teacher_BG)
     loss.backward()
     return loss.detach(), metrics
 
@@ -128,3 +128,19 @@ def test_token_budget_chunks_sort_by_length_and_respect_the_budget():
     assert sum(c.tokens["input_ids"].numel() for c in chunks) < sum(c.tokens["input_ids"].numel() for c in by_count)
     with pytest.raises(ValueError):
         split_tokens(tokens)
+
+
+@pytest.mark.parametrize("plan", PLANS[1:3], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_gradcache_with_distillation_equals_uncached(tiny_bert, plan):
+    grads, losses = [], []
+    for cached in (False, True):
+        module, tokenizer = build(tiny_bert, shared=True, matryoshka=[], symmetric=0.0, distill=0.7)
+        batch = make_batch(tokenizer, module.encoder.cfg)
+        batch.teacher_BG = torch.linspace(-2, 3, batch.batch_size * 3, dtype=torch.float64).view(-1, 3)
+        torch.manual_seed(123)
+        loss, metrics = gradcache_step(module, batch, **plan) if cached else uncached_chunked(module, batch, plan)
+        losses.append((loss.item(), metrics["distill_kl"].item()))
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12) and losses[0][1] > 0
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-5, atol=1e-12)

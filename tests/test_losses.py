@@ -213,3 +213,26 @@ def test_in_batch_negatives_off_scores_only_own_candidates(k, local, row_chunk_s
         q, p, n, inverse_temperature=20.0, local=local, symmetric_weight=0.5, in_batch_negatives=False
     )
     assert abs(sym.item() - want.item()) < 1e-12  # d->q over its own query only: log(1) = 0
+
+
+def test_distillation_loss_matches_a_per_row_loop():
+    from embedscale.contrastive.losses import distillation_loss
+
+    torch.manual_seed(0)
+    b, k, d = 5, 3, 8
+    q = torch.nn.functional.normalize(torch.randn(b, d, dtype=torch.float64), dim=-1)
+    pos = torch.nn.functional.normalize(torch.randn(b, d, dtype=torch.float64), dim=-1)
+    neg = torch.nn.functional.normalize(torch.randn(b, k, d, dtype=torch.float64), dim=-1)
+    teacher = torch.randn(b, 1 + k, dtype=torch.float64) * 3
+    loss, metrics = distillation_loss(q, pos, neg, teacher, inverse_temperature=20.0, teacher_temperature=2.0)
+    want = 0.0
+    for i in range(b):
+        cands = torch.cat([pos[i : i + 1], neg[i]])
+        p_student = torch.softmax(cands @ q[i] * 20.0, dim=0)
+        p_teacher = torch.softmax(teacher[i] / 2.0, dim=0)
+        want += float((p_teacher * (p_teacher.log() - p_student.log())).sum())
+    assert abs(loss.item() - want / b) < 1e-12
+    # a student that already agrees with the teacher has zero loss
+    s_teacher = torch.einsum("bd,bgd->bg", q, torch.cat([pos[:, None], neg], 1)) * 20.0
+    same, _ = distillation_loss(q, pos, neg, s_teacher, inverse_temperature=20.0)
+    assert abs(same.item()) < 1e-12 and 0 <= metrics["teacher_agreement"] <= 1

@@ -218,6 +218,42 @@ def test_gather_rows_single_process_scatters_by_position():
     assert out.tolist() == [[2.0], [1.0]]
 
 
+def _distil_from(tmp_path, tiny_bert, shards, rows):
+    """The mined cross-encoder scores feed training: stream -> PairBatch.teacher_BG -> distillation term."""
+    from embedscale.data.stream import to_example
+    from embedscale.train import run
+    from tests.test_train_e2e import _cfg
+
+    ex = to_example(rows[0], 2, "cross_encoder")
+    assert ex.teacher_scores == [rows[0]["positive_ce_score"], *rows[0]["negative_ce_scores"]]
+    assert (
+        "missing teacher scores"
+        in to_example({**rows[0], "negative_ce_scores": [None, 1.0]}, 2, "cross_encoder").reason
+    )
+    cfg = _cfg(
+        [
+            f"model.name_or_path={tiny_bert}",
+            "model.document_max_length=32",
+            "data.format=shards",
+            f"data.path={shards}",
+            "data.batch_size_per_rank=2",
+            "data.num_hard_negatives=2",
+            "data.teacher_scores=cross_encoder",
+            "loss.distill_weight=1.0",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "logger.loggers=[csv]",
+            "eval=none",
+            "export=false",
+            f"run_dir={tmp_path / 'distil'}",
+        ]
+    )
+    assert run(cfg)["train"]["optimizer_steps"] == 2
+    header = (tmp_path / "distil" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/distill_kl" in header and "train/teacher_agreement" in header
+
+
 @pytest.mark.parametrize("threshold", [0.999, 0.001])
 def test_mine_cross_encoder_filter_and_scores(tmp_path, tiny_bert, threshold):
     from embedscale.encoder.crossencoder import load_cross_encoder, save_cross_encoder
@@ -250,6 +286,7 @@ def test_mine_cross_encoder_filter_and_scores(tmp_path, tiny_bert, threshold):
         assert len(row["negative_ce_scores"]) == len(row["negatives"]) == 2
     if threshold > 0.5:  # a random head gives sigmoid ~0.5: nothing is that sure
         assert dropped == 0 and all(isinstance(s, float) for r in rows for s in r["negative_ce_scores"])
+        _distil_from(tmp_path, tiny_bert, tmp_path / "out", rows)
     else:  # everything is "relevant": every window candidate dropped, random documents fill in
         assert dropped > 0 and manifest["mining"]["counts"]["random_fill"] == 4
         assert all(s is None for r in rows for s in r["negative_ce_scores"])

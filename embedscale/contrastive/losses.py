@@ -13,6 +13,9 @@ Duplicate masking (by content ids, never by embedding similarity): for query g, 
 text as g's query (then it is a correct answer too); a hard negative is masked when it is the same
 text as g's positive. The symmetric (document -> query) term masks the same rows.
 
+`distillation_loss` pulls the student's softmax over a query's own candidates towards a teacher's
+scores (stored with mined negatives); it is local to a rank's rows.
+
 `listwise_loss` is the cross-encoder's (contrastive/reranker.py): a function of scores, not embeddings,
 because a cross-encoder scores each (query, document) pair jointly and there is nothing to gather.
 
@@ -248,3 +251,30 @@ def listwise_loss(
             "negatives_per_query": kept_BG.sum(dim=1).float().mean(),
         }
     return loss, metrics
+
+
+def distillation_loss(
+    q_bD: torch.Tensor,
+    pos_bD: torch.Tensor,
+    neg_bkD: torch.Tensor,
+    teacher_bG: torch.Tensor,
+    *,
+    inverse_temperature: torch.Tensor | float,
+    teacher_temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KL(teacher || student) over each query's own candidates G = [positive, its k hard negatives].
+
+    The teacher (a cross-encoder's or the mining model's scores, stored by `embedscale mine`) says how
+    relevant each candidate is; the student's softmax over the same candidates is pulled towards it, so
+    a hard negative the teacher finds half-relevant is pushed away less than one it finds irrelevant.
+    Only a row's own candidates have teacher scores, so the term is local: no gather, and a mean over
+    the local rows (DDP's gradient average then gives the global mean, like the contrastive term).
+    """
+    cand_bGD = torch.cat([pos_bD[:, None], neg_bkD], dim=1)  # (b, 1 + k, D)
+    s_bG = torch.einsum("bd,bgd->bg", q_bD, cand_bGD) * inverse_temperature
+    log_student_bG = s_bG.log_softmax(dim=-1)
+    log_teacher_bG = (teacher_bG.to(s_bG.dtype) / teacher_temperature).log_softmax(dim=-1)
+    kl_b = (log_teacher_bG.exp() * (log_teacher_bG - log_student_bG)).sum(dim=-1)
+    with torch.no_grad():
+        agree = (s_bG.argmax(dim=-1) == teacher_bG.argmax(dim=-1)).to(s_bG.dtype).mean()
+    return kl_b.mean(), {"distill_kl": kl_b.mean().detach(), "teacher_agreement": agree}

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from embedscale.config import GradCacheConfig, LossConfig, OptimConfig
 from embedscale.contrastive.gather import all_gather_no_grad, all_gather_with_grad, all_reduce_gradients_, world
 from embedscale.contrastive.gradcache import gradcache_step
-from embedscale.contrastive.losses import Temperature, contrastive_loss
+from embedscale.contrastive.losses import Temperature, contrastive_loss, distillation_loss
 from embedscale.contrastive.optim import build_optimizer
 from embedscale.data.batch import PairBatch, TextIds
 from embedscale.encoder.biencoder import BiEncoder
@@ -57,7 +57,9 @@ class ContrastiveModule(L.LightningModule):
         q_BD = self.encoder.encode(batch.queries, side="query")
         docs_XD = self.encoder.encode(batch.documents, side="document")  # (B * (1 + k), D)
         neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
-        return self.loss_from_embeddings(q_BD, docs_XD[:B], neg_BkD, batch.ids, batch.in_batch_negatives)
+        return self.loss_from_embeddings(
+            q_BD, docs_XD[:B], neg_BkD, batch.ids, batch.in_batch_negatives, teacher_BG=batch.teacher_BG
+        )
 
     def loss_from_embeddings(
         self,
@@ -66,8 +68,11 @@ class ContrastiveModule(L.LightningModule):
         neg_BkD: torch.Tensor | None,
         ids: TextIds,
         in_batch_negatives: bool = True,
+        *,
+        teacher_BG: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Gather this rank's embeddings into the global batch and score the local query rows."""
+        """Gather this rank's embeddings into the global batch and score the local query rows; with teacher
+        scores (and loss.distill_weight > 0) add the distillation term over each local row's own candidates."""
         rank, _ = world()
         B = q_BD.shape[0]
         q_ND = all_gather_with_grad(q_BD, "query embeddings")
@@ -84,7 +89,7 @@ class ContrastiveModule(L.LightningModule):
                 None if ids.negatives_Bk is None else all_gather_no_grad(ids.negatives_Bk, "negative ids"),
             )
         cfg = self.encoder.cfg
-        return contrastive_loss(
+        loss, metrics = contrastive_loss(
             q_ND,
             pos_ND,
             neg_NkD,
@@ -98,6 +103,19 @@ class ContrastiveModule(L.LightningModule):
             row_chunk_size=self.loss_cfg.row_chunk_size,
             in_batch_negatives=in_batch_negatives,
         )
+        if teacher_BG is not None and self.loss_cfg.distill_weight > 0 and neg_BkD is not None:
+            kl, distill = distillation_loss(
+                q_BD,
+                pos_BD,
+                neg_BkD,
+                teacher_BG,
+                inverse_temperature=self.temperature(),
+                teacher_temperature=self.loss_cfg.distill_temperature,
+            )
+            loss = loss + self.loss_cfg.distill_weight * kl
+            metrics.update(distill)
+            metrics["loss"] = loss.detach()
+        return loss, metrics
 
     def on_train_batch_start(self, batch: PairBatch, batch_idx: int) -> None:
         # GradCache runs several backward passes per step; DDP's reducer (which expects one) is switched

@@ -31,6 +31,8 @@ class PairExample:
     negatives: list[str] = field(default_factory=list)
     key: str = ""
     """Stable sample key (source:line or query-id:doc-id), for provenance and exact resume."""
+    teacher_scores: list[float] | None = None
+    """Teacher scores of [positive, negatives...] (mined shards; data.teacher_scores), for distillation."""
 
 
 @dataclass
@@ -56,6 +58,8 @@ class PairBatch:
     skipped: dict[str, int] = field(default_factory=dict)
     in_batch_negatives: bool = True
     """False: each query is scored against its own positive and hard negatives only (a per-source switch)."""
+    teacher_BG: torch.Tensor | None = None
+    """(B, 1 + k) teacher scores of each row's positive and hard negatives (data.teacher_scores), or None."""
     """Bad samples of this rank's slice replaced under data.on_error=skip, by reason."""
 
     @property

@@ -80,6 +80,9 @@ class PairCollator:
             ids=ids,
             num_negatives_per_query=k,
             keys=[ex.key for ex in examples],
+            teacher_BG=torch.tensor([ex.teacher_scores[: 1 + k] for ex in examples], dtype=torch.float32)
+            if examples and all(ex.teacher_scores is not None for ex in examples)
+            else None,
         )
 
 
@@ -218,6 +221,7 @@ class StreamDataModule(L.LightningDataModule):
             num_hard_negatives=self.cfg.num_hard_negatives,
             on_error=self.cfg.on_error,
             homogeneous=self.cfg.homogeneous_batches,
+            teacher=self.cfg.teacher_scores,
         )
         if self._loaded_state is not None:
             self.stream.load_state(self._loaded_state)  # load_state_dict already set self.consumed

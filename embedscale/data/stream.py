@@ -46,6 +46,7 @@ SKIP_REASONS = (  # every BadSample.reason (data/shards.py, to_example below): c
     "empty or missing query",
     "empty or missing positive",
     "too few negatives",
+    "missing teacher scores",
 )  # source choices are drawn in blocks of this many steps
 
 
@@ -126,7 +127,13 @@ class SourceOrder:
         return [got[s][p] for s, p in where]
 
 
-def to_example(row: dict | BadSample, num_hard_negatives: int) -> PairExample | BadSample:
+TEACHER_FIELDS = {  # data.teacher_scores -> (positive's field, negatives' field) written by `embedscale mine`
+    "cross_encoder": ("positive_ce_score", "negative_ce_scores"),
+    "retriever": ("positive_score", "negative_scores"),
+}
+
+
+def to_example(row: dict | BadSample, num_hard_negatives: int, teacher: str | None = None) -> PairExample | BadSample:
     """A decoded sample -> PairExample, or the BadSample saying what is wrong with it."""
     if isinstance(row, BadSample):
         return row
@@ -139,7 +146,18 @@ def to_example(row: dict | BadSample, num_hard_negatives: int) -> PairExample | 
         return BadSample(
             "too few negatives", where, f"it has {len(negatives)} < data.num_hard_negatives={num_hard_negatives}"
         )
-    return PairExample(row["query"], row["positive"], list(negatives), key=row.get("key", ""))
+    scores = None
+    if teacher is not None:
+        pos_field, neg_field = TEACHER_FIELDS[teacher]
+        scores = [row.get(pos_field), *(row.get(neg_field) or [])[:num_hard_negatives]]
+        if len(scores) < 1 + num_hard_negatives or any(not isinstance(s, int | float) for s in scores):
+            return BadSample(
+                "missing teacher scores",
+                where,
+                f"data.teacher_scores={teacher} needs {pos_field} and {num_hard_negatives} {neg_field} per sample "
+                "(mine with a cross-encoder for cross_encoder; random-fill negatives have none)",
+            )
+    return PairExample(row["query"], row["positive"], list(negatives), key=row.get("key", ""), teacher_scores=scores)
 
 
 @dataclass
@@ -183,6 +201,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         num_hard_negatives: int = 0,
         on_error: str = "raise",
         homogeneous: bool = True,
+        teacher: str | None = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}: use raise or skip")
@@ -222,7 +241,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         mean_G = float(np.dot(self.probs, self.sizes)) if homogeneous else float(global_batch_size)
         self.steps_per_epoch = steps_per_epoch or max(1, int(total // mean_G))
         self.collate = collate
-        self.k, self.on_error = num_hard_negatives, on_error
+        self.k, self.on_error, self.teacher = num_hard_negatives, on_error, teacher
         self.state = StreamState(0, {s.name: 0 for s in sources})
         self._blocks: dict[int, np.ndarray] = {}
         self._block_cum: list[np.ndarray] = [np.zeros(len(self.sources), dtype=np.int64)]
@@ -300,7 +319,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             a, z = max(lo, at), min(hi, at + n)  # this rank's part of source s's rows
             if a < z:
                 got = self.orders[s].read(cursors[s] + a - at, z - a, errors=errors)
-                rows += [to_example(r, self.k) for r in got]
+                rows += [to_example(r, self.k, self.teacher) for r in got]
                 owners += [s] * (z - a)
             at += n
         bad = [r for r in rows if isinstance(r, BadSample)]
