@@ -54,7 +54,31 @@ def hydra_job(config_name: str, schema: type, run: Callable[..., Any]) -> Callab
             sys.argv = list(_LAUNCH_ARGV)
         return run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
 
-    return _main
+    def _launch() -> Any:
+        shared = shared_run_dir(config_name, sys.argv[1:])
+        if shared is not None:
+            sys.argv.append(f"hydra.run.dir={shared}")
+            if _LAUNCH_ARGV is not None:
+                _LAUNCH_ARGV.append(f"hydra.run.dir={shared}")
+        return _main()
+
+    return _launch
+
+
+def shared_run_dir(config_name: str, overrides: list[str]) -> str | None:
+    """One Hydra run directory for all ranks of a torchrun or srun launch (each rank runs Hydra itself, and
+    `${now:...}` differs between them): runs/<job>/<launcher>-<launch id>. None when one process runs, when
+    the command line sets hydra.run.dir, or when Lightning's own launcher already passes it to its children."""
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
+        return None
+    if any(o.startswith(("hydra.run.dir=", "+hydra.run.dir=")) for o in overrides):
+        return None
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"runs/{config_name}/torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        step = os.environ.get("SLURM_STEP_ID", "0")
+        return f"runs/{config_name}/slurm-{os.environ['SLURM_JOB_ID']}.{step}"
+    return None
 
 
 def _usage() -> str:

@@ -169,3 +169,19 @@ def test_missing_data_names_both_settings(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="EMBEDSCALE_DATA") as err:
         resolve_data_root(None)
     assert "data.root" in str(err.value)
+
+
+def test_torchrun_ranks_share_one_hydra_run_directory(tiny_bert, tiny_data, tmp_path):
+    """`torchrun --nproc_per_node=2 -m embedscale.train`: every rank runs Hydra, all write into one run dir."""
+    args = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith("trainer.max_steps")]
+    args += ["trainer.max_steps=2", "trainer=ddp_cpu", "logger.loggers=[csv]", "trainer.enable_progress_bar=false"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*launcher, "-m", "embedscale.train", *args], capture_output=True, text=True, env=clean_env(), cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = list((tmp_path / "runs" / "train").iterdir())
+    assert len(dirs) == 1 and dirs[0].name.startswith("torchrun-"), dirs
+    metrics = json.loads((dirs[0] / "metrics.json").read_text())
+    assert metrics["train"]["optimizer_steps"] == 2 and metrics["train"]["global_batch_size"] == 8
+    assert (dirs[0] / "checkpoints" / "last.ckpt").is_file() and (dirs[0] / "model" / "model.safetensors").is_file()
