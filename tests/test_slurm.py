@@ -143,3 +143,37 @@ def test_sbatch_templates_parse():
         proc = subprocess.run(["bash", "-n", str(ROOT / "slurm" / name)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     assert os.access(ROOT / "slurm" / "train_cpu.sbatch", os.X_OK)
+
+
+def _tiny_train_args(tiny_bert, tiny_data, tmp_path) -> list[str]:
+    from tests.test_train_e2e import tiny_overrides
+
+    args = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith("trainer.max_steps")]
+    return args + ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.enable_progress_bar=false", "export=false"]
+
+
+@pytest.mark.parametrize("where", ["local", "slurm"])
+def test_four_point_hydra_sweep(tiny_bert, tiny_data, tmp_path, where):
+    """`embedscale train -m optim.lr=a,b seed=1,2`: 4 runs with the basic launcher, or as 4 SLURM jobs through
+    hydra-submitit-launcher on the local cluster; each job's metrics.json under the sweep directory."""
+    sweep = tmp_path / "sweep"
+    args = ["optim.lr=1e-4,3e-4", "seed=1,2", f"hydra.sweep.dir={sweep}", "eval.before_training=false"]
+    if where == "slurm":
+        args += [
+            "hydra/launcher=submitit_slurm",
+            "hydra.launcher.partition=debug",
+            "hydra.launcher.timeout_min=10",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.tasks_per_node=1",
+            f"hydra.launcher.submitit_folder={tmp_path / 'submitit' / '%j'}",
+        ]
+    cmd = [sys.executable, "-m", "embedscale.cli", "train", "-m", *_tiny_train_args(tiny_bert, tiny_data, tmp_path)]
+    cmd += args  # Hydra's parser wants -m before all the overrides
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(sweep.glob("*/metrics.json"))
+    assert len(runs) == 4, list(sweep.iterdir())
+    points = {(m["config"]["optim"]["lr"], m["config"]["seed"]) for m in (json.loads(r.read_text()) for r in runs)}
+    assert points == {(1e-4, 1), (1e-4, 2), (3e-4, 1), (3e-4, 2)}
+    if where == "slurm":  # the jobs really ran under SLURM
+        assert len(list((tmp_path / "submitit").glob("*/*_result.pkl"))) == 4
