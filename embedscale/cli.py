@@ -81,6 +81,20 @@ def shared_run_dir(config_name: str, overrides: list[str]) -> str | None:
     return None
 
 
+def start_run(run_dir: Path, *, seed: int, num_threads: int | None) -> Path:
+    """What every training job does first: create the run directory (resolved), set torch's threads, seed
+    Python, numpy and torch (also in DataLoader workers)."""
+    import lightning as L
+    import torch
+
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    L.seed_everything(seed, workers=True)
+    return run_dir
+
+
 def _usage() -> str:
     lines = ["usage: embedscale <job> [key=value ...]   (Hydra overrides; --help after the job lists the config)", ""]
     lines += [f"  {name:<10} {doc}" for name, (_, doc) in JOBS.items()]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embedscale.cli import hydra_job
+from embedscale.cli import hydra_job, start_run
 from embedscale.config import RerankerJobConfig
 
 log = logging.getLogger(__name__)
@@ -157,18 +157,13 @@ def print_table(metrics: dict[str, dict[str, float]], names: list[str], *, alpha
 
 def run(cfg: RerankerJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     """Train (unless reranker.train=false), save, evaluate re-ranking; returns what metrics.json holds."""
-    import lightning as L
-    import torch
-
     from embedscale.encoder.crossencoder import load_cross_encoder, save_cross_encoder
     from embedscale.export import to_jsonable
 
-    run_dir = Path(cfg.run_dir or run_dir or "runs/reranker").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    L.seed_everything(cfg.seed, workers=True)
+    run_dir = start_run(
+        Path(cfg.run_dir or run_dir or "runs/reranker"), seed=cfg.seed, num_threads=cfg.trainer.num_threads
+    )
     r = cfg.reranker
     model, tokenizer = load_cross_encoder(r.model, max_length=r.max_length)
     result: dict[str, Any] = {"run_dir": str(run_dir), "model": r.model, "config": to_jsonable(cfg)}

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embedscale.cli import hydra_job
+from embedscale.cli import hydra_job, start_run
 from embedscale.config import TrainConfig, resolve_batch_sizes
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,6 @@ def print_table(summary: dict[str, dict[str, float]], names: list[str]) -> None:
 
 def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate before/after, export; returns what metrics.json holds."""
-    import lightning as L
-    import torch
-
     from embedscale.config import DataFormat
     from embedscale.contrastive.callbacks import EvalCallback
     from embedscale.contrastive.module import ContrastiveModule
@@ -136,12 +133,10 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     from embedscale.export import export_model, to_jsonable
     from embedscale.retrieval.evaluator import build_evaluators
 
-    run_dir = Path(cfg.run_dir or run_dir or "runs/train").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    L.seed_everything(cfg.seed, workers=True)
+    run_dir = start_run(
+        Path(cfg.run_dir or run_dir or "runs/train"), seed=cfg.seed, num_threads=cfg.trainer.num_threads
+    )
     data_root = resolve_data_root(cfg.data.root)
     encoder, tokenizer = load_encoder(cfg.model)
     evaluators = build_evaluators(cfg.eval, root=data_root, default_max_length=encoder.cfg.document_max_length)
