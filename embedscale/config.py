@@ -340,6 +340,10 @@ class EvalConfig:
     cache_dir: str | None = None
     """Embedding cache keyed by model weights and corpus hash; None uses $EMBEDSCALE_CACHE or ~/.cache/embedscale."""
     primary_metric: str = "ndcg@10"
+    """Selects the best evaluation during training (of the first eval.beir set, or the first eval.sts set's
+    `spearman`); each new best is saved to checkpoints/best.ckpt and recorded in metrics.json (`best`)."""
+    export_best: bool = False
+    """Export the best evaluated weights (checkpoints/best.ckpt) instead of the final ones."""
     save_runs: bool = True
     """Write each BEIR set's ranked run (top max(k_values) per query) under <run_dir>/runs/."""
 

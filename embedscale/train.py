@@ -140,12 +140,18 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     data_root = resolve_data_root(cfg.data.root)
     encoder, tokenizer = load_encoder(cfg.model)
     evaluators = build_evaluators(cfg.eval, root=data_root, default_max_length=encoder.cfg.document_max_length)
+    primary = None
+    if evaluators:
+        first = evaluators[0]
+        primary = f"{first.name}/{'spearman' if not cfg.eval.beir else cfg.eval.primary_metric}"
     eval_cb = EvalCallback(
         evaluators,
         tokenizer,
         before=cfg.eval.before_training,
         every_n_steps=cfg.eval.every_n_steps,
         run_dir=run_dir if cfg.eval.save_runs else None,
+        primary=primary,
+        best_checkpoint=run_dir / "checkpoints" / "best.ckpt",
     )
     module = ContrastiveModule(
         encoder,
@@ -184,9 +190,19 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         },
         "eval": summary,
         "eval_history": eval_cb.history,
+        "best": eval_cb.best,
     }
+    best, card_metrics = eval_cb.best, summary.get("after")
+    if cfg.eval.export_best and best is not None and best["step"] != trainer.global_step:
+        import torch
+
+        state = torch.load(best["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)  # the encoder inside the module is the one exported below
+        card_metrics = next(h["metrics"] for h in eval_cb.history if h["step"] == best["step"])
+        result["exported"] = f"best (step {best['step']})"
+        log.info("exporting the best weights: %s = %.4f at step %d", best["metric"], best["value"], best["step"])
     if cfg.export:
-        export_dir = export_model(encoder, tokenizer, run_dir / "model", metrics=summary.get("after"), config=cfg)
+        export_dir = export_model(encoder, tokenizer, run_dir / "model", metrics=card_metrics, config=cfg)
         result["export_dir"] = str(export_dir)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

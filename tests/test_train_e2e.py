@@ -185,3 +185,38 @@ def test_torchrun_ranks_share_one_hydra_run_directory(tiny_bert, tiny_data, tmp_
     metrics = json.loads((dirs[0] / "metrics.json").read_text())
     assert metrics["train"]["optimizer_steps"] == 2 and metrics["train"]["global_batch_size"] == 8
     assert (dirs[0] / "checkpoints" / "last.ckpt").is_file() and (dirs[0] / "model" / "model.safetensors").is_file()
+
+
+def test_best_checkpoint_selection_and_export_best(tiny_bert, tiny_data, tmp_path):
+    """eval.every_n_steps: each new best of eval.primary_metric is saved to checkpoints/best.ckpt and recorded
+    in metrics.json; eval.export_best=true exports those weights instead of the final ones."""
+    from safetensors.torch import load_file
+
+    from embedscale.train import run
+
+    cfg = _cfg(
+        tiny_overrides(tiny_bert, tiny_data, tmp_path)
+        + [
+            "trainer.max_steps=4",
+            "eval.every_n_steps=1",
+            "eval.export_best=true",
+            "optim.lr=5e-3",  # big steps: the metric moves between evaluations
+            "trainer.enable_progress_bar=false",
+            "logger.loggers=[csv]",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    result = run(cfg)
+    best, history = result["best"], [h for h in result["eval_history"] if h["tag"] != "before"]
+    values = [h["metrics"]["tiny/ndcg@10"] for h in history]
+    assert best["metric"] == "tiny/ndcg@10" and best["value"] == max(values)
+    assert best["step"] == history[values.index(max(values))]["step"]  # the first step reaching the max
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == best["step"]
+    exported = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    name = "embeddings.word_embeddings.weight"
+    best_w = ckpt["state_dict"][f"encoder.query_backbone.{name}"]
+    torch.testing.assert_close(exported[name], best_w, rtol=0, atol=0)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert best["step"] < last["global_step"] == 4  # ties keep the first: the final weights differ ...
+    assert not torch.equal(last["state_dict"][f"encoder.query_backbone.{name}"], best_w)  # ... so this is a real check

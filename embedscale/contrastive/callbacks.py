@@ -22,13 +22,26 @@ log = logging.getLogger(__name__)
 
 class EvalCallback(L.Callback):
     def __init__(
-        self, evaluators: list, tokenizer, *, before: bool = True, every_n_steps: int = 0, run_dir: Path | None = None
+        self,
+        evaluators: list,
+        tokenizer,
+        *,
+        before: bool = True,
+        every_n_steps: int = 0,
+        run_dir: Path | None = None,
+        primary: str | None = None,
+        best_checkpoint: Path | None = None,
     ) -> None:
+        """`primary` (e.g. "scifact/ndcg@10") selects the best evaluation after training started; with
+        `best_checkpoint`, the weights of each new best are saved there (model, optimizer, data cursor)."""
         self.evaluators = evaluators
         self.tokenizer = tokenizer
         self.before = before
         self.every_n_steps = every_n_steps
         self.run_dir = run_dir
+        self.primary = primary
+        self.best_checkpoint = best_checkpoint
+        self.best: dict | None = None  # {"step", "tag", "metric", "value", "checkpoint"}
         self.history: list[dict] = []
         self._last_step = -1  # same on every rank, so that all of them reach the barrier together
 
@@ -45,7 +58,24 @@ class EvalCallback(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
             log.info("eval %s at step %d (%.0f s): %s", tag, step, seconds, metrics)
+        self._track_best(trainer, tag, step, metrics)  # metrics are the same on every rank (broadcast)
         trainer.strategy.barrier("embedscale-eval")
+
+    def _track_best(self, trainer: L.Trainer, tag: str, step: int, metrics: dict) -> None:
+        if self.primary is None or tag == "before":
+            return
+        if self.primary not in metrics:
+            raise ValueError(
+                f"eval.primary_metric: {self.primary!r} is not among the evaluation's metrics "
+                f"({', '.join(sorted(metrics)[:8])}, ...): set eval.primary_metric to one of their suffixes"
+            )
+        value = float(metrics[self.primary])
+        if self.best is not None and value <= self.best["value"]:
+            return
+        self.best = {"step": step, "tag": tag, "metric": self.primary, "value": value, "checkpoint": None}
+        if self.best_checkpoint is not None:
+            trainer.save_checkpoint(self.best_checkpoint)  # every rank calls it; rank 0 writes
+            self.best["checkpoint"] = str(self.best_checkpoint)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.before:
@@ -61,13 +91,16 @@ class EvalCallback(L.Callback):
             self.evaluate(trainer, module, "after")
         elif self.history:
             self.history[-1]["tag"] = "after"
+            if self.best is not None and self.best["step"] == trainer.global_step:
+                self.best["tag"] = "after"
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "last_step": self._last_step}
+        return {"history": self.history, "last_step": self._last_step, "best": self.best}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
         self._last_step = int(state_dict.get("last_step", -1))
+        self.best = state_dict.get("best")
 
 
 class RequeueOnSignal(L.Callback):
