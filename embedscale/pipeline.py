@@ -21,6 +21,7 @@ failing stage stops the pipeline with its own error message.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -123,6 +124,8 @@ def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any
     out = Path(p.output or run_dir or "runs/pipeline").resolve()
     out.mkdir(parents=True, exist_ok=True)
     dirs = {s.name: out / s.name for s in p.stages}
+    # Several tasks may run one stage (srun, torchrun): each runs the job, only the first writes lineage.
+    lead = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
     summary: list[dict] = []
     for stage in p.stages:
         lineage_path = dirs[stage.name] / "lineage.json"
@@ -150,20 +153,23 @@ def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any
             "config": to_jsonable(stage_cfg),
             "data_manifests": _manifests_read(stage_cfg),
         }
-        lineage_path.write_text(json.dumps(lineage, indent=2) + "\n")
+        if lead:
+            lineage_path.write_text(json.dumps(lineage, indent=2) + "\n")
         print(f"[pipeline] {stage.name}: embedscale {stage.job} " + " ".join(resolved), flush=True)
         start = time.perf_counter()
         result = importlib.import_module(STAGE_JOBS[stage.job][0]).run(stage_cfg, run_dir=dirs[stage.name])
         lineage.update(
             status="done", seconds=round(time.perf_counter() - start, 1), produced=_produced(stage.job, result)
         )
-        lineage_path.write_text(json.dumps(to_jsonable(lineage), indent=2) + "\n")
+        if lead:
+            lineage_path.write_text(json.dumps(to_jsonable(lineage), indent=2) + "\n")
         summary.append(lineage)
     table = [
         {"stage": s["stage"], "job": s["job"], "seconds": s.get("seconds"), "produced": s.get("produced")}
         for s in summary
     ]
-    (out / "pipeline.json").write_text(json.dumps({"name": p.name, "stages": to_jsonable(table)}, indent=2) + "\n")
+    if lead:
+        (out / "pipeline.json").write_text(json.dumps({"name": p.name, "stages": to_jsonable(table)}, indent=2) + "\n")
     print(f"[pipeline] {p.name}: {len(summary)} stage(s) in {out}")
     return {"output": str(out), "stages": summary}
 

@@ -177,3 +177,30 @@ def test_four_point_hydra_sweep(tiny_bert, tiny_data, tmp_path, where):
     assert points == {(1e-4, 1), (1e-4, 2), (3e-4, 1), (3e-4, 2)}
     if where == "slurm":  # the jobs really ran under SLURM
         assert len(list((tmp_path / "submitit").glob("*/*_result.pkl"))) == 4
+
+
+def test_pipeline_stages_as_dependent_slurm_jobs(tiny_bert, tiny_data, tmp_path):
+    """slurm/pipeline.sh: round1 -> mine1 -> round2 as three jobs chained with afterok; lineage as locally."""
+    from tests.test_pipeline import _tiny
+
+    overrides = [o for o in _tiny(tiny_bert, tiny_data, tmp_path) if not o.startswith("pipeline.output=")]
+    out = tmp_path / "pipe"
+    env = {**clean_env(), "EMBEDSCALE": EMBEDSCALE, "SBATCH_ARGS": "--cpus-per-task=1"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "pipeline.sh"), str(out), "round1", "mine1", "round2", "--", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = [line.split("job ")[1] for line in proc.stdout.splitlines()]
+    assert len(jobs) == 3
+    deps = subprocess.run(["scontrol", "show", "job", jobs[2]], capture_output=True, text=True).stdout
+    assert f"afterok:{jobs[1]}" in deps.replace("(unfulfilled)", "")
+    for job in jobs:
+        assert _wait_done(job) == "COMPLETED", "\n".join(p.read_text()[-2000:] for p in out.glob("slurm-*.out"))
+    lineage = {s: json.loads((out / s / "lineage.json").read_text()) for s in ("round1", "mine1", "round2")}
+    assert all(v["status"] == "done" for v in lineage.values())
+    assert lineage["round2"]["parents"] == {"round1": str(out / "round1"), "mine1": str(out / "mine1")}
+    assert (out / "round2" / "model" / "model.safetensors").is_file()
