@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -258,18 +258,7 @@ def run(cfg: MineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
             return bm25[2][(query, doc)]
         return float(q_QD[qrow[query]] @ docs_ND[doc])
 
-    spec = SelectSpec(
-        num_negatives=c.num_negatives,
-        window_start=c.window_start,
-        window_end=c.window_end,
-        sample=c.sample,
-        margin=c.margin,
-        relative_margin=c.relative_margin,
-        ce_threshold=c.ce_threshold,
-        ce_margin=c.ce_margin,
-        fill=c.fill,
-        seed=c.seed,
-    )
+    spec = SelectSpec(**{f.name: getattr(c, f.name) for f in fields(SelectSpec)})  # MineConfig's same keys
     plans, same_of = [], []
     for i, rec in enumerate(data.samples):
         row = qrow[rec.query]

@@ -61,6 +61,9 @@ class PairCollator:
         negatives = [neg for ex in examples for neg in ex.negatives[:k]]  # (B * k,) row-major
         if len(negatives) != k * len(examples):
             raise ValueError(f"a batch needs {k} negatives per example (data.num_hard_negatives); some have fewer")
+        with_teacher = [ex.teacher_scores is not None for ex in examples]
+        if any(with_teacher) and not all(with_teacher):
+            raise ValueError("a batch mixes samples with and without teacher scores (data.teacher_scores)")
         ids = TextIds(
             query_B=torch.tensor([text_id(ex.query) for ex in examples], dtype=torch.long),
             positive_B=torch.tensor([text_id(ex.positive) for ex in examples], dtype=torch.long),
@@ -81,7 +84,7 @@ class PairCollator:
             num_negatives_per_query=k,
             keys=[ex.key for ex in examples],
             teacher_BG=torch.tensor([ex.teacher_scores[: 1 + k] for ex in examples], dtype=torch.float32)
-            if examples and all(ex.teacher_scores is not None for ex in examples)
+            if examples and all(with_teacher)
             else None,
         )
 

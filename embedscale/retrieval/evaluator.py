@@ -89,12 +89,17 @@ class RetrievalEvaluator:
 
     def search(self, encoder: BiEncoder, tokenizer, *, dim: int | None = None) -> dict[str, dict[str, float]]:
         """Run of the top max(k_values) documents per query: {query_id: {doc_id: score}}."""
+        q_QD, docs_ND = self.embeddings(encoder, tokenizer)
+        return self.rank(q_QD, docs_ND, normalize=encoder.cfg.normalize, dim=dim)
+
+    def rank(
+        self, q_QD: torch.Tensor, docs_ND: torch.Tensor, *, normalize: bool, dim: int | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Exact search of given embeddings (local: no collectives) -> run {query_id: {doc_id: score}}."""
         from embedscale.encoder.biencoder import truncate
 
         doc_ids = list(self.corpus)
         qids = list(self.queries)
-        q_QD, docs_ND = self.embeddings(encoder, tokenizer)
-        normalize = encoder.cfg.normalize
         scores_QK, idx_QK = exact_search(
             truncate(q_QD, dim, normalize=normalize), truncate(docs_ND, dim, normalize=normalize), max(self.k_values)
         )
@@ -106,9 +111,10 @@ class RetrievalEvaluator:
     def __call__(self, encoder: BiEncoder, tokenizer, *, run_path: Path | None = None) -> dict[str, float]:
         """Metrics of this set. Every rank of a process group must call it (encoding is sharded); the
         metrics are computed once, on rank 0, and broadcast; rank 0 writes the run file."""
-        run = self.search(encoder, tokenizer)
+        q_QD, docs_ND = self.embeddings(encoder, tokenizer)  # every rank: the encoding is sharded
         metrics = None
-        if rank_world()[0] == 0:
+        if rank_world()[0] == 0:  # the search and the metrics once
+            run = self.rank(q_QD, docs_ND, normalize=encoder.cfg.normalize)
             if run_path is not None:
                 run_path.parent.mkdir(parents=True, exist_ok=True)
                 run_path.write_text(json.dumps(run))
