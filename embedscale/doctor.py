@@ -30,9 +30,9 @@ TOLERANCE = 1e-5
 
 
 def _init() -> tuple[int, int, torch.device]:
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+    from embedscale.retrieval.index import init_distributed_from_env
+
+    init_distributed_from_env()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if torch.cuda.is_available():

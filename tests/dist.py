@@ -11,6 +11,8 @@ import socket
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint  # noqa: F401  imported after init_process_group, these two pin the
+import torch.distributed.fsdp  # noqa: F401  group past destroy (retrieval.index.init_distributed_from_env)
 import torch.multiprocessing as mp
 
 

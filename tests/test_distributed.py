@@ -8,6 +8,8 @@ fixed length so that mask shapes agree. float64 throughout.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -188,3 +190,32 @@ def test_doctor_under_torchrun_two_ranks():
     assert report["world_size"] == 2 and report["backend"] == "gloo"
     assert len(report["checks"]) == 2 and all(c["ok"] and c["max_rel_diff"] < 1e-10 for c in report["checks"])
     assert report["allgather_GBps"] > 0 and report["rows_per_s"] > 0
+
+
+_LEAK_SCRIPT = """
+import os, torch.distributed as dist
+from embedscale.retrieval.index import init_distributed_from_env
+init_distributed_from_env()
+from embedscale import doctor
+doctor._module(doctor._init()[2])  # Lightning + transformers model classes, imported after the group exists
+dist.barrier()
+dist.destroy_process_group()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads after destroy:", sorted(n for n in names if "gloo" in n))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from Linux /proc")
+def test_destroy_process_group_really_frees_gloo():
+    """The CI abort at exit ("terminate called without an active exception"): a gloo group still alive at
+    interpreter shutdown. init_distributed_from_env must leave a group that destroy_process_group frees
+    (its worker threads joined) even when Lightning/transformers are imported after it."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python"]
+    cmd += [sys.executable, "-c", _LEAK_SCRIPT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("gloo threads after destroy: []") == 2, proc.stdout

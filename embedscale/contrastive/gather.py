@@ -39,21 +39,43 @@ def check_same_shape(x: torch.Tensor, name: str = "tensor") -> None:
         )
 
 
+def _collective(new: str, old: str):
+    """torch >= 2.13 names the tensor collectives *_single; older releases call them *_tensor."""
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all-gather along dim 0 whose backward is a reduce-scatter with SUM (gloo and NCCL alike).
+
+    Written here rather than taken from torch: `_functional_collectives.all_gather_tensor_autograd`
+    (and its successor `all_gather_single_autograd`) on gloo made ~1 in 7 processes abort at exit
+    ("terminate called without an active exception") on this repo's 2-core CI machine, and
+    `torch.distributed.nn.functional.all_gather` is deprecated. This one uses only the plain
+    collectives; tests/test_distributed.py proves its gradient exact against one process.
+    """
+
+    @staticmethod
+    def forward(ctx, x_bX: torch.Tensor) -> torch.Tensor:
+        _, size = world()
+        out_NX = x_bX.new_empty((size * x_bX.shape[0], *x_bX.shape[1:]))
+        _collective("all_gather_single", "all_gather_into_tensor")(out_NX, x_bX.contiguous())
+        return out_NX
+
+    @staticmethod
+    def backward(ctx, grad_NX: torch.Tensor) -> torch.Tensor:
+        _, size = world()
+        grad_bX = grad_NX.new_empty((grad_NX.shape[0] // size, *grad_NX.shape[1:]))
+        _collective("reduce_scatter_single", "reduce_scatter_tensor")(grad_bX, grad_NX.contiguous())
+        return grad_bX
+
+
 def all_gather_with_grad(x_bX: torch.Tensor, name: str = "tensor") -> torch.Tensor:
     """Concatenate every rank's x along dim 0 -> (N, ...), with the gradient flowing back to each rank."""
     _, size = world()
     if size == 1:
         return x_bX
     check_same_shape(x_bX, name)
-    try:
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd
-
-        out = all_gather_tensor_autograd(x_bX.contiguous(), gather_dim=0, group=dist.group.WORLD)
-        return out.wait() if hasattr(out, "wait") else out
-    except ImportError:  # older torch: the (deprecated) autograd-aware gather
-        import torch.distributed.nn.functional as dist_fn
-
-        return torch.cat(dist_fn.all_gather(x_bX.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x_bX)
 
 
 @torch.no_grad()

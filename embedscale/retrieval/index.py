@@ -167,16 +167,29 @@ def gather_rows(local_nD: torch.Tensor, positions_n: torch.Tensor, total: int) -
 
 def init_distributed_from_env() -> None:
     """Join the process group torchrun/srun describe in the environment (WORLD_SIZE > 1), once:
-    NCCL on GPUs, gloo on CPUs. A single process stays without one."""
+    NCCL on GPUs (device = LOCAL_RANK), gloo on CPUs. A single process stays without one.
+
+    Two exit-time traps are avoided here. Importing torch.distributed.fsdp/.checkpoint (Lightning and
+    transformers' model classes do) while a gloo group exists takes C++ references to the group, so
+    destroy_process_group cannot free it; they are imported first. And the group is destroyed at exit
+    while the interpreter is alive: gloo worker threads still running during finalisation take the GIL
+    and abort the process ("terminate called without an active exception"), seen on CI.
+    """
+    import atexit
     import os
 
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 def barrier() -> None:
