@@ -32,6 +32,7 @@ class DataFormat(enum.Enum):
     beir = "beir"
     jsonl = "jsonl"
     shards = "shards"
+    corpus = "corpus"
 
 
 class Scheduler(enum.Enum):
@@ -107,14 +108,64 @@ class SourceConfig:
     applied at collate time; None: the model's (model.query_prefix / model.document_prefix)."""
 
 
+PRETRAIN_TASKS = ("ict", "spans", "mixed")
+
+
+@dataclass
+class PretrainConfig:
+    """data.format=corpus: (query, positive) pairs made from unlabelled documents, fresh each epoch
+    (embedscale/data/pretrain.py). Deterministic from (seed, epoch, document id)."""
+
+    task: str = "mixed"
+    """ict: inverse cloze task (a sentence -> the rest of its document, ORQA); spans: two independent random word
+    spans of a document (Contriever's cropping); mixed: each document picks one per epoch with probability 0.5."""
+    ict_keep_prob: float = 0.1
+    """ICT: probability that the query sentence is left in its positive (ORQA keeps it 10% of the time, so the
+    model also learns that word overlap matters)."""
+    span_min_ratio: float = 0.1
+    span_max_ratio: float = 0.5
+    """spans: each span's length, in words, is uniform in [min, max] x the document's word count."""
+    min_words: int = 16
+    """Documents with fewer words are not used (counted and logged)."""
+    min_query_words: int = 4
+    """ICT picks its query among sentences of at least this many words; spans are at least this long when the
+    document allows. A document without such a sentence, or with fewer than 2 sentences, uses spans (counted)."""
+    text_field: str = "text"
+    title_field: str = "title"
+    """Field names of a JSONL corpus file (a BEIR directory always uses `text` and `title`). A title is
+    prepended to the ICT positive, as ORQA does."""
+
+    def __post_init__(self) -> None:
+        if self.task not in PRETRAIN_TASKS:
+            raise ValueError(f"data.pretrain.task={self.task!r}: use {', '.join(PRETRAIN_TASKS)}")
+        if not 0 <= self.ict_keep_prob <= 1:
+            raise ValueError(f"data.pretrain.ict_keep_prob={self.ict_keep_prob}: use a probability in [0, 1]")
+        if not 0 < self.span_min_ratio <= 1:
+            raise ValueError(f"data.pretrain.span_min_ratio={self.span_min_ratio}: use a value in (0, 1]")
+        if not self.span_min_ratio <= self.span_max_ratio <= 1:
+            raise ValueError(
+                f"data.pretrain.span_max_ratio={self.span_max_ratio}: use a value in "
+                f"[data.pretrain.span_min_ratio={self.span_min_ratio}, 1]"
+            )
+        if self.min_words < 2:
+            raise ValueError(f"data.pretrain.min_words={self.min_words}: a pair needs at least 2 words, use >= 2")
+        if self.min_query_words < 1:
+            raise ValueError(f"data.pretrain.min_query_words={self.min_query_words}: use >= 1")
+        for key in ("text_field", "title_field"):
+            if not getattr(self, key):
+                raise ValueError(f"data.pretrain.{key} is empty: give the JSONL corpus's field name")
+
+
 @dataclass
 class DataConfig:
     root: str | None = None
     """Data root; None reads $EMBEDSCALE_DATA, then ../shared/data next to the working directory or repo."""
     format: DataFormat = DataFormat.beir
-    """beir: corpus.jsonl(.gz) + queries.jsonl + qrels/<split>.tsv; jsonl: one pair/triplet per line."""
+    """beir: corpus.jsonl(.gz) + queries.jsonl + qrels/<split>.tsv; jsonl: one pair/triplet per line;
+    shards: `embedscale shard` output; corpus: unlabelled documents (a BEIR directory's corpus or a JSONL file),
+    turned into pre-training pairs each epoch (data.pretrain)."""
     path: str = "scifact"
-    """Dataset directory (beir) or file (jsonl), relative to data.root unless absolute."""
+    """Dataset directory (beir, corpus) or file (jsonl, corpus), relative to data.root unless absolute."""
     split: str = "train"
     """qrels split for the beir format."""
     query_field: str = "query"
@@ -163,6 +214,9 @@ class DataConfig:
     loss.distill_weight. None: no teacher."""
     record_keys: bool = False
     """Write every consumed batch's sample keys to <run_dir>/samples/rank<r>.jsonl (step, source, keys)."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """data.format=corpus: how pairs are made from the documents (ICT, spans); ignored by the other formats.
+    data.max_samples then limits documents."""
 
     def __post_init__(self) -> None:
         if self.batch_size_per_rank is None and self.global_batch_size is None:
@@ -177,6 +231,11 @@ class DataConfig:
             raise ValueError(f"data.on_error={self.on_error!r}: use raise or skip")
         if self.teacher_scores not in (None, "cross_encoder", "retriever"):
             raise ValueError(f"data.teacher_scores={self.teacher_scores!r}: use cross_encoder, retriever or null")
+        if self.format is DataFormat.corpus and self.num_hard_negatives:
+            raise ValueError(
+                f"data.format=corpus makes (query, positive) pairs only, but data.num_hard_negatives="
+                f"{self.num_hard_negatives}: set data.num_hard_negatives=0"
+            )
 
 
 @dataclass
@@ -316,6 +375,10 @@ class BeirSet:
     split: str = "test"
     name: str | None = None
     """Metric prefix; None uses the directory name."""
+    query_prefix: str | None = None
+    """This task's query instruction (e.g. "Instruct: Given a scientific claim, retrieve documents that
+    support or refute it\nQuery: "), used instead of the model's model.query_prefix; None: the model's.
+    Documents always take the model's document prefix (their cached embeddings stay valid)."""
 
 
 @dataclass
@@ -323,6 +386,8 @@ class StsSet:
     path: str = "stsb/test.tsv"
     """TSV with sentence1, sentence2, score columns, relative to the data root unless absolute."""
     name: str | None = None
+    query_prefix: str | None = None
+    """Instruction prepended to both sentences instead of model.query_prefix; None: the model's."""
 
 
 @dataclass
@@ -392,6 +457,10 @@ class TrainConfig:
     """Where checkpoints, logs, metrics.json and the export go; None uses Hydra's run directory."""
     export: bool = True
     """Export a sentence-transformers/HF model to <run_dir>/model after training."""
+    init_from: str | None = None
+    """Start from an earlier stage: its run directory (its export, <dir>/model, is used) or an export
+    directory. Replaces model.name_or_path; the export restores its pooling, prefixes and towers. The parent
+    (path, weights fingerprint, its final metrics) is recorded in metrics.json under `init_from`."""
 
     def __post_init__(self) -> None:
         world = self.trainer.world_size()
@@ -798,6 +867,9 @@ class SweepJobConfig:
             raise ValueError("eval.sts is set, but the sweep measures retrieval only: set eval.sts=[] or eval=scifact")
 
 
+STAGE_JOB_NAMES = ("train", "mine", "evaluate", "shard", "reranker")
+
+
 @dataclass
 class StageConfig:
     """One stage of `embedscale pipeline`: a job and its Hydra overrides."""
@@ -805,13 +877,17 @@ class StageConfig:
     name: str = "???"
     """Stage name: its directory under pipeline.output, and `{name}` in later stages' overrides."""
     job: str = "train"
-    """train, mine, evaluate or shard."""
+    """train, mine, evaluate, shard or reranker."""
     overrides: list[str] = field(default_factory=list)
     """As on the job's command line; `{stage}` is that stage's directory, `{self}` this one's."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Nested keys merged over the composed config after the overrides, as a YAML file would be (for lists
+    of sources and multi-line instructions, which are awkward as overrides); `{stage}` refs work in its
+    strings, and an unknown key is an error naming it."""
 
     def __post_init__(self) -> None:
-        if self.job not in ("train", "mine", "evaluate", "shard"):
-            raise ValueError(f"pipeline stage {self.name!r}: job={self.job!r}, use train, mine, evaluate or shard")
+        if self.job not in STAGE_JOB_NAMES:
+            raise ValueError(f"pipeline stage {self.name!r}: job={self.job!r}, use one of {', '.join(STAGE_JOB_NAMES)}")
 
 
 @dataclass
@@ -824,6 +900,9 @@ class PipelineConfig:
     """Skip stages whose lineage.json says done (re-running a stopped pipeline continues it)."""
     only: list[str] = field(default_factory=list)
     """Run only these stages (the others keep their directories for `{name}` references)."""
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Overrides appended to every stage of a job, after the stage's own (so they win), e.g.
+    `+pipeline.overrides.train=[trainer.max_steps=2]` or a data root for all train and mine stages."""
 
     def validate(self) -> None:
         names = [s.name for s in self.stages]
@@ -835,6 +914,9 @@ class PipelineConfig:
         unknown = [n for n in self.only if n not in names]
         if unknown:
             raise ValueError(f"pipeline.only names unknown stage(s) {unknown}: choose from {names}")
+        unknown = sorted(set(self.overrides) - set(STAGE_JOB_NAMES))
+        if unknown:
+            raise ValueError(f"pipeline.overrides has unknown job(s) {unknown}: use {', '.join(STAGE_JOB_NAMES)}")
 
 
 @dataclass
@@ -852,6 +934,14 @@ def register_configs() -> None:
     cs.store(name="mine_schema", node=MineJobConfig)
     cs.store(name="pipeline_schema", node=PipelineJobConfig)
     cs.store(name="sweep_schema", node=SweepJobConfig)
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", _required)
+
+
+def _required(what: str) -> Any:
+    """`key: ${required:what it must be}` in a group file (conf/stage/): a value the user must give. (`???`
+    cannot mark it: merged over a default, OmegaConf keeps the default.) Resolved only if never overridden."""
+    raise ValueError(f"required value missing: {what}")
 
 
 def to_config(cfg: DictConfig, schema: type) -> Any:

@@ -1,4 +1,4 @@
-"""Job `embedscale pipeline`: run a list of stages (train, mine, evaluate, shard) in order, each from the last.
+"""Job `embedscale pipeline`: run stages (train, mine, evaluate, shard, reranker) in order, each from the last.
 
     embedscale pipeline                                  # recipe=iterative: train -> mine with it -> train
     embedscale pipeline recipe=iterative pipeline.output=runs/iter1
@@ -35,6 +35,7 @@ STAGE_JOBS = {
     "mine": ("embedscale.mine", "mine", "MineJobConfig"),
     "evaluate": ("embedscale.evaluate", "evaluate", "EvaluateConfig"),
     "shard": ("embedscale.shard", "shard", "ShardJobConfig"),
+    "reranker": ("embedscale.reranker", "reranker", "RerankerJobConfig"),
 }
 _REF = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 
@@ -58,12 +59,28 @@ def resolve_overrides(overrides: list[str], dirs: dict[str, Path], stage: str) -
     return [_REF.sub(sub, o) for o in overrides], parents
 
 
-def compose_stage(job: str, overrides: list[str]):
-    """The typed config of `embedscale <job> <overrides>` (compose-time errors name the stage's key)."""
+def resolve_refs(value: Any, dirs: dict[str, Path], stage: str, parents: list[str]) -> Any:
+    """`resolve_overrides` through a nested stage `config` (strings in dicts and lists)."""
+    if isinstance(value, str):
+        (resolved,), found = resolve_overrides([value], dirs, stage)
+        parents.extend(p for p in found if p not in parents)
+        return resolved
+    if isinstance(value, dict):
+        return {k: resolve_refs(v, dirs, stage, parents) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_refs(v, dirs, stage, parents) for v in value]
+    return value
+
+
+def compose_stage(job: str, overrides: list[str], extra: dict | None = None):
+    """The typed config of `embedscale <job> <overrides>`, then `extra` merged over it as a config file would
+    be (compose-time errors name the stage's key)."""
     import importlib
 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
 
     from embedscale import config as schemas
     from embedscale.config import register_configs, to_config
@@ -73,6 +90,11 @@ def compose_stage(job: str, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         raw = compose(config_name=config_name, overrides=list(overrides))
+    if extra:
+        try:
+            raw = OmegaConf.merge(raw, OmegaConf.create(extra))
+        except ConfigKeyError as err:
+            raise ValueError(f"pipeline stage config: {err.msg} (full key: {err.full_key})") from err
     importlib.import_module(STAGE_JOBS[job][0])
     return to_config(raw, getattr(schemas, schema))
 
@@ -106,13 +128,50 @@ def _manifests_read(cfg) -> list[dict]:
 
 def _produced(job: str, result: dict) -> dict:
     if job == "train":
-        return {"eval": result.get("eval"), "export_dir": result.get("export_dir"), "train": result.get("train")}
+        keys = ("eval", "export_dir", "train", "init_from")
+        return {k: result.get(k) for k in keys}
+    if job == "reranker":
+        return {"eval": result.get("eval"), "model_dir": result.get("model_dir"), "biencoder": result.get("biencoder")}
     if job == "mine":
         mining = result.get("mining", {})
         return {"samples": result.get("num_samples"), "counts": mining.get("counts"), "model": mining.get("model")}
     if job == "evaluate":
         return {"metrics": result}
     return {"samples": result.get("num_samples")}
+
+
+TABLE_METRICS = ("ndcg@10", "recall@100", "spearman")
+
+
+def metrics_table(summary: list[dict]) -> list[dict]:
+    """One row per evaluated stage: the start (the first evaluated stage's `before`), then every train or
+    evaluate stage's final metrics (ndcg@10, recall@100 of each BEIR set; spearman of each STS set)."""
+    rows: list[dict] = []
+    for s in summary:
+        produced = s.get("produced") or {}
+        if s["job"] == "train":
+            evals = produced.get("eval") or {}
+            if not rows and evals.get("before"):
+                rows.append({"stage": f"start ({s['stage']} before)", **evals["before"]})
+            if evals.get("after"):
+                rows.append({"stage": s["stage"], **evals["after"]})
+        elif s["job"] == "evaluate" and produced.get("metrics"):
+            rows.append({"stage": s["stage"], **produced["metrics"]})
+    return [{k: v for k, v in row.items() if k == "stage" or k.rsplit("/", 1)[-1] in TABLE_METRICS} for row in rows]
+
+
+def print_metrics_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = sorted({k for row in rows for k in row if k != "stage"})
+    table = Table(title=title)
+    table.add_column("stage")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for row in rows:
+        table.add_row(row["stage"], *(f"{row[c]:.4f}" if c in row else "-" for c in columns))
+    Console().print(table)
 
 
 def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
@@ -135,13 +194,14 @@ def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any
             print(f"[pipeline] {stage.name}: done before, skipped ({lineage_path})")
             summary.append(json.loads(lineage_path.read_text()))
             continue
-        overrides = list(stage.overrides)
+        overrides = list(stage.overrides) + list(p.overrides.get(stage.job, []))
         if stage.job == "mine" and not any(o.startswith("mine.output=") for o in overrides):
             overrides.append("mine.output={self}/shards")
-        if stage.job == "train" and not any(o.startswith("run_dir=") for o in overrides):
+        if stage.job in ("train", "reranker") and not any(o.startswith("run_dir=") for o in overrides):
             overrides.append("run_dir={self}")
         resolved, parents = resolve_overrides(overrides, dirs, stage.name)
-        stage_cfg = compose_stage(stage.job, resolved)
+        extra = resolve_refs(dict(stage.config), dirs, stage.name, parents)
+        stage_cfg = compose_stage(stage.job, resolved, extra)
         dirs[stage.name].mkdir(parents=True, exist_ok=True)
         lineage = {
             "stage": stage.name,
@@ -149,6 +209,7 @@ def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any
             "status": "running",
             "overrides": list(stage.overrides),
             "resolved_overrides": resolved,
+            "stage_config": extra,
             "parents": {name: str(dirs[name]) for name in parents},
             "config": to_jsonable(stage_cfg),
             "data_manifests": _manifests_read(stage_cfg),
@@ -168,10 +229,14 @@ def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any
         {"stage": s["stage"], "job": s["job"], "seconds": s.get("seconds"), "produced": s.get("produced")}
         for s in summary
     ]
+    rows = metrics_table(summary)
     if lead:
-        (out / "pipeline.json").write_text(json.dumps({"name": p.name, "stages": to_jsonable(table)}, indent=2) + "\n")
+        record = {"name": p.name, "stages": to_jsonable(table), "metrics": rows}
+        (out / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
+        if rows:
+            print_metrics_table(rows, f"embedscale pipeline {p.name}: metrics after each stage")
     print(f"[pipeline] {p.name}: {len(summary)} stage(s) in {out}")
-    return {"output": str(out), "stages": summary}
+    return {"output": str(out), "stages": summary, "metrics": rows}
 
 
 main = hydra_job("pipeline", PipelineJobConfig, run)

@@ -102,6 +102,27 @@ def resume_path(cfg: TrainConfig, run_dir: Path) -> str | None:
     return resume
 
 
+def resolve_init_from(init_from: str) -> tuple[str, dict]:
+    """(export directory, parent record) of `init_from`: a run directory holding model/, or an export."""
+    from embedscale.encoder.biencoder import EXPORT_META
+
+    path = Path(init_from).expanduser().resolve()
+    for candidate in (path / "model", path):
+        if (candidate / EXPORT_META).is_file():
+            break
+    else:
+        raise ValueError(
+            f"init_from={init_from!r}: neither {path / 'model'} nor {path} is an embedscale export (no {EXPORT_META}); "
+            "give a training run directory whose export succeeded (export=true) or its model/ directory"
+        )
+    parent: dict = {"path": str(candidate)}
+    run_metrics = candidate.parent / "metrics.json"
+    if candidate.name == "model" and run_metrics.is_file():
+        done = json.loads(run_metrics.read_text())
+        parent.update(run_dir=str(candidate.parent), model=done.get("model"), eval=done.get("eval", {}).get("after"))
+    return str(candidate), parent
+
+
 def summarize(history: list[dict]) -> dict[str, dict[str, float]]:
     return {entry["tag"]: entry["metrics"] for entry in history}
 
@@ -138,7 +159,13 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         Path(cfg.run_dir or run_dir or "runs/train"), seed=cfg.seed, num_threads=cfg.trainer.num_threads
     )
     data_root = resolve_data_root(cfg.data.root)
+    parent = None
+    if cfg.init_from:
+        cfg.model.name_or_path, parent = resolve_init_from(cfg.init_from)
+        log.info("init_from %s: starting from the export %s", cfg.init_from, cfg.model.name_or_path)
     encoder, tokenizer = load_encoder(cfg.model)
+    if parent is not None:
+        parent["weights"] = encoder.fingerprint("query")
     evaluators = build_evaluators(cfg.eval, root=data_root, default_max_length=encoder.cfg.document_max_length)
     primary = None
     if evaluators:
@@ -178,6 +205,7 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     result = {
         "run_dir": str(run_dir),
         "model": cfg.model.name_or_path,
+        "init_from": parent,
         "config": to_jsonable(cfg),
         "train": {
             "optimizer_steps": trainer.global_step,

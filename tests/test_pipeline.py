@@ -13,6 +13,10 @@ from embedscale.pipeline import resolve_overrides
 from tests.test_train_e2e import clean_env, tiny_overrides
 
 
+def _as_list(items: list[str]) -> str:  # Hydra's grammar: list items holding '=' are quoted
+    return "[" + ",".join(f"'{i}'" for i in items) + "]"
+
+
 def _tiny(tiny_bert, tiny_data, tmp_path) -> list[str]:
     common = [o for o in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not o.startswith("trainer.")]
     common += ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.enable_progress_bar=false"]
@@ -24,17 +28,14 @@ def _tiny(tiny_bert, tiny_data, tmp_path) -> list[str]:
         f"mine.cache_dir={tmp_path / 'cache'}",
     ]
 
-    def as_list(items: list[str]) -> str:  # Hydra's grammar: list items holding '=' are quoted
-        return "[" + ",".join(f"'{i}'" for i in items) + "]"
-
     round2 = [c for c in common if not c.startswith(("data.path", "model.name_or_path"))]
     round2 += ["model.name_or_path={round1}/model", "data.format=shards", "data.path={mine1}/shards"]
     return [
         f"pipeline.output={tmp_path / 'pipe'}",
-        "pipeline.stages.0.overrides=" + as_list(common),
+        "pipeline.stages.0.overrides=" + _as_list(common),
         "pipeline.stages.1.overrides="
-        + as_list([*mine, "model.name_or_path={round1}/model", "mine.relative_margin=0.05"]),
-        "pipeline.stages.2.overrides=" + as_list([*round2, "data.num_hard_negatives=1"]),
+        + _as_list([*mine, "model.name_or_path={round1}/model", "mine.relative_margin=0.05"]),
+        "pipeline.stages.2.overrides=" + _as_list([*round2, "data.num_hard_negatives=1"]),
     ]
 
 
@@ -67,3 +68,49 @@ def test_references_must_point_backwards(tmp_path):
     assert resolved == [f"x={tmp_path / 'a'}/model", f"y={tmp_path / 'b'}/out", "z=[{path:p}]"] and parents == ["a"]
     with pytest.raises(ValueError, match="runs after it"):
         resolve_overrides(["x={b}/model"], dirs, "a")
+
+
+def test_four_stage_recipe_on_the_shared_data(tiny_bert, shared_data, tmp_path):
+    """recipe=four_stage_cpu as shipped (pretrain on the SciFact corpus -> weak on MedQuAD -> mine -> fine-tune
+    with the mined negatives -> shard MedQuAD -> instruct on the mixture), on the real data, with a tiny BERT and
+    2 steps per training stage: every stage done, each starting from the last, the metrics table written."""
+    import os
+
+    common = ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.enable_progress_bar=false"]
+    common += [f"eval.cache_dir={tmp_path / 'cache'}", "model.query_max_length=32"]
+    train = [f"model.name_or_path={tiny_bert}", "data.max_samples=400", *common]
+    args = [sys.executable, "-m", "embedscale.cli", "pipeline", "recipe=four_stage_cpu"]
+    args += [f"pipeline.output={tmp_path / 'pipe'}", "+pipeline.overrides.train=" + _as_list(train)]
+    args += [f"+pipeline.overrides.mine=['mine.cache_dir={tmp_path / 'cache'}']"]
+    env = {**clean_env(), "EMBEDSCALE_DATA": str(shared_data)}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = tmp_path / "pipe"
+    stages = ["pretrain", "weak", "mine", "finetune", "medquad", "instruct"]
+    lineage = {s: json.loads((pipe / s / "lineage.json").read_text()) for s in stages}
+    assert all(v["status"] == "done" for v in lineage.values())
+    # each training stage starts from its parent's export, recorded with the parent's metrics
+    for stage, parent in (("weak", "pretrain"), ("finetune", "weak"), ("instruct", "finetune")):
+        init = lineage[stage]["produced"]["init_from"]
+        assert (
+            init["path"] == str(pipe / parent / "model")
+            and init["eval"] == lineage[parent]["produced"]["eval"]["after"]
+        )
+        assert parent in lineage[stage]["parents"]
+    assert lineage["pretrain"]["config"]["data"]["format"] == "corpus"
+    assert lineage["mine"]["config"]["model"]["name_or_path"] == str(pipe / "weak" / "model")
+    assert lineage["finetune"]["data_manifests"][0]["path"] == str(pipe / "mine" / "shards")
+    sources = lineage["instruct"]["config"]["data"]["sources"]
+    assert [s["name"] for s in sources] == ["scifact", "medquad"] and sources[0]["query_prefix"].startswith(
+        "Instruct: "
+    )
+    assert {m["path"] for m in lineage["instruct"]["data_manifests"]} == {
+        str(pipe / "mine" / "shards"),
+        str(pipe / "medquad" / "shards"),
+    }
+    table = json.loads((pipe / "pipeline.json").read_text())["metrics"]
+    assert [r["stage"] for r in table] == ["start (pretrain before)", "pretrain", "weak", "finetune", "instruct"]
+    assert all({"scifact/ndcg@10", "scifact/recall@100", "stsb/spearman"} <= set(r) for r in table)
+    assert "metrics after each stage" in proc.stdout
+    # every stage wrote under pipeline.output (Hydra's own run directory keeps only the pipeline's config and log)
+    assert not any(os.path.exists(tmp_path / "runs" / job) for job in ("train", "mine", "shard"))

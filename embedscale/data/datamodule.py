@@ -9,6 +9,8 @@ global batches by our own `GlobalBatchSampler` (data/sampler.py; the Trainer run
 global batch where the data allows, each rank taking its slice, so that a step's global batch is the
 same set of examples whatever the number of ranks. The last incomplete global batch is dropped
 (every rank must take the same number of equal-shaped steps); how many samples that dropped is logged.
+data.format=corpus reads documents instead and makes fresh pairs each epoch (`PretrainPairs`,
+data/pretrain.py), through the same sampler and collator.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from embedscale.config import DataConfig, DataFormat, ModelConfig
 from embedscale.data.batch import PairBatch, PairExample, TextIds, text_id
-from embedscale.data.readers import read_beir_pairs, read_jsonl_pairs, resolve_path
+from embedscale.data.pretrain import PretrainPairs
+from embedscale.data.readers import read_beir_pairs, read_corpus_documents, read_jsonl_pairs, resolve_path
 from embedscale.data.sampler import GlobalBatchSampler
 
 log = logging.getLogger(__name__)
@@ -89,9 +92,44 @@ class PairCollator:
         )
 
 
-def load_examples(cfg: DataConfig, root: Path) -> list[PairExample]:
-    """Read the configured training set into memory."""
+def load_pretrain_pairs(cfg: DataConfig, root: Path, *, seed: int = 0) -> PretrainPairs:
+    """data.format=corpus: the corpus's documents (the first data.max_samples) as per-epoch pre-training pairs."""
     path = resolve_path(cfg.path, root)
+    p = cfg.pretrain
+    if path.is_dir() and (p.text_field, p.title_field) != ("text", "title"):
+        log.warning(
+            "data.pretrain.text_field=%s / title_field=%s have no effect: %s is a BEIR directory (text, title)",
+            p.text_field,
+            p.title_field,
+            path,
+        )
+    documents = read_corpus_documents(path, text_field=p.text_field, title_field=p.title_field)
+    if cfg.max_samples is not None:
+        documents = documents[: cfg.max_samples]
+    name = path.name.removesuffix(".gz").removesuffix(".jsonl")
+    pairs = PretrainPairs(documents, p, seed=seed, name=name)
+    pairs.examples(0)  # fills the epoch's counts by task, for the log
+    stats = pairs.stats
+    log.info(
+        "pre-training pairs (data.pretrain.task=%s) from %d of %d documents of %s; epoch 0: %d ICT, %d spans, "
+        "%d ICT fallen back to spans (fewer than 2 sentences or none of data.pretrain.min_query_words=%d words)",
+        p.task,
+        stats["used"],
+        stats["documents"],
+        path,
+        stats["ict"],
+        stats["spans"],
+        stats["ict_fallback"],
+        p.min_query_words,
+    )
+    return pairs
+
+
+def load_examples(cfg: DataConfig, root: Path, *, seed: int = 0) -> list[PairExample] | PretrainPairs:
+    """Read the configured training set into memory (data.format=corpus: documents, paired per epoch)."""
+    path = resolve_path(cfg.path, root)
+    if cfg.format is DataFormat.corpus:
+        return load_pretrain_pairs(cfg, root, seed=seed)
     if cfg.format is DataFormat.beir:
         if cfg.num_hard_negatives:
             raise ValueError("data.format=beir yields (query, positive) pairs only: set data.num_hard_negatives=0")
@@ -118,11 +156,11 @@ class PairDataModule(L.LightningDataModule):
         self.seed = seed
         self.root = root
         self.collator = PairCollator(tokenizer, model_cfg=model_cfg, num_hard_negatives=cfg.num_hard_negatives)
-        self.examples: list[PairExample] | None = None
+        self.examples: list[PairExample] | PretrainPairs | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.examples is None:
-            self.examples = load_examples(self.cfg, self.root)
+            self.examples = load_examples(self.cfg, self.root, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
         assert self.examples is not None, "setup() first"

@@ -149,6 +149,47 @@ def read_jsonl_pairs(
     return examples
 
 
+def read_corpus_documents(path: Path, *, text_field: str, title_field: str) -> list[tuple[str, str, str]]:
+    """Unlabelled documents for pre-training pairs (data.format=corpus), in file order.
+
+    Args:
+        path: a BEIR dataset directory (its corpus.jsonl(.gz), fields `_id`, `title`, `text`), or a JSONL(.gz)
+            file with `text_field`, optional `title_field` and optional `_id`/`id` (else the line number).
+        text_field, title_field: field names of a JSONL file (data.pretrain.text_field / title_field).
+
+    Returns:
+        (doc id, title, text) per document; the title is "" when absent.
+
+    A BEIR document with an empty text is returned as is (title-only documents occur in public corpora);
+    it has no words, so the pair builder counts it as too short. In a JSONL file a missing or empty text
+    field is an error: it almost always means data.pretrain.text_field names the wrong field.
+    """
+    beir = path.is_dir()
+    file = path / "corpus.jsonl" if beir else path
+    text_key, title_key = ("text", "title") if beir else (text_field, title_field)
+    documents, seen = [], set()
+    for line_no, row in iter_jsonl(file):
+        text = row.get(text_key)
+        if not isinstance(text, str) or (not beir and not text.strip()):
+            raise ValueError(
+                f"{file}:{line_no}: field {text_key!r} is missing or empty"
+                + (
+                    " (a BEIR corpus needs a string `text` in every line)"
+                    if beir
+                    else f"; set data.pretrain.text_field to the file's text field (it has {sorted(row)})"
+                )
+            )
+        doc_id = row.get("_id", row.get("id", None if beir else line_no))
+        if doc_id is None:
+            raise ValueError(f"{file}:{line_no}: missing '_id'")
+        doc_id = str(doc_id)
+        if doc_id in seen:  # pairs are seeded and keyed by the id: two documents may not share one
+            raise ValueError(f"{file}:{line_no}: document id {doc_id!r} occurs twice; give every document its own id")
+        seen.add(doc_id)
+        documents.append((doc_id, str(row.get(title_key) or ""), text))
+    return documents
+
+
 def read_sts(path: Path) -> tuple[list[str], list[str], list[float]]:
     """STS TSV with header sentence1, sentence2, score (unquoted fields, split on tabs)."""
     left, right, scores = [], [], []

@@ -11,6 +11,10 @@ When the remaining examples cannot fill a batch without repeats (heavily duplica
 batch is completed with deferred examples anyway and the loss masks the repeats (loss.mask_duplicates):
 no example is ever dropped for being a duplicate, and every epoch has exactly floor(N / G) steps
 (the last N mod G examples of the epoch's order are dropped, as with drop_last, and logged).
+
+A dataset whose examples change each epoch (`PretrainPairs`, data.format=corpus: anything with an
+`examples(epoch)` method) gets its keys recomputed per epoch, and is indexed with `(epoch, i)`: the
+DataLoader's workers hold a copy of the dataset and learn the epoch only through the indices.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def example_keys(example: PairExample, num_hard_negatives: int) -> frozenset[int
 class GlobalBatchSampler(Sampler[list[int]]):
     def __init__(
         self,
-        examples: Sequence[PairExample],
+        examples: Sequence[PairExample],  # or an epoch-dependent dataset with examples(epoch) (PretrainPairs)
         *,
         global_batch_size: int,
         world_size: int,
@@ -59,7 +63,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         # Lightning calls set_epoch on `dataloader.batch_sampler.sampler`, not on the batch sampler itself
         self.sampler = self
-        self.keys = [example_keys(e, num_hard_negatives) for e in examples] if no_duplicates else None
+        self.per_epoch = examples if callable(getattr(examples, "examples", None)) else None
+        self.no_duplicates, self.num_hard_negatives = no_duplicates, num_hard_negatives
+        fixed = no_duplicates and self.per_epoch is None
+        self.keys = [example_keys(e, num_hard_negatives) for e in examples] if fixed else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -75,18 +82,21 @@ class GlobalBatchSampler(Sampler[list[int]]):
         else:
             order = list(range(self.n))
         G = self.global_batch_size
-        if self.keys is None:
+        keys = self.keys
+        if self.per_epoch is not None and self.no_duplicates:  # this epoch's texts
+            keys = [example_keys(e, self.num_hard_negatives) for e in self.per_epoch.examples(self.epoch)]
+        if keys is None:
             return [order[i * G : (i + 1) * G] for i in range(len(self))]
         remaining, batches = deque(order), []
         for _ in range(len(self)):
             batch, seen, deferred = [], set(), []
             while remaining and len(batch) < G:
                 i = remaining.popleft()
-                if self.keys[i] & seen:
+                if keys[i] & seen:
                     deferred.append(i)
                     continue
                 batch.append(i)
-                seen |= self.keys[i]
+                seen |= keys[i]
             if len(batch) < G:  # no repeat-free completion left: fill up, the loss masks the repeats
                 need = G - len(batch)
                 batch += deferred[:need]
@@ -95,7 +105,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
             batches.append(batch)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         lo = self.rank * self.per_rank
         for batch in self.global_batches():
-            yield batch[lo : lo + self.per_rank]
+            if self.per_epoch is not None:
+                yield [(self.epoch, i) for i in batch[lo : lo + self.per_rank]]
+            else:
+                yield batch[lo : lo + self.per_rank]

@@ -127,14 +127,17 @@ def encode_texts(
     batch_size: int = 64,
     max_length: int | None = None,
     progress: bool = False,
+    prefix: str | None = None,
 ) -> torch.Tensor:
-    """Encode raw texts (prefix applied here) -> (N, D) float32 on CPU, in the input order.
+    """Encode raw texts (prefix applied here: `prefix`, else the model's for `side`) -> (N, D) float32 on
+    CPU, in the input order.
 
     Texts are sorted by length before batching, so each batch pads to similar lengths (on SciFact at
     256 tokens this is ~25% faster than input order); the order is restored afterwards.
     """
     cfg = encoder.cfg
-    prefix = cfg.query_prefix if side == "query" else cfg.document_prefix
+    if prefix is None:
+        prefix = cfg.query_prefix if side == "query" else cfg.document_prefix
     if max_length is None:
         max_length = cfg.query_max_length if side == "query" else cfg.document_max_length
     device = next(encoder.parameters()).device

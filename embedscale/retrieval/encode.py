@@ -51,13 +51,13 @@ def encode_sharded(
     batch_size: int = 64,
     max_length: int | None = None,
     progress: bool = False,
+    prefix: str | None = None,
 ) -> torch.Tensor:
     """`encode_texts` with the texts split over the ranks of the process group: (N, D) on every rank."""
     rank, world = rank_world()
+    kwargs = dict(side=side, batch_size=batch_size, max_length=max_length, prefix=prefix)
     if world == 1:
-        return encode_texts(
-            encoder, tokenizer, texts, side=side, batch_size=batch_size, max_length=max_length, progress=progress
-        )
+        return encode_texts(encoder, tokenizer, texts, progress=progress, **kwargs)
     # Whole batches of the length-sorted order go round-robin to the ranks, so every batch has the
     # same texts and padding as in one process: the rows are the single-process rows, bit for bit.
     batches = length_batches(texts, batch_size)
@@ -66,10 +66,8 @@ def encode_sharded(
         encoder,
         tokenizer,
         [texts[i] for i in mine_n.tolist()],
-        side=side,
-        batch_size=batch_size,
-        max_length=max_length,
         progress=progress and rank == 0,
+        **kwargs,
     )
     return gather_rows(local_nD, mine_n, len(texts))
 

@@ -48,6 +48,8 @@ class RetrievalEvaluator:
     batch_size: int = 64
     max_length: int | None = None
     cache_dir: Path | None = None
+    query_prefix: str | None = None
+    """The task's query instruction, instead of the model's query prefix; None: the model's."""
 
     @classmethod
     def from_beir(cls, dataset_dir: Path, split: str, *, name: str | None = None, **kwargs) -> RetrievalEvaluator:
@@ -84,6 +86,7 @@ class RetrievalEvaluator:
             side="query",
             batch_size=self.batch_size,
             max_length=self.max_length,
+            prefix=self.query_prefix,
         )
         return q_QD, docs_ND
 
@@ -130,6 +133,7 @@ class STSEvaluator:
     scores: list[float]
     batch_size: int = 64
     max_length: int | None = None
+    query_prefix: str | None = None
 
     @classmethod
     def from_sts(cls, path: Path, *, name: str | None = None, **kwargs) -> STSEvaluator:
@@ -140,7 +144,7 @@ class STSEvaluator:
         """Spearman (x100 is what papers print; we keep [-1, 1]) of cosine similarity vs the gold scores."""
         from scipy.stats import spearmanr
 
-        kwargs = dict(side="query", batch_size=self.batch_size, max_length=self.max_length)
+        kwargs = dict(side="query", batch_size=self.batch_size, max_length=self.max_length, prefix=self.query_prefix)
         a_ND = torch.nn.functional.normalize(encode_sharded(encoder, tokenizer, self.left, **kwargs), dim=-1)
         b_ND = torch.nn.functional.normalize(encode_sharded(encoder, tokenizer, self.right, **kwargs), dim=-1)
         cosine = (a_ND * b_ND).sum(-1).tolist()
@@ -165,11 +169,18 @@ def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[Retrie
             batch_size=cfg.batch_size,
             max_length=max_length,
             cache_dir=cache_dir,
+            query_prefix=s.query_prefix,
         )
         for s in cfg.beir
     ]
     evaluators += [
-        STSEvaluator.from_sts(resolve_path(s.path, root), name=s.name, batch_size=cfg.batch_size, max_length=max_length)
+        STSEvaluator.from_sts(
+            resolve_path(s.path, root),
+            name=s.name,
+            batch_size=cfg.batch_size,
+            max_length=max_length,
+            query_prefix=s.query_prefix,
+        )
         for s in cfg.sts
     ]
     return evaluators
