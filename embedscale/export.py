@@ -46,9 +46,45 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(to_jsonable(obj), indent=2) + "\n")
 
 
+def export_tokenizer(tokenizer, cfg: ModelConfig):
+    """The tokenizer as exported. Where embedscale appends EOS (model.append_eos), a copy whose post-processor
+    appends it, so that sentence-transformers and a plain tokenizer call end texts with EOS as training did
+    (truncation then keeps room for it). Slow tokenizers are exported unchanged (the appended EOS is then
+    embedscale's alone). The new post-processor is [BOS] $A EOS; it is checked to give the old ids plus EOS, else
+    the tokenizer is exported unchanged (with a warning)."""
+    import copy
+    import logging
+
+    from embedscale.encoder.tokenize import eos_to_append
+
+    eos = eos_to_append(tokenizer, cfg)
+    if eos is None or getattr(tokenizer, "backend_tokenizer", None) is None:
+        return tokenizer
+    from tokenizers import processors
+
+    probes = ["a b", "Query: what is it?", "x"]
+    before = [tokenizer(p)["input_ids"] for p in probes]
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None and before[0][0] == tokenizer.bos_token_id else None
+    head, specials = (f"{bos}:0 ", [(bos, tokenizer.bos_token_id)]) if bos else ("", [])
+    name = tokenizer.eos_token
+    exported = copy.deepcopy(tokenizer)
+    exported.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{head}$A:0 {name}:0",
+        pair=f"{head}$A:0 {name}:0 $B:1 {name}:1",
+        special_tokens=[*specials, (name, eos)],
+    )
+    if [exported(p)["input_ids"] for p in probes] != [ids + [eos] for ids in before]:
+        logging.getLogger(__name__).warning(
+            "model.append_eos: could not make the exported tokenizer append EOS itself (its post-processor is not "
+            "[BOS] $A); sentence-transformers and plain transformers will not append it"
+        )
+        return tokenizer
+    return exported
+
+
 def _write_sentence_transformers_tree(out: Path, backbone, tokenizer, cfg: ModelConfig, side: str | None) -> None:
     backbone.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    export_tokenizer(tokenizer, cfg).save_pretrained(out)
     dim = backbone.config.hidden_size
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -62,6 +98,8 @@ def _write_sentence_transformers_tree(out: Path, backbone, tokenizer, cfg: Model
     _write_json(out / "sentence_bert_config.json", {"max_seq_length": max_len, "do_lower_case": False})
     pooling = {"word_embedding_dimension": dim, **{flag: False for flag in ST_POOLING_FLAG.values()}}
     pooling[ST_POOLING_FLAG[cfg.pooling]] = True
+    if cfg.pool_exclude_prefix:
+        pooling["include_prompt"] = False  # sentence-transformers then pools without the prompt's tokens
     _write_json(out / "1_Pooling" / "config.json", pooling)
     prompts = {"query": cfg.query_prefix, "document": cfg.document_prefix}
     _write_json(
@@ -103,9 +141,13 @@ def _model_card(cfg: ModelConfig, metrics: dict | None, config: dict | None) -> 
 def export_model(
     encoder: BiEncoder, tokenizer, out_dir: str | Path, *, metrics: dict | None = None, config: Any = None
 ) -> Path:
-    """Write the encoder to `out_dir` for sentence-transformers and HF; returns the directory."""
+    """Write the encoder to `out_dir` for sentence-transformers and HF; returns the directory.
+
+    LoRA adapters (model.lora_r) are merged into the encoder's weights first, in place: the export is a
+    plain model that needs no peft, and the encoder computes the same embeddings as before."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    encoder.merge_adapters()
     cfg = encoder.cfg
     if encoder.shared:
         _write_sentence_transformers_tree(out, encoder.query_backbone, tokenizer, cfg, None)

@@ -27,6 +27,7 @@ from embedscale.data.batch import PairBatch, PairExample, TextIds, text_id
 from embedscale.data.pretrain import PretrainPairs
 from embedscale.data.readers import read_beir_pairs, read_corpus_documents, read_jsonl_pairs, resolve_path
 from embedscale.data.sampler import GlobalBatchSampler
+from embedscale.encoder.tokenize import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ class PairCollator:
         self.model_cfg = model_cfg
         self.num_hard_negatives = num_hard_negatives
 
-    def _tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    def _tokenize(self, texts: list[str], prefixes: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        # The same function as encoding at evaluation (EOS, prefix exclusion): the two cannot diverge.
+        return tokenize(self.tokenizer, texts, prefixes=prefixes, max_length=max_length, cfg=self.model_cfg)
 
     def __call__(
         self,
@@ -75,12 +76,10 @@ class PairCollator:
             else None,
         )
         return PairBatch(
-            queries=self._tokenize(
-                [p + ex.query for p, ex in zip(q_prefix, examples, strict=True)], cfg.query_max_length
-            ),
+            queries=self._tokenize([ex.query for ex in examples], q_prefix, cfg.query_max_length),
             documents=self._tokenize(
-                [d_prefix[i] + ex.positive for i, ex in enumerate(examples)]
-                + [d_prefix[i] + neg for i, ex in enumerate(examples) for neg in ex.negatives[:k]],
+                [ex.positive for ex in examples] + negatives,
+                d_prefix + [d_prefix[i] for i, ex in enumerate(examples) for _ in ex.negatives[:k]],
                 cfg.document_max_length,
             ),
             ids=ids,

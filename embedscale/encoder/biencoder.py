@@ -23,12 +23,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedscale.config import PACKAGED_MINILM, ModelConfig, Pooling
+from embedscale.encoder.backbone import adapt_backbone, merge_lora
 from embedscale.encoder.pooling import pool
+from embedscale.encoder.tokenize import tokenize
 
 log = logging.getLogger(__name__)
 
 EXPORT_META = "embedscale.json"
 SIDES = ("query", "document")
+# Settings of how to load or train, which an export does not impose on whoever loads it (its LoRA is merged).
+NOT_RESTORED = {
+    "name_or_path",
+    "torch_dtype",
+    "trust_remote_code",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "gradient_checkpointing",
+}
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -82,11 +95,19 @@ class BiEncoder(nn.Module):
         return self.query_backbone if side == "query" else self.document_backbone
 
     def encode(self, tokens: dict[str, torch.Tensor], *, side: str) -> torch.Tensor:
-        """Tokenised texts -> embeddings (B, D), normalised if the config says so."""
+        """Tokenised texts (`tokenize`) -> embeddings (B, D), normalised if the config says so. A `pool_mask`
+        (model.pool_exclude_prefix) selects the pooled tokens; attention still covers the whole text."""
         m_BL = tokens["attention_mask"]
         h_BLH = self.backbone(side)(input_ids=tokens["input_ids"], attention_mask=m_BL).last_hidden_state
-        e_BD = pool(h_BLH, m_BL, self.cfg.pooling)
+        e_BD = pool(h_BLH, tokens.get("pool_mask", m_BL), self.cfg.pooling)
         return F.normalize(e_BD, dim=-1) if self.cfg.normalize else e_BD
+
+    def merge_adapters(self) -> None:
+        """Fold LoRA adapters into the backbone weights, in place (export): the towers become plain HF
+        models computing the same function. No-op without LoRA."""
+        query = merge_lora(self.query_backbone)
+        document = query if self.shared else merge_lora(self.document_backbone)
+        self.query_backbone, self.document_backbone = query, document
 
     def forward(self, tokens: dict[str, torch.Tensor], side: str = "query") -> torch.Tensor:
         return self.encode(tokens, side=side)
@@ -96,6 +117,9 @@ class BiEncoder(nn.Module):
         h = hashlib.sha256()
         cfg = self.cfg
         settings = (cfg.pooling.value, cfg.normalize, cfg.query_prefix if side == "query" else cfg.document_prefix)
+        decoder = (cfg.append_eos, cfg.pool_exclude_prefix, cfg.bidirectional)
+        if decoder != (None, False, False):  # only then, so that the keys of existing caches stay valid
+            settings += decoder
         h.update(repr(settings).encode())
         for name, tensor in sorted(self.backbone(side).state_dict().items()):
             h.update(name.encode())
@@ -151,10 +175,8 @@ def encode_texts(
 
         batches = tqdm(batches, desc=f"encode {len(texts)} {side} texts", unit="batch", leave=False)
     for idx in batches:
-        enc = tokenizer(
-            [prefix + texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        tokens = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+        enc = tokenize(tokenizer, [texts[i] for i in idx], prefixes=prefix, max_length=max_length, cfg=cfg)
+        tokens = {k: v.to(device) for k, v in enc.items()}
         chunks.append(encoder.encode(tokens, side=side).float().cpu())
     encoder.train(was_training)
     if not chunks:
@@ -179,11 +201,7 @@ def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
         log.info("model %s: using the offline copy at %s", cfg.name_or_path, path)
     overrides = _export_overrides(path)
     if overrides:
-        fields = {f.name for f in dataclasses.fields(ModelConfig)} - {
-            "name_or_path",
-            "torch_dtype",
-            "trust_remote_code",
-        }
+        fields = {f.name for f in dataclasses.fields(ModelConfig)} - NOT_RESTORED
         kept = {k: v for k, v in overrides.items() if k in fields}
         if "pooling" in kept:
             kept["pooling"] = Pooling(kept["pooling"])
@@ -197,5 +215,7 @@ def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
     else:
         query, tokenizer_path = _load_backbone(path, cfg), path
         document = copy.deepcopy(query)
+    query = adapt_backbone(query, cfg)  # bidirectional attention, gradient checkpointing, LoRA
+    document = adapt_backbone(document, cfg) if document is not None else None
     tokenizer = _load_tokenizer(tokenizer_path, cfg)
     return BiEncoder(query, document, cfg), tokenizer

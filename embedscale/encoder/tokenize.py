@@ -1,0 +1,137 @@
+"""Tokenisation of (prefix, text) pairs: the one function that training collate and encoding share.
+
+Both paths call `tokenize`, so what the model sees in training is what it sees at evaluation and
+inference; decoders need two things a plain `tokenizer(texts)` call does not give:
+
+- EOS at the end (`model.append_eos`): Mistral, Llama and Qwen tokenizers add BOS only, so
+  last-token pooling would read the state of the text's last word -- or, for a truncated text, of
+  some word in the middle. Texts are truncated to max_length - 1 tokens and EOS is appended
+  afterwards, so a truncated text ends with EOS too (attention mask 1), under either padding side.
+- A pooling mask (`model.pool_exclude_prefix`): mean pooling over the text only, not over the
+  instruction (NV-Embed, GritLM). The instruction's tokens are found from character offsets rather
+  than by tokenising the prefix alone: a prefix ending in a space ("Query: ") tokenises on its own
+  with a trailing space token that does not exist in context (SentencePiece merges the space into
+  the next word), and counting would then drop the text's first token. Everything before the first
+  token whose characters reach past the prefix (BOS and the instruction) is excluded; the text's
+  tokens and the special tokens after it (EOS, SEP) are pooled.
+
+Padding is done here, on the tokenizer's padding side, so the pooling mask pads exactly like the
+attention mask. Without either feature the tokenizer is called as before (same tensors).
+
+Legend: B = texts, L = tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from embedscale.config import ModelConfig, Pooling
+
+_PROBE = "a b"
+
+
+def tokenizer_ends_with_eos(tokenizer) -> bool:
+    """Whether the tokenizer itself ends a tokenised text with its EOS token (e5-mistral's tokenizer does)."""
+    eos = tokenizer.eos_token_id
+    return eos is not None and tokenizer(_PROBE)["input_ids"][-1] == eos
+
+
+def eos_to_append(tokenizer, cfg: ModelConfig) -> int | None:
+    """The EOS id `tokenize` appends to every text, or None (model.append_eos; None = automatic)."""
+    want = cfg.append_eos if cfg.append_eos is not None else cfg.pooling is Pooling.last_token
+    if not want:
+        return None
+    if tokenizer.eos_token_id is None:
+        if cfg.append_eos:
+            raise ValueError(
+                f"model.append_eos=true but the tokenizer of {cfg.name_or_path} has no EOS token: "
+                "set model.append_eos=null or false"
+            )
+        return None  # automatic: nothing to append (BERT-style tokenizers end with SEP)
+    return None if tokenizer_ends_with_eos(tokenizer) else tokenizer.eos_token_id
+
+
+def tokenize(
+    tokenizer,
+    texts: list[str],
+    *,
+    prefixes: str | list[str],
+    max_length: int,
+    cfg: ModelConfig,
+) -> dict[str, torch.Tensor]:
+    """Prefix + text -> padded tensors: input_ids and attention_mask (B, L), plus pool_mask (B, L) with
+    model.pool_exclude_prefix (1 = pooled).
+
+    Args:
+        texts: the texts, without their prefix.
+        prefixes: one prefix for every text, or one per text (instructions differ per source).
+        max_length: token budget per text, prefix, special tokens and the appended EOS included.
+        cfg: the model config (append_eos, pool_exclude_prefix, pooling).
+    """
+    prefixes = prefixes if isinstance(prefixes, list) else [prefixes] * len(texts)
+    if len(prefixes) != len(texts):
+        raise ValueError(f"tokenize: {len(prefixes)} prefixes for {len(texts)} texts")
+    full = [p + t for p, t in zip(prefixes, texts, strict=True)]
+    eos = eos_to_append(tokenizer, cfg)
+    if eos is None and not cfg.pool_exclude_prefix:
+        enc = tokenizer(full, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if cfg.pool_exclude_prefix and not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"model.pool_exclude_prefix=true needs a fast tokenizer (character offsets); {cfg.name_or_path} "
+            "has a slow one: set model.pool_exclude_prefix=false"
+        )
+    budget = max(1, max_length - 1) if eos is not None else max_length
+    enc = tokenizer(
+        full,
+        truncation=True,
+        max_length=budget,
+        return_offsets_mapping=cfg.pool_exclude_prefix,
+        return_special_tokens_mask=cfg.pool_exclude_prefix,
+    )
+    rows, pooled = [], []
+    for i, ids in enumerate(enc["input_ids"]):
+        ids = list(ids) + ([eos] if eos is not None else [])
+        rows.append(ids)
+        if cfg.pool_exclude_prefix:
+            start = text_start(enc["offset_mapping"][i], enc["special_tokens_mask"][i], len(prefixes[i]))
+            pooled.append([0] * start + [1] * (len(ids) - start))
+    return _pad(rows, pooled if cfg.pool_exclude_prefix else None, tokenizer)
+
+
+def text_start(offsets: list[tuple[int, int]], special: list[int], prefix_chars: int) -> int:
+    """Index of the first pooled token: the first non-special token whose characters end past the prefix
+    (a token straddling the boundary is text). 0 without a prefix. Without such a token (empty text, or
+    truncated inside the prefix): the position after the last non-special token, so that only trailing
+    special tokens (EOS) are pooled -- the row length if there are none (`_pad` then pools the whole row)."""
+    if prefix_chars == 0:
+        return 0
+    for j, ((_, end), is_special) in enumerate(zip(offsets, special, strict=True)):
+        if not is_special and end > prefix_chars:
+            return j
+    # No text token (empty text or truncated inside the prefix): pool what follows the prefix, if anything.
+    last_prefix = max((j for j, s in enumerate(special) if not s), default=-1)
+    return last_prefix + 1
+
+
+def _pad(rows: list[list[int]], pooled: list[list[int]] | None, tokenizer) -> dict[str, torch.Tensor]:
+    """Pad token rows to the longest on the tokenizer's padding side; masks pad the same way."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_encoder uses EOS)")
+    B, L = len(rows), max((len(r) for r in rows), default=0)
+    ids_BL = torch.full((B, L), pad_id, dtype=torch.long)
+    mask_BL = torch.zeros(B, L, dtype=torch.long)
+    pool_BL = torch.zeros(B, L, dtype=torch.long) if pooled is not None else None
+    left = tokenizer.padding_side == "left"
+    for i, ids in enumerate(rows):
+        cols = slice(L - len(ids), L) if left else slice(0, len(ids))
+        ids_BL[i, cols] = torch.tensor(ids, dtype=torch.long)
+        mask_BL[i, cols] = 1
+        if pool_BL is not None:
+            row = torch.tensor(pooled[i], dtype=torch.long)
+            pool_BL[i, cols] = row if row.any() else 1  # nothing after the prefix: pool the whole text
+    out = {"input_ids": ids_BL, "attention_mask": mask_BL}
+    if pool_BL is not None:
+        out["pool_mask"] = pool_BL
+    return out
