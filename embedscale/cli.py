@@ -21,6 +21,7 @@ JOBS = {
     "mine": ("embedscale.mine", "mine hard negatives (dense/BM25/hybrid, false-negative filters) into training shards"),
     "pipeline": ("embedscale.pipeline", "run stages in order (train -> mine -> train ...), with lineage per stage"),
     "sweep": ("embedscale.sweep", "retrieval metrics vs Matryoshka dim and index precision (fp32/int8/binary)"),
+    "plan": ("embedscale.plan", "per-GPU memory by term (ZeRO, LoRA, GradCache) and the largest chunk that fits"),
     "report": ("embedscale.report", "HTML report of a run directory: training curves, eval over steps, sweeps"),
     "doctor": ("embedscale.doctor", "check distributed and GradCache gradients on this launcher; bandwidth"),
 }

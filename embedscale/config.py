@@ -906,6 +906,103 @@ class SweepJobConfig:
             raise ValueError("eval.sts is set, but the sweep measures retrieval only: set eval.sts=[] or eval=scifact")
 
 
+PLAN_STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+PLAN_SHAPE_KEYS = ("params", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
+
+
+@dataclass
+class PlanConfig:
+    """`embedscale plan`: per-GPU memory of a training setup and the largest GradCache chunk that fits
+    (embedscale/plan.py, docs/plan.md). Keys left null take the model's value (model.*)."""
+
+    strategy: str = "ddp"
+    """ddp (everything replicated), zero1 (optimizer states sharded), zero2 (+ gradients), zero3 (+ weights) or
+    fsdp (full sharding: zero3 memory-wise)."""
+    gpus: int = 1
+    """Data-parallel ranks (all nodes)."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU in GiB (80 for an H100/A100-80GB)."""
+    global_batch: int = 1024
+    """Queries per step over all ranks (data.global_batch_size); must split over plan.gpus."""
+    num_hard_negatives: int = 0
+    """Hard negatives per query (data.num_hard_negatives)."""
+    query_len: int | None = None
+    doc_len: int | None = None
+    """Tokens per query / document; null: model.query_max_length / model.document_max_length."""
+    lora_r: int | None = None
+    """LoRA rank; 0 = full fine-tuning; null: model.lora_r."""
+    param_dtype: str | None = None
+    """float32, bfloat16 or float16: bytes per stored weight; null: model.torch_dtype (auto is not allowed here)."""
+    mixed_precision: bool = False
+    """bf16 autocast (trainer.precision=bf16-mixed): 16-bit activations; 16-bit weights get an fp32 master copy
+    and fp32 Adam states (DeepSpeed bf16 / FSDP mixed precision); fp32 weights get autocast's bf16 copies."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in backward (keeps each layer's input only); null: model.gradient_checkpointing."""
+    offload_optimizer: bool = False
+    """Adam states and fp32 master weights live in CPU memory (DeepSpeed offload_optimizer; needs zero1-3/fsdp)."""
+    offload_params: bool = False
+    """Sharded weights live in CPU memory, gathered layer by layer (DeepSpeed offload_param; needs zero3/fsdp)."""
+    chunk: int = 0
+    """GradCache rows per chunk to evaluate; 0 picks the largest that fits."""
+    headroom: float = 0.1
+    """Fraction of plan.gpu_memory_gib kept free (fragmentation, spikes the model does not see)."""
+    cuda_context_gib: float = 0.75
+    """Fixed per-process cost: CUDA context, cuBLAS/cuDNN workspaces, allocator slack (0.5-1 GiB); 0 on CPU."""
+    flash_attention: bool = False
+    """Fused attention (SDPA flash / memory-efficient kernels) that stores no heads x s x s score matrix."""
+    params: float | None = None
+    """Total parameters (e.g. 7.11e9); null: computed from the model's config.json (plan.hidden ... plan.vocab)."""
+    hidden: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); null: the config's, else plan.heads."""
+    intermediate: int | None = None
+    vocab: int | None = None
+    """Model shape overrides: plan a model that is not on disk. null: read model.name_or_path's config.json."""
+    output: str | None = None
+    """plan.json path; null: <run dir>/plan.json."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in PLAN_STRATEGIES:
+            raise ValueError(f"plan.strategy={self.strategy!r}: use one of {', '.join(PLAN_STRATEGIES)}")
+        for key in ("gpus", "global_batch", "query_len", "doc_len", *PLAN_SHAPE_KEYS):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"plan.{key} must be >= 1, got {value}")
+        if self.global_batch % self.gpus:
+            raise ValueError(
+                f"plan.global_batch={self.global_batch} does not split over plan.gpus={self.gpus}: use a multiple of "
+                f"{self.gpus}"
+            )
+        for key in ("num_hard_negatives", "chunk", "lora_r"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ValueError(f"plan.{key} must be >= 0, got {value}")
+        if not self.gpu_memory_gib > 0:
+            raise ValueError(f"plan.gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
+        if not 0 <= self.headroom < 1:
+            raise ValueError(f"plan.headroom must be in [0, 1), got {self.headroom}")
+        if self.cuda_context_gib < 0:
+            raise ValueError(f"plan.cuda_context_gib must be >= 0, got {self.cuda_context_gib}")
+        if self.param_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"plan.param_dtype={self.param_dtype!r}: use float32, bfloat16 or float16")
+        if self.offload_optimizer and self.strategy == "ddp":
+            raise ValueError("plan.offload_optimizer=true needs plan.strategy=zero1, zero2, zero3 or fsdp")
+        if self.offload_params and self.strategy not in ("zero3", "fsdp"):
+            raise ValueError("plan.offload_params=true needs plan.strategy=zero3 or fsdp (sharded weights)")
+
+
+@dataclass
+class PlanJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model planned: its config.json gives the shape (unless plan.* overrides it); lengths, LoRA, dtype
+    and checkpointing default to its values."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """loss.row_chunk_size bounds the score block."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
 STAGE_JOB_NAMES = ("train", "mine", "evaluate", "shard", "reranker")
 
 
@@ -973,6 +1070,7 @@ def register_configs() -> None:
     cs.store(name="mine_schema", node=MineJobConfig)
     cs.store(name="pipeline_schema", node=PipelineJobConfig)
     cs.store(name="sweep_schema", node=SweepJobConfig)
+    cs.store(name="plan_schema", node=PlanJobConfig)
     if not OmegaConf.has_resolver("required"):
         OmegaConf.register_new_resolver("required", _required)
 

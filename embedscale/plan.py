@@ -1,0 +1,513 @@
+"""Job `embedscale plan`: per-GPU memory of a training setup, term by term, and the largest GradCache chunk
+that fits.
+
+    embedscale plan plan.gpus=8 plan.gpu_memory_gib=80 plan.global_batch=4096 plan.strategy=zero2
+    embedscale plan model=e5_mistral +plan=e5_mistral_7b          # the 7B worked example of docs/plan.md
+
+Why a closed-form planner and not a dry run: the setups worth planning (a 7B decoder on 8 x 80 GiB) do not fit
+on the machine where one plans them, and the answer is needed before a job queues for hours. Every term is a
+pure function of the model's shape and the plan's settings, with its formula in its docstring, so a user can
+check it by hand and see which knob moves which term. The formulas are estimates: bench/plan_vs_measured.py
+compares them with measured peaks of tiny models on CPU and docs/plan.md reports where they disagree.
+
+What one GradCache step holds at its peak (contrastive/gradcache.py): the weights, gradients and optimizer
+states (per ZeRO stage), the activations of one chunk (the kept chunk's graph is alive while the loss runs),
+the rank's embeddings with their cached gradients, the all-gathered embeddings with their gradients, and one
+(row chunk x global candidates) score block of the loss (contrastive/losses.py).
+
+Legend: P = parameters, T = trainable parameters, W = ranks (plan.gpus), L = layers, h = hidden, a = heads,
+i = intermediate size, s = tokens per text, c = texts per chunk, b = queries per rank, N = W * b,
+k = hard negatives, d = embedding dim (= h), C = N * (1 + k) candidates, r = score rows at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embedscale.cli import hydra_job
+from embedscale.config import PLAN_SHAPE_KEYS, ModelConfig, PlanConfig, PlanJobConfig, Pooling
+
+GIB = 2**30
+SHARDED_WEIGHTS = ("zero3", "fsdp")
+SHARDED_GRADIENTS = ("zero2", "zero3", "fsdp")
+SHARDED_OPTIMIZER = ("zero1", "zero2", "zero3", "fsdp")
+SCORE_BYTES = 28
+"""Bytes per score element of one loss block at its peak (backward of one checkpointed row chunk): the fp32
+matmul output, its temperature-scaled and masked copies, log-softmax output, and two gradient buffers
+(6 x 4 bytes), plus ~4 bytes of boolean duplicate masks. A modelling constant, not a fit: an upper bound
+(bench/plan_vs_measured.py measures ~23 bytes of live memory per element on CPU)."""
+GATED_MLP_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+
+
+@dataclass
+class ModelShape:
+    """What the planner needs of a transformer."""
+
+    params: float
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool
+    """SwiGLU MLP (decoders: three h x i matrices) instead of BERT's two."""
+    dropout: bool
+    """Dropout active in training (stores 1-byte masks)."""
+    source: str
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden * self.kv_heads // self.heads
+
+    def layer_params(self) -> float:
+        """One transformer layer's weights (from the shape; with a plan.params override, the non-embedding
+        share of it, (P - vocab x h) / L)."""
+        return (self.params - self.vocab * self.hidden) / self.layers
+
+    def lora_params(self, r: int) -> int:
+        """Adapter parameters of LoRA rank r on every layer: r x (in + out) per adapted matrix; decoders adapt
+        q, k, v, o (k, v are h -> kv_dim), BERT-style encoders query, key, value (embedscale's defaults)."""
+        if r == 0:
+            return 0
+        h, kv = self.hidden, self.kv_dim
+        per_layer = 2 * r * (h + h) + 2 * r * (h + kv) if self.gated_mlp else 3 * r * (h + h)
+        return per_layer * self.layers
+
+
+def count_params(
+    *, hidden: int, layers: int, kv_dim: int, intermediate: int, vocab: int, gated_mlp: bool, positions: int = 0
+) -> int:
+    """Parameters of the bare backbone (no pooler, no LM head), as embedscale loads it.
+
+    BERT-style: (vocab + positions + 2) h + 2h + L (4h^2 + 2hi + 9h + i)   [all-MiniLM-L6-v2: 22,565,376]
+    decoder:    vocab h + h + L (2h^2 + 2h kv_dim + 3hi + 2h)              [Mistral-7B: 7,110,660,096]
+    """
+    h, i = hidden, intermediate
+    if gated_mlp:
+        return vocab * h + h + layers * (2 * h * h + 2 * h * kv_dim + 3 * h * i + 2 * h)
+    return (vocab + positions + 2) * h + 2 * h + layers * (4 * h * h + 2 * h * i + 9 * h + i)
+
+
+def resolve_shape(model: ModelConfig, plan: PlanConfig) -> ModelShape:
+    """The model's shape: model.name_or_path's config.json (read offline where it is local), with every
+    non-null plan.<key> of PLAN_SHAPE_KEYS on top. Without a readable config, plan.hidden, plan.layers,
+    plan.heads, plan.intermediate and plan.vocab are required (then the MLP is SwiGLU and dropout off when
+    model.pooling=last_token, a decoder, else BERT-style)."""
+    given = {k: getattr(plan, k) for k in PLAN_SHAPE_KEYS if getattr(plan, k) is not None}
+    needed = ("hidden", "layers", "heads", "intermediate", "vocab")
+    if all(k in given for k in needed):
+        decoder = model.pooling is Pooling.last_token
+        shape = dict(gated_mlp=decoder, dropout=not decoder, positions=0 if decoder else 512, source="plan.*")
+    else:
+        shape = _shape_from_config(model.name_or_path, given, needed)
+    heads = given.get("heads", shape.get("heads"))
+    values = {k: given.get(k, shape.get(k)) for k in needed}
+    kv_heads = given.get("kv_heads", shape.get("kv_heads") or heads)
+    if values["hidden"] % heads or heads % kv_heads:
+        raise ValueError(
+            f"plan.hidden={values['hidden']}, plan.heads={heads}, plan.kv_heads={kv_heads}: "
+            "hidden must divide by heads, heads by kv_heads"
+        )
+    kv_dim = values["hidden"] * kv_heads // heads
+    counted = count_params(
+        hidden=values["hidden"],
+        layers=values["layers"],
+        kv_dim=kv_dim,
+        intermediate=values["intermediate"],
+        vocab=values["vocab"],
+        gated_mlp=shape["gated_mlp"],
+        positions=shape["positions"],
+    )
+    return ModelShape(
+        params=float(given.get("params", counted)),
+        kv_heads=kv_heads,
+        gated_mlp=shape["gated_mlp"],
+        dropout=shape["dropout"],
+        source=shape["source"],
+        **values,
+    )
+
+
+def _shape_from_config(name_or_path: str, given: dict, needed: tuple[str, ...]) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from embedscale.encoder.biencoder import resolve_model_path
+
+    try:
+        hf = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    except (OSError, ValueError) as err:
+        missing = [f"plan.{k}" for k in needed if k not in given]
+        raise ValueError(
+            f"cannot read the config.json of model.name_or_path={name_or_path!r} ({type(err).__name__}): point it "
+            f"at a local model, or give the shape: {', '.join(missing)} (and plan.params, plan.kv_heads)"
+        ) from err
+    hf = getattr(hf, "text_config", hf)
+    dropout_keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout")
+    return {
+        "hidden": hf.hidden_size,
+        "layers": hf.num_hidden_layers,
+        "heads": hf.num_attention_heads,
+        "kv_heads": getattr(hf, "num_key_value_heads", None),
+        "intermediate": getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
+        "vocab": hf.vocab_size,
+        "gated_mlp": hf.model_type in GATED_MLP_TYPES,
+        "dropout": any((getattr(hf, k, 0) or 0) > 0 for k in dropout_keys),
+        "positions": 0
+        if hf.model_type in GATED_MLP_TYPES
+        else (getattr(hf, "max_position_embeddings", 0) + getattr(hf, "type_vocab_size", 2) - 2),
+        "source": f"{name_or_path} config.json ({hf.model_type})",
+    }
+
+
+def resolve_plan(cfg: PlanJobConfig) -> PlanConfig:
+    """plan.* with every null filled from model.* (lengths, LoRA rank, dtype, checkpointing)."""
+    plan, model = cfg.plan, cfg.model
+    dtype = plan.param_dtype or model.torch_dtype
+    if dtype == "auto":
+        raise ValueError(
+            "model.torch_dtype=auto: the planner needs the dtype, set plan.param_dtype=bfloat16 or float32"
+        )
+    return dataclasses.replace(
+        plan,
+        query_len=plan.query_len or model.query_max_length,
+        doc_len=plan.doc_len or model.document_max_length,
+        lora_r=model.lora_r if plan.lora_r is None else plan.lora_r,
+        param_dtype=dtype,
+        gradient_checkpointing=(
+            model.gradient_checkpointing if plan.gradient_checkpointing is None else plan.gradient_checkpointing
+        ),
+    )
+
+
+@dataclass
+class Term:
+    name: str
+    basis: str
+    bytes: float
+
+
+def _param_bytes(plan: PlanConfig) -> int:
+    return 4 if plan.param_dtype == "float32" else 2
+
+
+def _act_bytes(plan: PlanConfig) -> int:
+    return 2 if plan.mixed_precision or _param_bytes(plan) == 2 else 4
+
+
+def weights_term(shape: ModelShape, plan: PlanConfig) -> Term:
+    """Stored weights: P x p_bytes (+ LoRA adapters in fp32, peft's default), / W under zero3/fsdp, 0 when
+    offloaded (plan.offload_params)."""
+    p = _param_bytes(plan)
+    lora = shape.lora_params(plan.lora_r)
+    total = shape.params * p + lora * 4
+    if plan.offload_params:
+        return Term("weights", f"P x {p} B, offloaded to CPU", 0.0)
+    if plan.strategy in SHARDED_WEIGHTS:
+        return Term("weights", f"(P x {p} B + LoRA x 4 B) / W" if lora else f"P x {p} B / W", total / plan.gpus)
+    return Term("weights", f"P x {p} B + LoRA x 4 B" if lora else f"P x {p} B", total)
+
+
+def gathered_layers_term(shape: ModelShape, plan: PlanConfig) -> Term:
+    """zero3/fsdp (W > 1): the layer being computed and the one prefetched, unsharded: 2 x P_layer x p_bytes."""
+    if plan.strategy not in SHARDED_WEIGHTS or plan.gpus == 1:
+        return Term("gathered layers", "only zero3/fsdp on W > 1", 0.0)
+    return Term(
+        "gathered layers", f"2 layers x P_layer x {_param_bytes(plan)} B", 2 * shape.layer_params() * _param_bytes(plan)
+    )
+
+
+def trainable(shape: ModelShape, plan: PlanConfig) -> tuple[float, int]:
+    """(T, bytes per trainable weight): all P at p_bytes, or the LoRA adapters in fp32."""
+    if plan.lora_r:
+        return float(shape.lora_params(plan.lora_r)), 4
+    return shape.params, _param_bytes(plan)
+
+
+def gradients_term(shape: ModelShape, plan: PlanConfig) -> Term:
+    """Gradients in the trainable weights' dtype: T x g_bytes, / W under zero2/zero3/fsdp."""
+    t, g = trainable(shape, plan)
+    what = "T_lora" if plan.lora_r else "P"
+    if plan.strategy in SHARDED_GRADIENTS:
+        return Term("gradients", f"{what} x {g} B / W", t * g / plan.gpus)
+    return Term("gradients", f"{what} x {g} B", t * g)
+
+
+def optimizer_bytes_per_param(shape: ModelShape, plan: PlanConfig) -> int:
+    """AdamW: two moments in fp32 (8 B) when the trainable weights are fp32 or under mixed precision (then a
+    16-bit weight also has an fp32 master copy, +4 B); pure 16-bit training keeps both moments in the weight
+    dtype (torch.optim.AdamW: 2 x 2 B)."""
+    _, g = trainable(shape, plan)
+    if g == 4:
+        return 8
+    return 12 if plan.mixed_precision else 4
+
+
+def optimizer_term(shape: ModelShape, plan: PlanConfig) -> Term:
+    """Adam states (+ fp32 master weights): T x {8, 12, 4} B (optimizer_bytes_per_param), / W under
+    zero1/2/3/fsdp, 0 on the GPU when offloaded (plan.offload_optimizer)."""
+    t, _ = trainable(shape, plan)
+    per = optimizer_bytes_per_param(shape, plan)
+    what = "T_lora" if plan.lora_r else "P"
+    if plan.offload_optimizer:
+        return Term("optimizer states", f"{what} x {per} B, offloaded to CPU", 0.0)
+    if plan.strategy in SHARDED_OPTIMIZER:
+        return Term("optimizer states", f"{what} x {per} B / W", t * per / plan.gpus)
+    return Term("optimizer states", f"{what} x {per} B (Adam m, v{', master' if per == 12 else ''})", t * per)
+
+
+def ddp_buckets_term(shape: ModelShape, plan: PlanConfig) -> Term:
+    """DDP on W > 1: the reducer's flat gradient buckets, a second copy of the gradients (T x g_bytes;
+    gradient_as_bucket_view=True would avoid it)."""
+    if plan.strategy != "ddp" or plan.gpus == 1:
+        return Term("ddp buckets", "only ddp on W > 1", 0.0)
+    t, g = trainable(shape, plan)
+    return Term("ddp buckets", f"T x {g} B", t * g)
+
+
+def autocast_copies_term(shape: ModelShape, plan: PlanConfig) -> Term:
+    """fp32 weights under bf16 autocast: autocast caches a bf16 copy of every weight it casts for the step,
+    P x 2 B (the gathered layer only under zero3/fsdp, counted there)."""
+    if not plan.mixed_precision or _param_bytes(plan) == 2 or plan.strategy in SHARDED_WEIGHTS:
+        return Term("autocast copies", "only fp32 weights + mixed precision, unsharded", 0.0)
+    return Term("autocast copies", "P x 2 B", shape.params * 2)
+
+
+def layer_activation_bytes(
+    shape: ModelShape, *, rows: int, seq: int, act_bytes: int, flash: bool, mask_bytes: int = 1
+) -> float:
+    """Activations one transformer layer keeps for backward (Korthikanti et al. 2022, 'Reducing Activation
+    Recomputation in Large Transformer Models', eq. 1: s b h (34 + 5 a s / h) bytes in 16-bit), generalised:
+
+        16-bit values x act_bytes / 2:
+          attention  6 s b h + 4 s b kv_dim   (QKV input, Q, K, V, output-projection input)
+          scores     2 a s^2 b (softmax output; + 2 a s^2 b dropout output with dropout); 0 with flash attention
+          MLP        2 s b h + 4 s b i (BERT: GELU input, second linear input); 2 s b h + 8 s b i (SwiGLU)
+          norms      4 s b h
+        dropout masks (only with dropout) x mask_bytes: 2 s b h (+ a s^2 b without flash attention)
+
+    With i = 4h, kv_dim = h, dropout, 1-byte masks and 16-bit activations this is exactly s b h (34 + 5 a s / h).
+    mask_bytes: 1 on CUDA (bool masks of the fused dropout kernel); 4 on CPU, whose dropout saves an fp32 mask.
+    """
+    s, b, h, a, i = seq, rows, shape.hidden, shape.heads, shape.intermediate
+    sb = s * b
+    half = sb * (6 * h + 4 * shape.kv_dim + 4 * h)
+    half += sb * (2 * h + (8 if shape.gated_mlp else 4) * i)
+    masks = 2 * sb * h if shape.dropout else 0
+    if not flash:
+        half += (4 if shape.dropout else 2) * a * s * sb
+        masks += a * s * sb if shape.dropout else 0
+    return half * act_bytes / 2 + masks * mask_bytes
+
+
+def activation_bytes(
+    shape: ModelShape, *, rows: int, seq: int, act_bytes: int, checkpointing: bool, flash: bool, mask_bytes: int = 1
+) -> float:
+    """Activations of one forward of `rows` texts of `seq` tokens kept for backward:
+    no checkpointing: L x layer + embedding output (s b h x act_bytes, + s b h mask with dropout);
+    checkpointing: L x s b h x act_bytes (each layer's input) + one layer recomputed in backward."""
+    layer = layer_activation_bytes(shape, rows=rows, seq=seq, act_bytes=act_bytes, flash=flash, mask_bytes=mask_bytes)
+    sbh = seq * rows * shape.hidden
+    if checkpointing:
+        return shape.layers * sbh * act_bytes + layer
+    return shape.layers * layer + sbh * (act_bytes + (mask_bytes if shape.dropout else 0))
+
+
+def rank_texts(plan: PlanConfig) -> int:
+    """Documents per rank, b (1 + k): the larger side GradCache chunks."""
+    return plan.global_batch // plan.gpus * (1 + plan.num_hard_negatives)
+
+
+def step_terms(
+    shape: ModelShape, plan: PlanConfig, *, chunk: int, row_chunk_size: int, mask_bytes: int = 1
+) -> list[Term]:
+    """What one step adds on top of the states: activations of one chunk (chunk 0: GradCache off, the whole
+    rank batch at once), the embedding cache, the gathered embeddings, the loss block. mask_bytes: bytes per
+    saved dropout-mask element (1 on CUDA; bench/plan_vs_measured.py passes 4 for CPU)."""
+    W, k, d = plan.gpus, plan.num_hard_negatives, shape.hidden
+    b = plan.global_batch // W
+    N, C = plan.global_batch, plan.global_batch * (1 + k)
+    act = dict(
+        act_bytes=_act_bytes(plan),
+        checkpointing=plan.gradient_checkpointing,
+        flash=plan.flash_attention,
+        mask_bytes=mask_bytes,
+    )
+    seq = max(plan.query_len, plan.doc_len)
+    ckpt = ", checkpointed" if plan.gradient_checkpointing else ""
+    if chunk:
+        rows = min(chunk, rank_texts(plan))
+        terms = [
+            Term("activations", f"{rows} texts x {seq} tok{ckpt}", activation_bytes(shape, rows=rows, seq=seq, **act))
+        ]
+    else:
+        a_q = activation_bytes(shape, rows=b, seq=plan.query_len, **act)
+        a_d = activation_bytes(shape, rows=rank_texts(plan), seq=plan.doc_len, **act)
+        terms = [Term("activations", f"whole rank batch, no GradCache{ckpt}", a_q + a_d)]
+    terms.append(Term("embedding cache", f"b(2+k) x d x 4 B x 2 (+grads), b={b}", b * (2 + k) * d * 4 * 2))
+    gathered = N * (2 + k) * d * 4 * 2 if W > 1 else 0.0
+    terms.append(Term("gathered embeddings", "N(2+k) x d x 4 B x 2 (+grads); 0 on W=1", gathered))
+    r = min(row_chunk_size, b) if row_chunk_size else b
+    candidates = C * d * 4 * 2 if k else 0.0  # torch.cat of positives and negatives, and its gradient
+    terms.append(
+        Term(
+            "loss", f"r x C x {SCORE_BYTES} B (r={r}, C={C}) + C x d x 8 B with k > 0", r * C * SCORE_BYTES + candidates
+        )
+    )
+    return terms
+
+
+def estimate(
+    shape: ModelShape, plan: PlanConfig, *, chunk: int, row_chunk_size: int, mask_bytes: int = 1
+) -> list[Term]:
+    """Every term of the per-GPU peak for GradCache chunk `chunk` (0: GradCache off)."""
+    states = [
+        weights_term(shape, plan),
+        gathered_layers_term(shape, plan),
+        gradients_term(shape, plan),
+        optimizer_term(shape, plan),
+        ddp_buckets_term(shape, plan),
+        autocast_copies_term(shape, plan),
+    ]
+    context = Term("cuda context", "fixed (plan.cuda_context_gib)", plan.cuda_context_gib * GIB)
+    steps = step_terms(shape, plan, chunk=chunk, row_chunk_size=row_chunk_size, mask_bytes=mask_bytes)
+    return states + steps + [context]
+
+
+def budget_bytes(plan: PlanConfig) -> float:
+    """gpu_memory x (1 - headroom)."""
+    return plan.gpu_memory_gib * GIB * (1 - plan.headroom)
+
+
+def fits(shape: ModelShape, plan: PlanConfig, *, chunk: int, row_chunk_size: int) -> bool:
+    return sum(t.bytes for t in estimate(shape, plan, chunk=chunk, row_chunk_size=row_chunk_size)) <= budget_bytes(plan)
+
+
+def pick_chunk(shape: ModelShape, plan: PlanConfig, *, row_chunk_size: int) -> tuple[int | None, int | None]:
+    """(chunk, max_chunk): the largest power of two and the largest integer number of texts per GradCache chunk
+    that fit (activations grow with the chunk, so a bisection finds it); (0, rank texts) when the whole rank
+    batch fits without GradCache; (None, None) when not even a chunk of 1 fits."""
+    if fits(shape, plan, chunk=0, row_chunk_size=row_chunk_size):
+        return 0, rank_texts(plan)
+    low, high = 0, rank_texts(plan) - 1  # a chunk holding the whole batch is GradCache off
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(shape, plan, chunk=mid, row_chunk_size=row_chunk_size):
+            low = mid
+        else:
+            high = mid - 1
+    if low == 0:
+        return None, None
+    return 2 ** int(math.log2(low)), low
+
+
+ADVICE = (
+    ("plan.strategy=zero3", dict(strategy="zero3")),
+    ("plan.offload_optimizer=true", dict(offload_optimizer=True)),
+    ("plan.lora_r=16", dict(lora_r=16)),
+    ("plan.gradient_checkpointing=true", dict(gradient_checkpointing=True)),
+    ("plan.flash_attention=true", dict(flash_attention=True)),
+    ("plan.mixed_precision=true", dict(mixed_precision=True)),
+)
+
+
+def advice(shape: ModelShape, plan: PlanConfig, *, row_chunk_size: int) -> str:
+    """What makes a chunk of 1 fit when nothing does: each single change tried in turn, then more GPUs."""
+    helps = []
+    for label, change in ADVICE:
+        if any(getattr(plan, key) == value for key, value in change.items()):
+            continue
+        if "offload_optimizer" in change and plan.strategy == "ddp":
+            change, label = dict(change, strategy="zero1"), label + " with plan.strategy=zero1"
+        if fits(shape, dataclasses.replace(plan, **change), chunk=1, row_chunk_size=row_chunk_size):
+            helps.append(label)
+    for factor in (2, 4, 8):
+        more = dataclasses.replace(plan, gpus=plan.gpus * factor, global_batch=plan.global_batch * factor)
+        if plan.strategy != "ddp" and fits(shape, more, chunk=1, row_chunk_size=row_chunk_size):
+            helps.append(f"plan.gpus={more.gpus} (same per-rank batch)")
+            break
+    if not helps:
+        return "not even a chunk of 1 fits, and no single change fixes it: combine zero3, LoRA, offload, checkpointing"
+    return "not even a chunk of 1 fits; each of these alone would: " + "; ".join(helps)
+
+
+def plan_memory(shape: ModelShape, plan: PlanConfig, *, row_chunk_size: int) -> dict[str, Any]:
+    """The planner's report: the chosen chunk (plan.chunk, or the largest that fits), its terms in GiB, the
+    total against the budget, and a message saying what to change when nothing fits."""
+    chunk, max_chunk = (plan.chunk, None) if plan.chunk else pick_chunk(shape, plan, row_chunk_size=row_chunk_size)
+    if plan.chunk and plan.chunk >= rank_texts(plan):
+        chunk = 0  # a chunk as large as the rank's batch is no GradCache
+    terms = estimate(shape, plan, chunk=chunk or 0, row_chunk_size=row_chunk_size)
+    total = sum(t.bytes for t in terms)
+    ok = total <= budget_bytes(plan)
+    if chunk is None:
+        message = advice(shape, plan, row_chunk_size=row_chunk_size)
+    elif chunk == 0:
+        message = "the whole rank batch fits without GradCache: leave gradcache.chunk_size=0" if ok else ""
+    else:
+        message = f"set gradcache.chunk_size={chunk}"
+    if plan.chunk and not ok:
+        message = f"plan.chunk={plan.chunk} does not fit: use plan.chunk=0 to pick one"
+    return {
+        "shape": dataclasses.asdict(shape),
+        "trainable_params": trainable(shape, plan)[0],
+        "inputs": {**dataclasses.asdict(plan), "row_chunk_size": row_chunk_size},
+        "chunk": chunk,
+        "max_chunk": max_chunk,
+        "fits": ok,
+        "terms": [{"name": t.name, "basis": t.basis, "gib": t.bytes / GIB} for t in terms],
+        "total_gib": total / GIB,
+        "budget_gib": budget_bytes(plan) / GIB,
+        "message": message,
+    }
+
+
+def print_report(result: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col, justify in (("term", "left"), ("formula / basis", "left"), ("GiB", "right")):
+        table.add_column(col, justify=justify)
+    for t in result["terms"]:
+        table.add_row(t["name"], t["basis"], f"{t['gib']:.3f}")
+    table.add_row("total", f"budget {result['budget_gib']:.1f} GiB", f"{result['total_gib']:.3f}", style="bold")
+    console = Console()
+    console.print(table)
+    chunk = result["chunk"]
+    if chunk is None:
+        console.print(f"[bold red]no chunk fits[/]: {result['message']}")
+    else:
+        extra = f" (largest integer: {result['max_chunk']})" if result["max_chunk"] and chunk else ""
+        console.print(f"chunk: [bold]{chunk}[/]{extra} -- {result['message']}")
+
+
+def run(cfg: PlanJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
+    plan = resolve_plan(cfg)
+    shape = resolve_shape(cfg.model, plan)
+    result = {"model": cfg.model.name_or_path, **plan_memory(shape, plan, row_chunk_size=cfg.loss.row_chunk_size)}
+    p = plan
+    title = (
+        f"{cfg.model.name_or_path}: {shape.params / 1e9:.3g}B params, "
+        f"{p.strategy} on {p.gpus} x {p.gpu_memory_gib:g} GiB, "
+        f"global batch {p.global_batch} (k={p.num_hard_negatives}), {p.query_len}/{p.doc_len} tok, "
+        f"{p.param_dtype}{' + bf16 autocast' if p.mixed_precision else ''}, LoRA r={p.lora_r}, "
+        f"checkpointing={p.gradient_checkpointing}"
+    )
+    print_report(result, title)
+    out = Path(p.output) if p.output else Path(run_dir or "runs/plan") / "plan.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+main = hydra_job("plan", PlanJobConfig, run)
+
+if __name__ == "__main__":
+    main()
