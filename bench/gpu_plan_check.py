@@ -1,0 +1,188 @@
+"""The memory planner (`embedscale plan`) against measured CUDA peaks of one GradCache training step.
+
+    python bench/gpu_plan_check.py                    # on a GPU machine; ~2 min on one H100/H200
+
+The GPU twin of bench/plan_vs_measured.py (which measures RSS on CPU). One process, one GPU, fp32, no hard
+negatives, random token ids of exactly `seq` tokens, a randomly initialised backbone of a real shape (no
+download: BERT-base, and a 1.1B Llama-shaped decoder). Per row: build the module, AdamW with every gradient and
+both moments allocated (as in any step after the first), the batch on the GPU -> `base` =
+torch.cuda.memory_allocated() -> reset the peak -> gradcache_step + AdamW step -> `peak` =
+torch.cuda.max_memory_allocated(). Compared:
+- step:  peak - base vs the planner's activations + embedding cache + gathered embeddings + loss;
+- total: peak vs the planner's total without the CUDA context (allocated memory does not include it).
+A ratio is measured / planned. Writes bench/results/gpu_plan_check.json.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MIB = 2**20
+SHAPES = {  # randomly initialised; shapes of real checkpoints
+    "bert-base": ("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
+    "llama-1.1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            intermediate_size=5632,
+        ),
+    ),
+}
+ROWS = [  # shape, seq, chunk, rank batch, gradient checkpointing
+    ("bert-base", 256, 32, 256, False),
+    ("bert-base", 256, 128, 256, False),
+    ("bert-base", 256, 512, 1024, False),
+    ("bert-base", 256, 128, 256, True),
+    ("bert-base", 256, 512, 1024, True),
+    ("llama-1.1b", 256, 16, 64, False),
+    ("llama-1.1b", 256, 64, 256, False),
+    ("llama-1.1b", 256, 64, 256, True),
+]
+
+
+def backbone_dir(name: str, tmp: Path) -> Path:
+    """config.json of the shape (what the planner reads) in tmp/name."""
+    from transformers import BertConfig, LlamaConfig
+
+    kind, shape = SHAPES[name]
+    cfg = BertConfig(**shape) if kind == "bert" else LlamaConfig(vocab_size=32000, **shape)
+    out = tmp / name
+    cfg.save_pretrained(out)
+    return out
+
+
+def measure(name: str, path: Path, seq: int, chunk: int, batch: int, checkpointing: bool) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from embedscale.config import LossConfig, ModelConfig, OptimConfig, Pooling
+    from embedscale.contrastive.gradcache import gradcache_step
+    from embedscale.contrastive.module import ContrastiveModule
+    from embedscale.data.batch import PairBatch, TextIds
+    from embedscale.encoder.backbone import adapt_backbone
+    from embedscale.encoder.biencoder import BiEncoder
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    decoder = SHAPES[name][0] == "llama"
+    cfg = ModelConfig(
+        name_or_path=str(path),
+        pooling=Pooling.last_token if decoder else Pooling.mean,
+        query_max_length=seq,
+        document_max_length=seq,
+        gradient_checkpointing=checkpointing,
+    )
+    hf_cfg = AutoConfig.from_pretrained(path)
+    kwargs = {} if decoder else {"add_pooling_layer": False}
+    backbone = AutoModel.from_config(hf_cfg, attn_implementation="sdpa", **kwargs)
+    backbone = adapt_backbone(backbone, cfg)
+    module = ContrastiveModule(BiEncoder(backbone, None, cfg), loss_cfg=LossConfig(), optim_cfg=OptimConfig())
+    module.to(dev).train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+
+    def tokens(n: int) -> dict:
+        ids = torch.randint(5, hf_cfg.vocab_size, (n, seq), device=dev)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    ids = TextIds(torch.arange(batch, device=dev), torch.arange(batch, device=dev) + 10**6, None)
+    rows = PairBatch(tokens(batch), tokens(batch), ids, 0, [str(i) for i in range(batch)])
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    gradcache_step(module, rows, chunk_size=chunk, sort_by_length=True)
+    opt.step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated()
+    del module, opt, rows, params, backbone
+    torch.cuda.empty_cache()
+    return {"base_MiB": base / MIB, "peak_MiB": peak / MIB, "step_MiB": (peak - base) / MIB, "seconds": seconds}
+
+
+def planned(path: Path, seq: int, chunk: int, batch: int, checkpointing: bool) -> dict:
+    from embedscale.config import ModelConfig, PlanConfig
+    from embedscale.plan import estimate, resolve_shape
+
+    plan = PlanConfig(
+        strategy="ddp",
+        gpus=1,
+        gpu_memory_gib=1000.0,
+        global_batch=batch,
+        query_len=seq,
+        doc_len=seq,
+        lora_r=0,
+        param_dtype="float32",
+        gradient_checkpointing=checkpointing,
+        flash_attention=True,
+        chunk=chunk,
+        headroom=0.0,
+        cuda_context_gib=0.0,
+    )
+    shape = resolve_shape(ModelConfig(name_or_path=str(path)), plan)
+    terms = {t.name: t.bytes for t in estimate(shape, plan, chunk=chunk, row_chunk_size=1024, mask_bytes=1)}
+    step = sum(terms[k] for k in ("activations", "embedding cache", "gathered embeddings", "loss"))
+    return {"step_MiB": step / MIB, "total_MiB": sum(terms.values()) / MIB}
+
+
+def main() -> None:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if gpu is None:
+        raise SystemExit("bench/gpu_plan_check.py needs a CUDA GPU (bench/plan_vs_measured.py is the CPU check)")
+    print("command: python bench/gpu_plan_check.py")
+    print(f"machine: {gpu}, torch {torch.__version__}, python {platform.python_version()}")
+    out_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, seq, chunk, batch, ckpt in ROWS:
+            path = backbone_dir(name, Path(tmp))
+            m = measure(name, path, seq, chunk, batch, ckpt)
+            p = planned(path, seq, chunk, batch, ckpt)
+            row = {
+                "model": name,
+                "seq": seq,
+                "chunk": chunk,
+                "rank_batch": batch,
+                "checkpointing": ckpt,
+                "plan_step_MiB": round(p["step_MiB"], 1),
+                "meas_step_MiB": round(m["step_MiB"], 1),
+                "step_ratio": round(m["step_MiB"] / p["step_MiB"], 3),
+                "plan_total_MiB": round(p["total_MiB"], 1),
+                "meas_peak_MiB": round(m["peak_MiB"], 1),
+                "total_ratio": round(m["peak_MiB"] / p["total_MiB"], 3),
+                "seconds": round(m["seconds"], 2),
+            }
+            out_rows.append(row)
+            print(json.dumps(row), flush=True)
+    cols = list(out_rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in out_rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    record = {"command": "python bench/gpu_plan_check.py", "machine": gpu, "torch": torch.__version__, "rows": out_rows}
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    import os
+
+    target = Path(os.environ.get("OUT", results)) / "gpu_plan_check.json"
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
