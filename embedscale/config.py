@@ -348,6 +348,12 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     strategy: str = "auto"
+    """A Lightning strategy name (auto, ddp, ddp_spawn, ...) or `fsdp2` (FSDP2 on all ranks: embedscale/strategy.py)."""
+    reshard_after_forward: bool = True
+    """fsdp2 only. True frees each layer's gathered parameters after its forward and re-gathers them for the
+    backward: with GradCache that is one extra parameter all-gather per chunk per pass. False keeps them gathered
+    from the forward to the backward (GradCache: between the embedding pass and the chunk backward passes):
+    faster, more memory (a full copy of the gathered layers)."""
     num_nodes: int = 1
     precision: str = "32-true"
     """32-true, bf16-mixed (autocast, GPUs and recent CPUs) or 16-mixed (GPUs)."""

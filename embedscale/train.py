@@ -67,13 +67,19 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
     loggers = build_loggers(cfg, run_dir)
     if loggers:
         callbacks += [LearningRateMonitor(logging_interval="step"), TrainingMonitor()]
+    from embedscale.strategy import FSDP2, build_strategy, fsdp2_callbacks
+
+    if t.strategy == FSDP2:
+        if cfg.eval.beir or cfg.eval.sts:
+            raise ValueError("trainer.strategy=fsdp2 does not evaluate during training yet: add eval=none")
+        callbacks += fsdp2_callbacks(cfg.model)
     return L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=build_strategy(t),
         num_nodes=t.num_nodes,
         precision=t.precision,
         gradient_clip_val=None if cfg.gradcache.enabled else t.gradient_clip_val,  # GradCache clips itself

@@ -90,6 +90,40 @@ def all_gather_no_grad(x_bX: torch.Tensor, name: str = "tensor") -> torch.Tensor
     return torch.cat(parts, dim=0)
 
 
+def _is_dtensor(x: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+@torch.no_grad()
+def clip_grad_norm_sharded_(params, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of `params` in place to a total 2-norm of `max_norm`; returns the total norm.
+
+    For a mix of FSDP2-sharded (DTensor) gradients and replicated plain ones (the temperature): the squares of
+    the local shards are summed over ranks in one all-reduce, the replicated gradients counted once. Same
+    formula as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), clamped at 1).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    sharded = [g.to_local() for g in grads if _is_dtensor(g)]
+    plain = [g for g in grads if not _is_dtensor(g)]
+    device = (sharded or plain)[0].device
+    sq_sharded = torch.zeros((), dtype=torch.float64, device=device)
+    for g in sharded:
+        sq_sharded += g.double().pow(2).sum()
+    if world()[1] > 1 and sharded:
+        dist.all_reduce(sq_sharded)
+    sq_plain = sum((g.double().pow(2).sum() for g in plain), torch.zeros((), dtype=torch.float64, device=device))
+    total = (sq_sharded + sq_plain).sqrt()
+    coef = min(1.0, max_norm / (total.item() + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
 @torch.no_grad()
 def all_reduce_gradients_(params) -> None:
     """Average the gradients of `params` over ranks in one flat all-reduce per dtype (in place).
@@ -101,7 +135,7 @@ def all_reduce_gradients_(params) -> None:
     _, size = world()
     if size == 1:
         return
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in params if p.requires_grad and not _is_dtensor(p)]  # FSDP2 reduced those already
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -146,6 +146,9 @@ def gradcache_step(
     cost = [c.tokens["input_ids"].numel() for _, c in jobs]
     kept = max(range(len(jobs)), key=cost.__getitem__)
     states, embeddings, kept_cD = [], [], None
+    # FSDP2 reuses its all-gather buffers across passes: ones made under inference mode cannot serve the grad
+    # passes, so sharded modules encode pass 1 under no_grad (same numbers, slightly more bookkeeping).
+    no_grad = torch.no_grad if getattr(module, "fsdp2", False) else torch.inference_mode
     for i, (side, chunk) in enumerate(jobs):  # pass 1: no activations kept, except the kept chunk's
         if i == kept:
             states.append(None)
@@ -153,7 +156,7 @@ def gradcache_step(
             embeddings.append(kept_cD.detach())
             continue
         states.append(RngState.capture(device))
-        with torch.inference_mode():
+        with no_grad():
             embeddings.append(encoder.encode(chunk.tokens, side=side))
 
     def in_batch_order(parts: list[torch.Tensor], chunks: list[Chunk]) -> torch.Tensor:

@@ -11,6 +11,11 @@ With GradCache on (`gradcache.chunk_size` or `gradcache.token_budget`) the step 
 (contrastive/gradcache.py) with manual optimisation: several backward passes, one explicit gradient
 all-reduce, clipping, update.
 
+Under `trainer.strategy=fsdp2` (embedscale/strategy.py) the strategy shards the backbones in `configure_model`;
+FSDP2 reduce-scatters their gradients at every backward (also each GradCache chunk's: the sharded gradients
+accumulate sums of averages, which is exact), so only the replicated parameters (the learnable temperature) are
+averaged here, and clipping takes the norm over all shards (gather.clip_grad_norm_sharded_).
+
 Legend: B = queries in the batch, k = hard negatives per query, D = dim.
 """
 
@@ -21,7 +26,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from embedscale.config import GradCacheConfig, LossConfig, OptimConfig
-from embedscale.contrastive.gather import all_gather_no_grad, all_gather_with_grad, all_reduce_gradients_, world
+from embedscale.contrastive.gather import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_gradients_,
+    clip_grad_norm_sharded_,
+    world,
+)
 from embedscale.contrastive.gradcache import gradcache_step
 from embedscale.contrastive.losses import Temperature, contrastive_loss, distillation_loss
 from embedscale.contrastive.optim import build_optimizer
@@ -51,6 +62,39 @@ class ContrastiveModule(L.LightningModule):
         self.temperature = Temperature(
             loss_cfg.temperature, learnable=loss_cfg.learnable_temperature, max_inverse=loss_cfg.max_inverse_temperature
         )
+        self.fsdp2 = False  # set by configure_model when the strategy shards the backbones
+
+    def configure_model(self) -> None:
+        """Let an FSDP2 strategy (embedscale/strategy.py) shard the backbones; a no-op for every other strategy."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None and not self.fsdp2:
+            shard(self)
+            self.fsdp2 = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.fsdp2:  # its optimizer state is indexed in another parameter order than ddp's
+            checkpoint["embedscale_fsdp2"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("embedscale_fsdp2", False) != self.fsdp2:
+            written, now = ("fsdp2", "another strategy") if not self.fsdp2 else ("another strategy", "fsdp2")
+            raise ValueError(
+                f"trainer.resume: the checkpoint was written under {written} and this run uses {now}; the optimizer "
+                "state does not carry over between them: resume with the trainer.strategy that wrote it"
+            )
+
+    def on_after_backward(self) -> None:
+        # FSDP2 reduced the sharded gradients in the backward; the replicated ones (temperature) are averaged here.
+        if self.fsdp2:
+            all_reduce_gradients_(self.parameters())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.fsdp2 and gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("trainer.strategy=fsdp2 clips by norm only")
+            clip_grad_norm_sharded_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def compute_loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B, k = batch.batch_size, batch.num_negatives_per_query
@@ -134,8 +178,10 @@ class ContrastiveModule(L.LightningModule):
             sort_by_length=gc.sort_by_length,
             backward=self.manual_backward,
         )
-        all_reduce_gradients_(self.parameters())
-        if self.gradient_clip_val:
+        all_reduce_gradients_(self.parameters())  # under FSDP2 only the replicated (non-DTensor) gradients
+        if self.gradient_clip_val and self.fsdp2:
+            clip_grad_norm_sharded_(self.parameters(), self.gradient_clip_val)
+        elif self.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
