@@ -201,7 +201,8 @@ doctor._module(doctor._init()[2])  # Lightning + transformers model classes, imp
 dist.barrier()
 dist.destroy_process_group()
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-print("gloo threads after destroy:", sorted(n for n in names if "gloo" in n))
+line = f"gloo threads after destroy: {sorted(n for n in names if 'gloo' in n)}\\n"
+os.write(1, line.encode())  # one write per rank: print() writes text and newline apart, so ranks interleave
 """
 
 
