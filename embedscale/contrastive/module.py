@@ -85,7 +85,8 @@ class ContrastiveModule(L.LightningModule):
 
     def on_after_backward(self) -> None:
         # FSDP2 reduced the sharded gradients in the backward; the replicated ones (temperature) are averaged here.
-        if self.fsdp2:
+        # GradCache (manual optimisation) averages them once per step itself, not after each chunk's backward.
+        if self.fsdp2 and self.automatic_optimization:
             all_reduce_gradients_(self.parameters())
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
