@@ -101,6 +101,36 @@ def _last_real(ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", ["bert", "eos", "exclude_prefix"])
+def test_tokenizing_in_pieces_gives_the_tensors_of_one_call(mistral, monkeypatch, side, kind):
+    """Big batches are tokenized TOKENIZE_PIECE texts per call (bounded tokenizer scratch); the padded
+    tensors must equal one call over all texts, on both padding sides and all three code paths."""
+    import embedscale.encoder.tokenize as tokenize_module
+    from embedscale.encoder.biencoder import resolve_model_path
+
+    if kind == "bert":  # the padded fast path (no EOS to append, whole text pooled)
+        cfg = ModelConfig(padding_side=side, query_max_length=16)
+        tok = __import__("transformers").AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path))
+        tok.padding_side = side
+    else:
+        pooling = Pooling.last_token if kind == "eos" else Pooling.mean  # last token: EOS appended (list path)
+        encoder, tok = _load(mistral, padding_side=side, pool_exclude_prefix=kind == "exclude_prefix", pooling=pooling)
+        cfg = encoder.cfg
+        assert (tokenize_module.eos_to_append(tok, cfg) is not None) == (kind == "eos")
+    texts = [TEXTS[i % len(TEXTS)] + (" " + FILLER) * (i % 3 if i < 9 else 0) for i in range(11)]
+    prefixes = [QUERY_PREFIX if i % 2 and i < 9 else "" for i in range(11)]  # the last piece (9, 10) is short
+    whole = tokenize(tok, texts, prefixes=prefixes, max_length=40, cfg=cfg)
+    monkeypatch.setattr(tokenize_module, "TOKENIZE_PIECE", 3)
+    pieces = tokenize(tok, texts, prefixes=prefixes, max_length=40, cfg=cfg)
+    keys = ["input_ids", "attention_mask"] + (["pool_mask"] if kind == "exclude_prefix" else [])
+    assert sorted(pieces) == sorted(whole) == sorted(keys)
+    for key in whole:
+        assert torch.equal(pieces[key], whole[key]), key
+    # the last piece was padded narrower than the others before stacking
+    assert whole["attention_mask"][9:].sum(1).max() < whole["attention_mask"].shape[1]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
 def test_every_text_ends_with_eos_truncated_too(mistral, side):
     encoder, tok = _load(mistral, padding_side=side)
     eos = tok.eos_token_id

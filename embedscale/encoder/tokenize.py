@@ -30,6 +30,13 @@ from embedscale.config import ModelConfig, Pooling
 _PROBE = "a b"
 
 
+# Texts per tokenizer call. A fast (Rust) tokenizer's per-call scratch (encodings with tokens, offsets and
+# overflow) is freed into glibc's heap, which keeps it: one call over a 8,192-text batch left ~350-640 MiB of
+# resident memory behind for good, pieces of 512 ~50 MiB (all-MiniLM-L6-v2 tokenizer, 128 tokens). The
+# tensors are the same either way.
+TOKENIZE_PIECE = 512
+
+
 def tokenizer_ends_with_eos(tokenizer) -> bool:
     """Whether the tokenizer itself ends a tokenised text with its EOS token (e5-mistral's tokenizer does)."""
     eos = tokenizer.eos_token_id
@@ -74,29 +81,54 @@ def tokenize(
     full = [p + t for p, t in zip(prefixes, texts, strict=True)]
     eos = eos_to_append(tokenizer, cfg)
     if eos is None and not cfg.pool_exclude_prefix:
-        enc = tokenizer(full, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        parts = []
+        for start in range(0, len(full), TOKENIZE_PIECE):
+            enc = tokenizer(
+                full[start : start + TOKENIZE_PIECE],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            parts.append((enc["input_ids"], enc["attention_mask"]))
+        if len(parts) == 1:
+            return {"input_ids": parts[0][0], "attention_mask": parts[0][1]}
+        return _concat_padded(parts, tokenizer)
     if cfg.pool_exclude_prefix and not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"model.pool_exclude_prefix=true needs a fast tokenizer (character offsets); {cfg.name_or_path} "
             "has a slow one: set model.pool_exclude_prefix=false"
         )
     budget = max(1, max_length - 1) if eos is not None else max_length
-    enc = tokenizer(
-        full,
-        truncation=True,
-        max_length=budget,
-        return_offsets_mapping=cfg.pool_exclude_prefix,
-        return_special_tokens_mask=cfg.pool_exclude_prefix,
-    )
     rows, pooled = [], []
-    for i, ids in enumerate(enc["input_ids"]):
-        ids = list(ids) + ([eos] if eos is not None else [])
-        rows.append(ids)
-        if cfg.pool_exclude_prefix:
-            start = text_start(enc["offset_mapping"][i], enc["special_tokens_mask"][i], len(prefixes[i]))
-            pooled.append([0] * start + [1] * (len(ids) - start))
+    for first in range(0, len(full), TOKENIZE_PIECE):
+        enc = tokenizer(
+            full[first : first + TOKENIZE_PIECE],
+            truncation=True,
+            max_length=budget,
+            return_offsets_mapping=cfg.pool_exclude_prefix,
+            return_special_tokens_mask=cfg.pool_exclude_prefix,
+        )
+        for i, ids in enumerate(enc["input_ids"]):
+            ids = list(ids) + ([eos] if eos is not None else [])
+            rows.append(ids)
+            if cfg.pool_exclude_prefix:
+                start = text_start(enc["offset_mapping"][i], enc["special_tokens_mask"][i], len(prefixes[first + i]))
+                pooled.append([0] * start + [1] * (len(ids) - start))
     return _pad(rows, pooled if cfg.pool_exclude_prefix else None, tokenizer)
+
+
+def _concat_padded(parts: list[tuple[torch.Tensor, torch.Tensor]], tokenizer) -> dict[str, torch.Tensor]:
+    """Stack separately padded pieces (ids (b, l_i), mask (b, l_i)) into (B, max l_i) on the tokenizer's
+    padding side: the same tensors one padded call over all texts gives."""
+    L = max(ids.shape[1] for ids, _ in parts)
+    left = tokenizer.padding_side == "left"
+    ids_out, mask_out = [], []
+    for ids_bl, mask_bl in parts:
+        pad = (L - ids_bl.shape[1], 0) if left else (0, L - ids_bl.shape[1])
+        ids_out.append(torch.nn.functional.pad(ids_bl, pad, value=tokenizer.pad_token_id))
+        mask_out.append(torch.nn.functional.pad(mask_bl, pad, value=0))
+    return {"input_ids": torch.cat(ids_out), "attention_mask": torch.cat(mask_out)}
 
 
 def text_start(offsets: list[tuple[int, int]], special: list[int], prefix_chars: int) -> int:
