@@ -26,6 +26,9 @@ Systems:
 - st-mnrl     sentence-transformers MultipleNegativesRankingLoss (scale 20)
 - st-cached   sentence-transformers CachedMultipleNegativesRankingLoss, mini_batch_size = `--chunk`
 
+A system name may end in `@eager` or `@sdpa` to pin the attention kernel (`bare-chunks@eager`,
+`st-cached@eager`, `es-gc@sdpa`); without it every system loads transformers' default (sdpa).
+
 Ratios: es-plain / bare and es-gc / bare-chunks are overheads (targets <= 1.05 and <= 1.10 in time);
 st-* / es-* are speed-ups of embedscale (targets >= 1.0 on fixed, >= 1.1 for GradCache on real text).
 """
@@ -94,11 +97,14 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
     import torch
     import torch.nn.functional as F
 
+    system, _, attn = system.partition("@")
     if system.startswith("st-"):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
 
-        model = SentenceTransformer(model_path, device="cpu")
+        model = SentenceTransformer(
+            model_path, device="cpu", model_kwargs={"attn_implementation": attn} if attn else None
+        )
         model.max_seq_length = max_length
         if system == "st-mnrl":
             loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
@@ -120,7 +126,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
     from transformers import AutoModel, AutoTokenizer
 
     if system.startswith("bare"):
-        model = AutoModel.from_pretrained(model_path).train()
+        model = AutoModel.from_pretrained(model_path, **({"attn_implementation": attn} if attn else {})).train()
         tok = AutoTokenizer.from_pretrained(model_path)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         size = chunk if system == "bare-chunks" else len(queries)
@@ -151,7 +157,12 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
     from embedscale.data.datamodule import PairCollator
     from embedscale.encoder.biencoder import load_encoder
 
-    mcfg = ModelConfig(name_or_path=model_path, query_max_length=max_length, document_max_length=max_length)
+    mcfg = ModelConfig(
+        name_or_path=model_path,
+        query_max_length=max_length,
+        document_max_length=max_length,
+        attn_implementation=attn or None,
+    )
     encoder, tok = load_encoder(mcfg)
     module = ContrastiveModule(encoder, loss_cfg=LossConfig(), optim_cfg=OptimConfig())
     opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
@@ -266,11 +277,13 @@ def main() -> None:
                 "peak_rss_MiB": r["peak_rss_MiB"],
                 "vs": "",
             }
-            ref = {"es-plain": "bare", "es-gc": "bare-chunks", "es-gc-tok": "bare-chunks"}.get(system)
-            if ref in results:
-                row["vs"] = f"{ratio(r, results[ref]):.3f}x time of {ref}"
-            peers = {"st-mnrl": ["es-plain"], "st-cached": ["es-gc", "es-gc-tok"]}.get(system, [])
-            speedups = [f"{p} {ratio(r, results[p]):.3f}x" for p in peers if p in results]
+            base = system.partition("@")[0]
+            ref = {"es-plain": "bare", "es-gc": "bare-chunks", "es-gc-tok": "bare-chunks"}.get(base)
+            refs = [f"{ratio(r, results[x]):.3f}x time of {x}" for x in results if x.partition("@")[0] == ref]
+            if refs:
+                row["vs"] = ", ".join(refs)
+            peers = {"st-mnrl": ["es-plain"], "st-cached": ["es-gc", "es-gc-tok"]}.get(base, [])
+            speedups = [f"{p} {ratio(r, results[p]):.3f}x" for p in results if p.partition("@")[0] in peers]
             if speedups:
                 row["vs"] = "embedscale speed-up: " + ", ".join(speedups)
             rows.append(row)

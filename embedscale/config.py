@@ -96,8 +96,13 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass (transformers' gradient checkpointing,
     non-reentrant): activation memory of one layer instead of all, for ~30% more compute. Works with LoRA."""
+    attn_implementation: str | None = None
+    """The attention kernel, passed to transformers as `attn_implementation`: eager, sdpa, flash_attention_2, ...;
+    None: transformers' default for the architecture (sdpa where supported). Not saved in the export."""
 
     def __post_init__(self) -> None:
+        if self.attn_implementation == "":
+            raise ValueError("model.attn_implementation is empty: use null, eager, sdpa or flash_attention_2")
         if self.query_max_length < 1 or self.document_max_length < 1:
             raise ValueError("model.query_max_length and model.document_max_length must be >= 1")
         if self.pool_exclude_prefix and self.pooling not in (Pooling.mean, Pooling.weighted_mean):

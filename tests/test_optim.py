@@ -29,3 +29,9 @@ def test_schedule_warms_up_then_decays(scheduler):
         assert fn(109) == 1.0
     else:
         assert fn(60) == pytest.approx(0.5, abs=1e-9) and fn(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warmup_ratio_rounds_up_like_transformers():
+    for steps, warmup in ((84, 9), (90, 9), (10, 1), (5, 1)):
+        fn = lr_lambda(OptimConfig(warmup_ratio=0.1), steps)
+        assert fn(warmup - 1) < 1.0 and fn(warmup) == pytest.approx(1.0), (steps, warmup)

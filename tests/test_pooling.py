@@ -49,3 +49,22 @@ def test_padding_garbage_is_ignored():
     h_noisy = h + (1 - m[..., None]) * 1e3  # huge values in padded positions
     for how in Pooling:
         torch.testing.assert_close(pool(h_noisy, m, how), pool(h, m, how))
+
+
+def test_attention_kernel_is_passed_to_transformers_and_gives_the_same_embeddings(tmp_path):
+    """model.attn_implementation picks transformers' attention kernel (null: its default); same maths."""
+    from conftest import make_tiny_bert
+
+    from embedscale.config import ModelConfig
+    from embedscale.encoder.biencoder import encode_texts, load_encoder
+
+    path = str(make_tiny_bert(tmp_path / "bert"))
+    texts = ["a protein folds", "galaxies collide slowly over time", "river"]
+    embeddings = {}
+    for impl in ("eager", "sdpa", None):
+        encoder, tok = load_encoder(ModelConfig(name_or_path=path, attn_implementation=impl))
+        assert encoder.query_backbone.config._attn_implementation == (impl or "sdpa")
+        embeddings[impl] = encode_texts(encoder, tok, texts, side="document", batch_size=2)
+    torch.testing.assert_close(embeddings["eager"], embeddings["sdpa"], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="model.attn_implementation"):
+        ModelConfig(attn_implementation="")

@@ -35,7 +35,10 @@ def param_groups(model: nn.Module, cfg: OptimConfig, *, temperature: nn.Paramete
 
 def lr_lambda(cfg: OptimConfig, num_training_steps: int):
     """Multiplier of the base lr at optimizer step s: linear warmup, then the configured decay to 0."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * num_training_steps)
+    # warmup_ratio rounds up, as transformers' Trainer does (84 steps x 0.1 -> 9 warmup steps); 1e-9 keeps
+    # float error from adding one (90 x 0.1 = 9.000000000000002 -> 9)
+    ratio_steps = math.ceil(cfg.warmup_ratio * num_training_steps - 1e-9)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else ratio_steps
 
     def fn(step: int) -> float:
         if step < warmup:

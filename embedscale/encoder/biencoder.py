@@ -41,6 +41,7 @@ NOT_RESTORED = {
     "lora_dropout",
     "lora_target_modules",
     "gradient_checkpointing",
+    "attn_implementation",
 }
 
 
@@ -60,7 +61,8 @@ def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:
     from transformers import AutoModel
 
     dtype = "auto" if cfg.torch_dtype == "auto" else getattr(torch, cfg.torch_dtype)
-    model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused BERT pooler: dead parameters make DDP fail on the second step
     return model
