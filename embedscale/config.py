@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -353,7 +353,15 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     strategy: str = "auto"
-    """A Lightning strategy name (auto, ddp, ddp_spawn, ...) or `fsdp2` (FSDP2 on all ranks: embedscale/strategy.py)."""
+    """A Lightning strategy name (auto, ddp, ddp_spawn, ...), `fsdp2` (FSDP2 on all ranks) or `deepspeed` (DeepSpeed
+    ZeRO, trainer.zero_stage; needs `pip install embedscale[deepspeed]`); see embedscale/strategy.py."""
+    zero_stage: int = 2
+    """deepspeed only: 2 shards gradients and optimizer states over the ranks, 3 also the weights (each layer is
+    all-gathered for its forward and again for its backward)."""
+    offload_optimizer: bool = False
+    """deepspeed only: keep the fp32 master weights and AdamW states in CPU memory and step there (torch AdamW)."""
+    offload_params: bool = False
+    """deepspeed with trainer.zero_stage=3 only: keep the weight shards in CPU memory between uses."""
     reshard_after_forward: bool = True
     """fsdp2 only. True frees each layer's gathered parameters after its forward and re-gathers them for the
     backward: with GradCache that is one extra parameter all-gather per chunk per pass. False keeps them gathered
@@ -400,6 +408,38 @@ class TrainerConfig:
             raise ValueError("trainer.accumulate_grad_batches must be >= 1")
         if self.requeue_on_signal not in ("auto", "true", "false"):
             raise ValueError(f"trainer.requeue_on_signal={self.requeue_on_signal!r}: use auto, true or false")
+        self._check_deepspeed()
+
+    def _check_deepspeed(self) -> None:
+        if self.strategy != "deepspeed":
+            for key in ("offload_optimizer", "offload_params"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"trainer.{key}=true needs trainer.strategy=deepspeed (got {self.strategy!r}): use "
+                        "trainer=deepspeed_zero2 / deepspeed_zero3 or drop the key"
+                    )
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError(
+                "trainer.strategy=deepspeed needs DeepSpeed, which is not installed: pip install embedscale[deepspeed] "
+                "(or pip install deepspeed)"
+            )
+        if self.zero_stage not in (2, 3):
+            raise ValueError(
+                f"trainer.zero_stage={self.zero_stage!r}: use 2 (gradients + optimizer states) or 3 (+ weights)"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                "trainer.offload_params=true needs trainer.zero_stage=3 (only ZeRO-3 shards the weights): set "
+                "trainer.zero_stage=3 or trainer.offload_params=false"
+            )
+        if self.precision in ("64-true", "32"):
+            raise ValueError(
+                f"trainer.precision={self.precision!r} with trainer.strategy=deepspeed: use 32-true, bf16-mixed, "
+                "bf16-true or 16-mixed"
+            )
 
 
 @dataclass
@@ -537,6 +577,13 @@ class TrainConfig:
             raise ValueError(
                 "gradcache with trainer.precision=16-mixed: fp16 loss scaling would scale the cached "
                 "surrogates but not the temperature's gradient; use trainer.precision=bf16-mixed or 32-true"
+            )
+        t = self.trainer
+        if self.gradcache.enabled and t.strategy == "deepspeed" and t.zero_stage == 2 and t.offload_optimizer:
+            raise ValueError(
+                "gradcache with trainer.zero_stage=2 and trainer.offload_optimizer=true: measured wrong (DeepSpeed's "
+                "ZeRO-2 offload does not add up the gradients of a step's several backward passes); use "
+                "trainer.zero_stage=3 with the offload, or trainer.offload_optimizer=false"
             )
         if self.gradcache.enabled and self.trainer.accumulate_grad_batches > 1:
             raise ValueError(
@@ -1073,6 +1120,11 @@ class PipelineJobConfig:
 
 def register_configs() -> None:
     """Register the top-level schemas; every group file of conf/ is merged onto their typed nodes."""
+    # Hydra and OmegaConf are imported here, not at the top: library code (and bench/gpu_check.py on a machine
+    # without them) uses the dataclasses alone.
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
@@ -1094,6 +1146,8 @@ def _required(what: str) -> Any:
 
 def to_config(cfg: DictConfig, schema: type) -> Any:
     """Turn a composed Hydra config into its dataclass, running every `__post_init__` check."""
+    from omegaconf import OmegaConf
+
     cfg = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     obj = OmegaConf.to_object(cfg)
     for node in (obj, *vars(obj).values()):  # required values (see RerankerConfig.validate)

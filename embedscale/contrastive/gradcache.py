@@ -14,7 +14,9 @@ Per step (Gao et al., 2021):
    DDP's reducer off for the step and averages the gradients in one explicit all-reduce
    (contrastive/module.py): DDP's reducer expects exactly one backward per forward and a fixed set
    of used parameters, which GradCache's passes (the cache backward touches only the temperature,
-   a chunk only one tower) do not give it.
+   a chunk only one tower) do not give it. Under DeepSpeed ZeRO the engine must run every backward, the
+   cache's too: the module passes the engine's backward for both, each pass a micro-step of the engine's
+   gradient accumulation, and learns from `before_backward(is_last)` where each step's passes begin.
 
 Peak activation memory is one chunk's; the score matrix stays (local x global).
 Chunks are rows of the tokenised batch, by count or by a token budget, optionally grouped by length
@@ -119,6 +121,8 @@ def gradcache_step(
     token_budget: int = 0,
     sort_by_length: bool = False,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    cache_backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    before_backward: Callable[[bool], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Accumulate the exact gradient of `module.loss_from_embeddings` over `batch` into the parameters.
 
@@ -130,6 +134,10 @@ def gradcache_step(
         backward: how to backpropagate a surrogate (Lightning's `manual_backward` for precision plugins).
             A loss-scaling plugin (fp16 GradScaler) would scale the surrogates but not the temperature's
             gradient, so the config rejects GradCache with 16-mixed; 32-true and bf16-mixed are exact.
+        cache_backward: how to backpropagate the loss to the cached embeddings (and the temperature); plain
+            autograd by default. Under DeepSpeed the engine must run every backward of the step, this one too.
+        before_backward: called with `is_last` before each of the step's backward passes (the cache's, then one
+            per chunk); under DeepSpeed ZeRO-3 the module resets the gradient partitions before the first.
     Returns:
         (loss, metrics) detached, as the uncached path returns them.
     """
@@ -148,7 +156,9 @@ def gradcache_step(
     states, embeddings, kept_cD = [], [], None
     # FSDP2 reuses its all-gather buffers across passes: ones made under inference mode cannot serve the grad
     # passes, so sharded modules encode pass 1 under no_grad (same numbers, slightly more bookkeeping).
-    no_grad = torch.no_grad if getattr(module, "fsdp2", False) else torch.inference_mode
+    # DeepSpeed ZeRO-3 keeps small ("persistent") parameters gathered across passes too.
+    sharded = getattr(module, "fsdp2", False) or getattr(module, "zero_stage", None) is not None
+    no_grad = torch.no_grad if sharded else torch.inference_mode
     for i, (side, chunk) in enumerate(jobs):  # pass 1: no activations kept, except the kept chunk's
         if i == kept:
             states.append(None)
@@ -171,18 +181,31 @@ def gradcache_step(
     loss, metrics = module.loss_from_embeddings(
         q_BD, docs_XD[:B], neg_BkD, batch.ids, batch.in_batch_negatives, teacher_BG=batch.teacher_BG
     )
-    loss.backward()  # fills q_BD.grad, docs_XD.grad (the cache) and the temperature's gradient; unscaled
+    num_backward, done = 1 + len(jobs), 0  # the cache's backward, then one per chunk
+
+    def announce() -> None:
+        nonlocal done
+        done += 1
+        if before_backward is not None:
+            before_backward(done == num_backward)
+
+    announce()
+    cache_backward(loss)  # fills q_BD.grad, docs_XD.grad (the cache) and the temperature's gradient; unscaled
 
     def surrogate(e_cD: torch.Tensor, grad_cD: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(e_cD.dtype, torch.float32)  # fp32 at least (bf16 autocast), fp64 kept
         return (e_cD.to(dtype) * grad_cD.to(dtype)).sum()
 
     cache = [q_BD.grad[c.rows_c] for c in q_chunks] + [docs_XD.grad[c.rows_c] for c in d_chunks]
+    announce()
     backward(surrogate(kept_cD, cache[kept]))  # frees the kept graph before any re-encoding
     del kept_cD
     for i, ((side, chunk), state, grad_cD) in enumerate(zip(jobs, states, cache, strict=True)):
         if i == kept:
             continue
         with state.replay():  # pass 2: same dropout masks
-            backward(surrogate(encoder.encode(chunk.tokens, side=side), grad_cD))
+            announce()
+            e_cD = encoder.encode(chunk.tokens, side=side)
+            backward(surrogate(e_cD, grad_cD))
+    assert done == num_backward, (done, num_backward)
     return loss.detach(), metrics

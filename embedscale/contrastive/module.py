@@ -16,6 +16,14 @@ FSDP2 reduce-scatters their gradients at every backward (also each GradCache chu
 accumulate sums of averages, which is exact), so only the replicated parameters (the learnable temperature) are
 averaged here, and clipping takes the norm over all shards (gather.clip_grad_norm_sharded_).
 
+Under `trainer.strategy=deepspeed` (ZeRO-2/3) the DeepSpeed engine owns backward, reduction, clipping (at the
+global norm over all partitions, `gradient_clipping` in its config) and the step; the temperature is one of its
+parameters like any other. GradCache runs every backward of a step -- the cache's and each chunk's -- through
+the engine as micro-steps of its own (unmanaged: embedscale/strategy.py) gradient accumulation, whose boundary is
+`engine.step()`: ZeRO-2/3 reduce-scatter each micro-step's (averaged) gradient into the partitioned gradient,
+where the micro-steps add up (a sum of averages: exact, as under FSDP2), and the engine steps once. Nothing is
+divided by the accumulation count: gradient_accumulation_steps is 1.
+
 Legend: B = queries in the batch, k = hard negatives per query, D = dim.
 """
 
@@ -38,6 +46,20 @@ from embedscale.contrastive.losses import Temperature, contrastive_loss, distill
 from embedscale.contrastive.optim import build_optimizer
 from embedscale.data.batch import PairBatch, TextIds
 from embedscale.encoder.biencoder import BiEncoder
+
+
+class VectorTemperature(Temperature):
+    """A learnable Temperature whose log(1/tau) is stored with shape (1,) instead of as a 0-dim tensor: DeepSpeed
+    broadcasts every parameter at start-up as bytes (`p.data.view(torch.uint8)`), which a 0-dim tensor cannot be
+    viewed as. Same values, same optimizer arithmetic (elementwise); forward still returns a scalar."""
+
+    def __init__(self, temperature: Temperature) -> None:
+        torch.nn.Module.__init__(self)
+        self.max_inverse = temperature.max_inverse
+        self.log_inverse = torch.nn.Parameter(temperature.log_inverse.detach().clone().reshape(1))  # (1,)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_inverse.exp().clamp(max=self.max_inverse)[0]  # scalar 1/tau
 
 
 class ContrastiveModule(L.LightningModule):
@@ -64,6 +86,14 @@ class ContrastiveModule(L.LightningModule):
         )
         self.fsdp2 = False  # set by configure_model when the strategy shards the backbones
 
+    def setup(self, stage: str) -> None:
+        """Under DeepSpeed give the learnable temperature a 1-element parameter (VectorTemperature). Here, not in
+        configure_model: Lightning runs that under deepspeed.zero.Init, which would partition the new parameter
+        apart from the module that DeepSpeed casts to bf16 later."""
+        if self.zero_stage is not None and isinstance(self.temperature.log_inverse, torch.nn.Parameter):
+            if self.temperature.log_inverse.dim() == 0:
+                self.temperature = VectorTemperature(self.temperature)
+
     def configure_model(self) -> None:
         """Let an FSDP2 strategy (embedscale/strategy.py) shard the backbones; a no-op for every other strategy."""
         shard = getattr(self.trainer.strategy, "shard", None)
@@ -71,11 +101,27 @@ class ContrastiveModule(L.LightningModule):
             shard(self)
             self.fsdp2 = True
 
+    @property
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage of the run (trainer.strategy=deepspeed), None under every other strategy."""
+        trainer = self._trainer
+        return getattr(trainer.strategy, "zero_stage", None) if trainer is not None else None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.fsdp2:  # its optimizer state is indexed in another parameter order than ddp's
             checkpoint["embedscale_fsdp2"] = True
+        if self.zero_stage is not None:
+            checkpoint["embedscale_zero_stage"] = self.zero_stage
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stage = checkpoint.get("embedscale_zero_stage")
+        if stage != self.zero_stage:
+            written = f"deepspeed ZeRO-{stage}" if stage is not None else "another strategy than deepspeed"
+            now = f"deepspeed ZeRO-{self.zero_stage}" if self.zero_stage is not None else "another strategy"
+            raise ValueError(
+                f"trainer.resume: the checkpoint was written under {written} and this run uses {now}: resume with "
+                "the trainer.strategy and trainer.zero_stage that wrote it"
+            )
         if checkpoint.get("embedscale_fsdp2", False) != self.fsdp2:
             written, now = ("fsdp2", "another strategy") if not self.fsdp2 else ("another strategy", "fsdp2")
             raise ValueError(
@@ -171,6 +217,8 @@ class ContrastiveModule(L.LightningModule):
     def _gradcache_training_step(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         gc = self.gradcache
+        if self.zero_stage is not None:
+            return self._gradcache_deepspeed_step(batch, optimizer, scheduler)
         loss, metrics = gradcache_step(
             self,
             batch,
@@ -188,6 +236,39 @@ class ContrastiveModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return loss, metrics
+
+    def _gradcache_deepspeed_step(self, batch: PairBatch, optimizer, scheduler):
+        """GradCache under DeepSpeed ZeRO: every backward through the engine, one micro-step each; engine.step()
+        is the accumulation boundary and reduces, clips (global norm) and steps once (see the module docstring)."""
+        engine = self.trainer.model  # the DeepSpeedEngine wrapping this module
+        gc = self.gradcache
+        loss, metrics = gradcache_step(
+            self,
+            batch,
+            chunk_size=gc.chunk_size,
+            token_budget=gc.token_budget,
+            sort_by_length=gc.sort_by_length,
+            backward=self.manual_backward,  # -> engine.backward (Lightning's DeepSpeed precision plugin)
+            cache_backward=self.manual_backward,
+            before_backward=lambda is_last: self._next_micro_step(engine, is_last),
+        )
+        optimizer.step()  # engine.step(): finalise the partitioned gradients, clip, AdamW, zero the gradients
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return loss, metrics
+
+    def _next_micro_step(self, engine, is_last: bool) -> None:
+        """Before each backward of a GradCache step under DeepSpeed (a micro-step of the engine's unmanaged gradient
+        accumulation: each reduce-scatters, engine.step() is the boundary)."""
+        if self.zero_stage == 3 and not getattr(self, "_micro_steps_begun", False):
+            # ZeRO-3 *copies* a gradient partition in the first micro-step of a step and adds in later ones, and it
+            # never zeroes the partitions: a parameter the first backward does not reach (the cache's backward
+            # reaches only the temperature; a chunk only its own tower) would add onto the previous step's
+            # gradient. Start each step from zeros, adding in every micro-step (without: 1.8e-3 off after 3 steps).
+            optimizer = engine.optimizer  # DeepSpeed's ZeRO-3 optimizer
+            optimizer.grad_partitions_flat_buffer.zero_()
+            optimizer.micro_step_id = 1
+        self._micro_steps_begun = not is_last
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         if self.gradcache is not None:
