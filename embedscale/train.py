@@ -67,22 +67,26 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
     loggers = build_loggers(cfg, run_dir)
     if loggers:
         callbacks += [LearningRateMonitor(logging_interval="step"), TrainingMonitor()]
-    from embedscale.strategy import FSDP2, build_strategy, fsdp2_callbacks
+    from embedscale.strategy import DEEPSPEED, FSDP2, build_strategy, deepspeed_callbacks, fsdp2_callbacks
 
+    if t.strategy in (FSDP2, DEEPSPEED) and (cfg.eval.beir or cfg.eval.sts):
+        raise ValueError(f"trainer.strategy={t.strategy} does not evaluate during training yet: add eval=none")
     if t.strategy == FSDP2:
-        if cfg.eval.beir or cfg.eval.sts:
-            raise ValueError("trainer.strategy=fsdp2 does not evaluate during training yet: add eval=none")
         callbacks += fsdp2_callbacks(cfg.model)
+    if t.strategy == DEEPSPEED:
+        callbacks += deepspeed_callbacks(cfg.model)
+    # GradCache clips itself; DeepSpeed clips in its engine (trainer.gradient_clip_val -> its gradient_clipping)
+    clip_in_trainer = not cfg.gradcache.enabled and t.strategy != DEEPSPEED
     return L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=build_strategy(t),
+        strategy=build_strategy(t, gradcache=cfg.gradcache.enabled),
         num_nodes=t.num_nodes,
         precision=t.precision,
-        gradient_clip_val=None if cfg.gradcache.enabled else t.gradient_clip_val,  # GradCache clips itself
+        gradient_clip_val=t.gradient_clip_val if clip_in_trainer else None,
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar,
@@ -101,10 +105,15 @@ def resume_path(cfg: TrainConfig, run_dir: Path) -> str | None:
     if resume is None:
         return None
     if resume == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    if not Path(resume).exists():
+        last = run_dir / "checkpoints" / "last.ckpt"  # a directory under DeepSpeed
+        if not last.exists():
+            return None
+        resume = str(last)
+    elif not Path(resume).exists():
         raise ValueError(f"trainer.resume={resume!r} does not exist: give a checkpoint path or `last`")
+    from embedscale.strategy import check_resume_strategy
+
+    check_resume_strategy(cfg.trainer, resume)
     return resume
 
 
@@ -152,9 +161,9 @@ def print_table(summary: dict[str, dict[str, float]], names: list[str]) -> None:
 def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate before/after, export; returns what metrics.json holds."""
     from embedscale.config import DataFormat
-    from embedscale.contrastive.callbacks import EvalCallback
+    from embedscale.contrastive.callbacks import EvalCallback, RngResume
     from embedscale.contrastive.module import ContrastiveModule
-    from embedscale.data.datamodule import PairDataModule, StreamDataModule, StreamProgress
+    from embedscale.data.datamodule import PairDataModule, PairProgress, StreamDataModule, StreamProgress
     from embedscale.data.readers import resolve_data_root
     from embedscale.encoder.biencoder import load_encoder
     from embedscale.export import export_model, to_jsonable
@@ -193,13 +202,14 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         gradcache=cfg.gradcache,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
     )
-    callbacks: list = [eval_cb]
+    callbacks: list = [eval_cb, RngResume()]
     data_args = dict(tokenizer=tokenizer, model_cfg=encoder.cfg, root=data_root, seed=cfg.seed)
     if cfg.data.format is DataFormat.shards:
         datamodule = StreamDataModule(cfg.data, **data_args)
         callbacks.append(StreamProgress(datamodule, record_dir=run_dir / "samples" if cfg.data.record_keys else None))
     else:
         datamodule = PairDataModule(cfg.data, **data_args)
+        callbacks.append(PairProgress(datamodule))
     trainer = build_trainer(cfg, run_dir, callbacks)
     resolve_batch_sizes(cfg, trainer.world_size)  # the launcher's real world size (devices=auto, SLURM, ...)
     fit_start = time.perf_counter()

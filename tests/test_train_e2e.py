@@ -220,3 +220,38 @@ def test_best_checkpoint_selection_and_export_best(tiny_bert, tiny_data, tmp_pat
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert best["step"] < last["global_step"] == 4  # ties keep the first: the final weights differ ...
     assert not torch.equal(last["state_dict"][f"encoder.query_backbone.{name}"], best_w)  # ... so this is a real check
+
+
+@pytest.mark.parametrize("stop", [5, 4], ids=["mid_epoch", "epoch_end"])
+def test_resume_ends_with_the_weights_of_the_uninterrupted_run(tiny_bert, tiny_data, tmp_path, stop):
+    """Interrupted after `stop` of 7 steps (4 per epoch), then resumed: the same final weights as one run,
+    with dropout on (RNG states are checkpointed) and the resumed epoch skipping what it had consumed
+    (without: the epoch restarted, batches repeated and others never seen)."""
+    from safetensors.torch import load_file
+
+    from embedscale.train import run
+
+    def train(name: str, steps: int, *extra: str) -> dict:
+        base = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith(("trainer.max", "eval."))]
+        overrides = base + [
+            f"trainer.max_steps={steps}",
+            "trainer.max_epochs=10",
+            "trainer.checkpoint_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "optim.scheduler=constant",  # the schedule must not depend on max_steps (the interrupted run's is 5)
+            "optim.warmup_steps=0",
+            "eval=none",
+            f"run_dir={tmp_path / name}",
+            *extra,
+        ]
+        return run(_cfg(overrides))
+
+    whole = train("whole", 7)
+    train("first", stop)
+    resumed = train("resumed", 7, f"trainer.resume={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    assert resumed["train"]["optimizer_steps"] == whole["train"]["optimizer_steps"] == 7
+    a = load_file(str(Path(whole["export_dir"]) / "model.safetensors"))
+    b = load_file(str(Path(resumed["export_dir"]) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-6, diff

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from embedscale.retrieval.evaluator import evaluate_all
 
@@ -101,6 +102,51 @@ class EvalCallback(L.Callback):
         self.history = list(state_dict.get("history", []))
         self._last_step = int(state_dict.get("last_step", -1))
         self.best = state_dict.get("best")
+
+
+class RngResume(L.Callback):
+    """Checkpoints every rank's RNG state (CPU, and CUDA on GPUs) and restores it at the first batch after a
+    resume, so dropout draws what the uninterrupted run drew: a resumed run ends with the same weights.
+
+    Only the model draws from the global generator between two batches: the data modules give their
+    DataLoaders a generator of their own (a DataLoader draws its workers' base seed whenever it makes an
+    epoch's iterator, which a resumed run does at another moment than the uninterrupted one)."""
+
+    KEY = "embedscale_rng"
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        state_S = torch.get_rng_state()  # (S,) uint8
+        if pl_module.device.type == "cuda":
+            state_S = torch.cat([state_S, torch.cuda.get_rng_state(pl_module.device)])
+        states_WS = pl_module.all_gather(state_S.to(pl_module.device))  # every rank takes part in a save
+        checkpoint[self.KEY] = states_WS.reshape(trainer.world_size, -1).cpu()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states_WS = checkpoint.get(self.KEY)
+        if states_WS is None:
+            return
+        if states_WS.shape[0] != trainer.world_size:
+            log.warning(
+                "resume: the checkpoint holds RNG states of %d ranks, this run has %d: dropout will not replay "
+                "the interrupted run's masks",
+                states_WS.shape[0],
+                trainer.world_size,
+            )
+            return
+        state_S, n = states_WS[trainer.global_rank], torch.get_rng_state().numel()
+        self._pending = (state_S[:n].clone(), state_S[n:].clone() if state_S.numel() > n else None)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is None:
+            return
+        cpu, cuda = self._pending
+        torch.set_rng_state(cpu)
+        if cuda is not None and pl_module.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, pl_module.device)
+        self._pending = None
 
 
 class RequeueOnSignal(L.Callback):

@@ -156,10 +156,19 @@ class PairDataModule(L.LightningDataModule):
         self.root = root
         self.collator = PairCollator(tokenizer, model_cfg=model_cfg, num_hard_negatives=cfg.num_hard_negatives)
         self.examples: list[PairExample] | PretrainPairs | None = None
+        self.consumed = 0  # global batches the model consumed (PairProgress), checkpointed: resume skips them
 
     def setup(self, stage: str | None = None) -> None:
         if self.examples is None:
             self.examples = load_examples(self.cfg, self.root, seed=self.seed)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: the epoch's batches consumed before the checkpoint are skipped, not seen again (a
+        mid-epoch checkpoint would otherwise restart the epoch's order: repeated and never-seen batches)."""
+        self.consumed = int(state.get("consumed", 0))
 
     def train_dataloader(self) -> DataLoader:
         assert self.examples is not None, "setup() first"
@@ -176,6 +185,10 @@ class PairDataModule(L.LightningDataModule):
             no_duplicates=self.cfg.no_duplicates,
             num_hard_negatives=self.cfg.num_hard_negatives,
         )
+        if self.consumed:  # resumed: skip what the checkpointed run consumed of its last epoch
+            epoch, done = divmod(self.consumed, len(sampler))
+            sampler.skip = (epoch, done)
+            log.info("resuming at global batch %d: epoch %d goes on after its first %d", self.consumed, epoch, done)
         log.info(
             "training on %d examples, global batch %d (%d per rank), %d steps per epoch; the last %d examples "
             "of each epoch's order fall in the dropped incomplete batch",
@@ -191,6 +204,7 @@ class PairDataModule(L.LightningDataModule):
             num_workers=self.cfg.num_workers,
             collate_fn=self.collator,
             persistent_workers=self.cfg.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # not the global one: see RngResume
         )
 
 
@@ -269,7 +283,8 @@ class StreamDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.stream is not None, "setup() first"
         self.stream.state = self.stream.state_after(self.consumed)  # workers get a copy made now
-        return DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers)
+        generator = torch.Generator().manual_seed(self.seed)  # not the global one: see contrastive RngResume
+        return DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers, generator=generator)
 
     def state_dict(self) -> dict:
         if self.stream is None:
@@ -283,6 +298,17 @@ class StreamDataModule(L.LightningDataModule):
         self.consumed = int(state["step"])
         if self.stream is not None:
             self.stream.load_state(state)
+
+
+class PairProgress(L.Callback):
+    """Counts the global batches the model consumed, for `PairDataModule`'s checkpointed cursor (Lightning runs
+    checkpoint callbacks after the others, so a checkpoint taken at a batch's end counts that batch)."""
+
+    def __init__(self, datamodule: PairDataModule) -> None:
+        self.datamodule = datamodule
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.datamodule.consumed += 1
 
 
 class StreamProgress(L.Callback):

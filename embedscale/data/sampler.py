@@ -67,6 +67,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.no_duplicates, self.num_hard_negatives = no_duplicates, num_hard_negatives
         fixed = no_duplicates and self.per_epoch is None
         self.keys = [example_keys(e, num_hard_negatives) for e in examples] if fixed else None
+        self.skip: tuple[int, int] | None = None  # (epoch, n): that epoch starts after its first n batches (resume)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -107,7 +108,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         lo = self.rank * self.per_rank
-        for batch in self.global_batches():
+        batches = self.global_batches()
+        if self.skip is not None and self.skip[0] == self.epoch:  # a resumed epoch: once
+            batches, self.skip = batches[self.skip[1] :], None
+        for batch in batches:
             if self.per_epoch is not None:
                 yield [(self.epoch, i) for i in batch[lo : lo + self.per_rank]]
             else:
