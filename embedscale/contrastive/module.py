@@ -217,42 +217,28 @@ class ContrastiveModule(L.LightningModule):
     def _gradcache_training_step(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         gc = self.gradcache
+        chunks = dict(chunk_size=gc.chunk_size, token_budget=gc.token_budget, sort_by_length=gc.sort_by_length)
         if self.zero_stage is not None:
-            return self._gradcache_deepspeed_step(batch, optimizer, scheduler)
-        loss, metrics = gradcache_step(
-            self,
-            batch,
-            chunk_size=gc.chunk_size,
-            token_budget=gc.token_budget,
-            sort_by_length=gc.sort_by_length,
-            backward=self.manual_backward,
-        )
-        all_reduce_gradients_(self.parameters())  # under FSDP2 only the replicated (non-DTensor) gradients
-        if self.gradient_clip_val and self.fsdp2:
-            clip_grad_norm_sharded_(self.parameters(), self.gradient_clip_val)
-        elif self.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return loss, metrics
-
-    def _gradcache_deepspeed_step(self, batch: PairBatch, optimizer, scheduler):
-        """GradCache under DeepSpeed ZeRO: every backward through the engine, one micro-step each; engine.step()
-        is the accumulation boundary and reduces, clips (global norm) and steps once (see the module docstring)."""
-        engine = self.trainer.model  # the DeepSpeedEngine wrapping this module
-        gc = self.gradcache
-        loss, metrics = gradcache_step(
-            self,
-            batch,
-            chunk_size=gc.chunk_size,
-            token_budget=gc.token_budget,
-            sort_by_length=gc.sort_by_length,
-            backward=self.manual_backward,  # -> engine.backward (Lightning's DeepSpeed precision plugin)
-            cache_backward=self.manual_backward,
-            before_backward=lambda is_last: self._next_micro_step(engine, is_last),
-        )
-        optimizer.step()  # engine.step(): finalise the partitioned gradients, clip, AdamW, zero the gradients
+            # DeepSpeed ZeRO: every backward through the engine (Lightning's manual_backward -> engine.backward),
+            # one micro-step each; engine.step() below is the boundary: it reduces, clips at the global norm and
+            # steps once (see the module docstring)
+            engine = self.trainer.model  # the DeepSpeedEngine wrapping this module
+            loss, metrics = gradcache_step(
+                self,
+                batch,
+                **chunks,
+                backward=self.manual_backward,
+                cache_backward=self.manual_backward,
+                before_backward=lambda is_last: self._next_micro_step(engine, is_last),
+            )
+        else:
+            loss, metrics = gradcache_step(self, batch, **chunks, backward=self.manual_backward)
+            all_reduce_gradients_(self.parameters())  # under FSDP2 only the replicated (non-DTensor) gradients
+            if self.gradient_clip_val and self.fsdp2:
+                clip_grad_norm_sharded_(self.parameters(), self.gradient_clip_val)
+            elif self.gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()  # under DeepSpeed engine.step(): partitioned gradients finalised, clipped, AdamW, zeroed
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return loss, metrics
