@@ -133,21 +133,30 @@ def unshard_for_export(module, model_cfg) -> None:
     state = full_state_dict(encoder)
     plain, _ = load_encoder(model_cfg)
     plain.load_state_dict(state)
+    _adopt_backbones(encoder, plain)
+
+
+def _adopt_backbones(encoder, plain) -> None:
+    """Give `encoder` the plain backbones of a fresh `plain` encoder (in the encoder's train/eval mode)."""
     plain.train(encoder.training)
     encoder.query_backbone = plain.query_backbone
     encoder.document_backbone = plain.document_backbone
 
 
-def fsdp2_callbacks(model_cfg) -> list:
-    """Callbacks an fsdp2 run needs: after fit, plain (unsharded) backbones for export (UnshardAfterFit)."""
+def _on_fit_end(fn) -> list:
+    """One Lightning callback that runs fn(module) when fit ends (on every rank)."""
     import lightning as L
 
-    class UnshardAfterFit(L.Callback):
+    class PlainBackbonesAfterFit(L.Callback):
         def on_fit_end(self, trainer, module) -> None:
-            if getattr(module, "fsdp2", False):
-                unshard_for_export(module, model_cfg)
+            fn(module)
 
-    return [UnshardAfterFit()]
+    return [PlainBackbonesAfterFit()]
+
+
+def fsdp2_callbacks(model_cfg) -> list:
+    """Callbacks an fsdp2 run needs: after fit, plain (unsharded) backbones for export."""
+    return _on_fit_end(lambda module: unshard_for_export(module, model_cfg) if module.fsdp2 else None)
 
 
 def deepspeed_config(cfg: TrainerConfig, *, gradcache: bool = False) -> dict:
@@ -318,17 +327,9 @@ def consolidate_for_export(module, model_cfg) -> None:
             if full is None:
                 raise RuntimeError(f"DeepSpeed holds no fp32 master copy of the trainable parameter {name}")
             targets[name].copy_(full.reshape(targets[name].shape))
-    plain.train(encoder.training)
-    encoder.query_backbone = plain.query_backbone
-    encoder.document_backbone = plain.document_backbone
+    _adopt_backbones(encoder, plain)
 
 
 def deepspeed_callbacks(model_cfg) -> list:
     """Callbacks a deepspeed run needs: after fit, plain backbones with the fp32 master weights for export."""
-    import lightning as L
-
-    class ConsolidateAfterFit(L.Callback):
-        def on_fit_end(self, trainer, module) -> None:
-            consolidate_for_export(module, model_cfg)
-
-    return [ConsolidateAfterFit()]
+    return _on_fit_end(lambda module: consolidate_for_export(module, model_cfg))
