@@ -86,3 +86,22 @@ def test_scifact_batches_are_repeat_free(shared_data):
     assert len(batches) == 28 and all(repeats(examples, b) == 0 for b in batches)
     plain = GlobalBatchSampler(examples, global_batch_size=32, world_size=1, rank=0, seed=42, no_duplicates=False)
     assert sum(repeats(examples, b) for b in plain.global_batches()) > 0
+
+
+@pytest.mark.parametrize("seed", [42, 1])
+def test_scifact_batches_equal_sentence_transformers_no_duplicates_sampler(shared_data, seed):
+    """The premise of bench/st_paired.py: on SciFact train, our sampler and sentence-transformers'
+    NoDuplicatesBatchSampler (drop_last, same seed) give the same batches, in the same order, every epoch."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+
+    examples = load_examples(DataConfig(), shared_data)
+    dataset = Dataset.from_dict({"anchor": [e.query for e in examples], "positive": [e.positive for e in examples]})
+    st = NoDuplicatesBatchSampler(dataset, batch_size=32, drop_last=True, generator=torch.Generator(), seed=seed)
+    ours = GlobalBatchSampler(examples, global_batch_size=32, world_size=1, rank=0, seed=seed)
+    for epoch in range(3):
+        st.set_epoch(epoch)
+        ours.set_epoch(epoch)
+        theirs = list(st)
+        assert len(theirs) == 28 and list(ours) == theirs, f"epoch {epoch}"
