@@ -44,7 +44,10 @@ def compose(overrides: list[str]):
         return to_config(hydra_compose(config_name="train", overrides=overrides), TrainConfig)
 
 
-def train_sentence_transformers(cfg, out_dir: Path, device: str = "cpu") -> float:
+def train_sentence_transformers(
+    cfg, out_dir: Path, device: str = "cpu", *, callbacks: tuple = (), logging_steps: int = 10
+):
+    """Train ST's MNRL on the configured pairs with the run's settings; returns (SentenceTransformer, train seconds)."""
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
@@ -81,15 +84,18 @@ def train_sentence_transformers(cfg, out_dir: Path, device: str = "cpu") -> floa
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         save_strategy="no",
         report_to="none",
-        logging_steps=10,
+        logging_steps=logging_steps,
         use_cpu=device == "cpu",
     )
     start = time.perf_counter()
-    SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=list(callbacks)
+    )
+    trainer.train()
     seconds = time.perf_counter() - start
     model.save(str(out_dir / "model"))
     (out_dir / "train_seconds.json").write_text(json.dumps({"train_seconds": seconds}))
-    return seconds
+    return model, seconds
 
 
 def evaluate(model_dir: str, cfg, device: str = "cpu") -> dict:

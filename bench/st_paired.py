@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,7 +37,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 from common import report  # noqa: E402
-from st_mnrl_scifact import compose, evaluate  # noqa: E402
+from st_mnrl_scifact import compose, evaluate, train_sentence_transformers  # noqa: E402
 
 NAMES = ["scifact/ndcg@10", "scifact/recall@100", "scifact/mrr@10"]
 
@@ -68,18 +67,9 @@ def check_same_batches(cfg, examples) -> int:
     return len(es)
 
 
-def train_st(cfg, examples, out: Path) -> tuple[torch.nn.Module, list[float], float]:
-    from datasets import Dataset
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+def train_st(cfg, out: Path) -> tuple[torch.nn.Module, list[float], float]:
+    """st_mnrl_scifact's ST run (same arguments), with the per-step reseed and one logged loss per step."""
     from transformers import TrainerCallback
-
-    from embedscale.encoder.biencoder import resolve_model_path
 
     losses: list[float] = []
 
@@ -91,31 +81,7 @@ def train_st(cfg, examples, out: Path) -> tuple[torch.nn.Module, list[float], fl
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    dataset = Dataset.from_dict({"anchor": [e.query for e in examples], "positive": [e.positive for e in examples]})
-    model = SentenceTransformer(resolve_model_path(cfg.model.name_or_path), device="cpu")
-    model.max_seq_length = cfg.model.document_max_length
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "trainer"),
-        num_train_epochs=cfg.trainer.max_epochs,
-        per_device_train_batch_size=cfg.data.batch_size_per_rank,
-        learning_rate=cfg.optim.lr,
-        warmup_ratio=cfg.optim.warmup_ratio,
-        weight_decay=cfg.optim.weight_decay,
-        lr_scheduler_type=cfg.optim.scheduler.value,
-        max_grad_norm=cfg.trainer.gradient_clip_val or 0.0,
-        seed=cfg.seed,
-        dataloader_drop_last=True,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=1,  # one logged loss per step: the step's own loss
-        use_cpu=True,
-    )
-    loss = MultipleNegativesRankingLoss(model, scale=1.0 / cfg.loss.temperature)
-    start = time.perf_counter()
-    SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[Paired()]).train()
-    seconds = time.perf_counter() - start
-    model.save(str(out / "model"))
+    model, seconds = train_sentence_transformers(cfg, out, callbacks=(Paired(),), logging_steps=1)
     return model[0].auto_model, losses, seconds
 
 
@@ -168,7 +134,7 @@ def main() -> None:
         encoder, _ = load_encoder(cfg.model)
         initial = {n: p.detach().clone() for n, p in encoder.query_backbone.named_parameters()}
         del encoder
-        st_model, st_losses, st_seconds = train_st(cfg, examples, out / f"st-seed{seed}")
+        st_model, st_losses, st_seconds = train_st(cfg, out / f"st-seed{seed}")
         st = evaluate(str(out / f"st-seed{seed}" / "model"), cfg) if cfg.eval.beir else {}
         es_model, es_losses, es_result = train_embedscale(overrides, seed, out / f"embedscale-seed{seed}")
         es = es_result["eval"].get("after", {})  # {} with eval=none (a smoke run)
