@@ -28,6 +28,9 @@ Systems:
 
 A system name may end in `@eager` or `@sdpa` to pin the attention kernel (`bare-chunks@eager`,
 `st-cached@eager`, `es-gc@sdpa`); without it every system loads transformers' default (sdpa).
+`:N` sets a system's own chunk: rows for bare-chunks, es-gc and st-cached (its mini_batch_size),
+padded tokens per chunk for es-gc-tok (`es-gc-tok:4096`, `st-cached:16`); default `--chunk` rows and
+`--chunk` x 256 tokens.
 
 Ratios: es-plain / bare and es-gc / bare-chunks are overheads (targets <= 1.05 and <= 1.10 in time);
 st-* / es-* are speed-ups of embedscale (targets >= 1.0 on fixed, >= 1.1 for GradCache on real text).
@@ -98,6 +101,9 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
     import torch.nn.functional as F
 
     system, _, attn = system.partition("@")
+    system, _, own = system.partition(":")
+    chunk = int(own) if own and system != "es-gc-tok" else chunk
+    budget = int(own) if own and system == "es-gc-tok" else chunk * 256
     if system.startswith("st-"):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
@@ -172,7 +178,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
     plan = {
         "es-plain": None,
         "es-gc": dict(chunk_size=chunk, sort_by_length=True),
-        "es-gc-tok": dict(token_budget=chunk * 256),
+        "es-gc-tok": dict(token_budget=budget),
     }[system]
     if plan is None:
         padded = batch.queries["input_ids"].numel() + batch.documents["input_ids"].numel()
@@ -277,13 +283,19 @@ def main() -> None:
                 "peak_rss_MiB": r["peak_rss_MiB"],
                 "vs": "",
             }
-            base = system.partition("@")[0]
+            base = system.partition("@")[0].partition(":")[0]
             ref = {"es-plain": "bare", "es-gc": "bare-chunks", "es-gc-tok": "bare-chunks"}.get(base)
-            refs = [f"{ratio(r, results[x]):.3f}x time of {x}" for x in results if x.partition("@")[0] == ref]
+            refs = [
+                f"{ratio(r, results[x]):.3f}x time of {x}"
+                for x in results
+                if x.partition("@")[0].partition(":")[0] == ref
+            ]
             if refs:
                 row["vs"] = ", ".join(refs)
             peers = {"st-mnrl": ["es-plain"], "st-cached": ["es-gc", "es-gc-tok"]}.get(base, [])
-            speedups = [f"{p} {ratio(r, results[p]):.3f}x" for p in results if p.partition("@")[0] in peers]
+            speedups = [
+                f"{p} {ratio(r, results[p]):.3f}x" for p in results if p.partition("@")[0].partition(":")[0] in peers
+            ]
             if speedups:
                 row["vs"] = "embedscale speed-up: " + ", ".join(speedups)
             rows.append(row)
