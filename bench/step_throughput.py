@@ -95,15 +95,21 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def parse_system(name: str) -> tuple[str, int | None, str]:
+    """`base[:N][@attn]` -> (base, N or None, attn or "")."""
+    rest, _, attn = name.partition("@")
+    base, _, own = rest.partition(":")
+    return base, int(own) if own else None, attn
+
+
 def make_step(system: str, model_path: str, queries, docs, max_length: int, chunk: int):
     """A zero-argument function running one optimizer step on (queries, docs), and padded token count."""
     import torch
     import torch.nn.functional as F
 
-    system, _, attn = system.partition("@")
-    system, _, own = system.partition(":")
-    chunk = int(own) if own and system != "es-gc-tok" else chunk
-    budget = int(own) if own and system == "es-gc-tok" else chunk * 256
+    system, own, attn = parse_system(system)
+    budget = own if own and system == "es-gc-tok" else chunk * 256
+    chunk = own if own and system != "es-gc-tok" else chunk
     if system.startswith("st-"):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
@@ -283,19 +289,13 @@ def main() -> None:
                 "peak_rss_MiB": r["peak_rss_MiB"],
                 "vs": "",
             }
-            base = system.partition("@")[0].partition(":")[0]
+            base = parse_system(system)[0]
             ref = {"es-plain": "bare", "es-gc": "bare-chunks", "es-gc-tok": "bare-chunks"}.get(base)
-            refs = [
-                f"{ratio(r, results[x]):.3f}x time of {x}"
-                for x in results
-                if x.partition("@")[0].partition(":")[0] == ref
-            ]
+            refs = [f"{ratio(r, results[x]):.3f}x time of {x}" for x in results if parse_system(x)[0] == ref]
             if refs:
                 row["vs"] = ", ".join(refs)
             peers = {"st-mnrl": ["es-plain"], "st-cached": ["es-gc", "es-gc-tok"]}.get(base, [])
-            speedups = [
-                f"{p} {ratio(r, results[p]):.3f}x" for p in results if p.partition("@")[0].partition(":")[0] in peers
-            ]
+            speedups = [f"{p} {ratio(r, results[p]):.3f}x" for p in results if parse_system(p)[0] in peers]
             if speedups:
                 row["vs"] = "embedscale speed-up: " + ", ".join(speedups)
             rows.append(row)
