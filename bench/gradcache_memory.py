@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -120,7 +121,10 @@ def main() -> None:
     for row in rows:
         extra = row["peak_rss_MiB"] - first["peak_rss_MiB"] - (row["batch_data_MiB"] - first["batch_data_MiB"])
         row["growth_beyond_data"] = f"{100 * extra / first['peak_rss_MiB']:+.1f}%"
-    report(args.name, rows, {"chunk": args.chunk, "threads": args.threads, "tokens": 128})
+    extra = {"chunk": args.chunk, "threads": args.threads, "tokens": 128}
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:  # live-memory mode: part of how the figures were made
+        extra["environment"] = f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
+    report(args.name, rows, extra)
 
 
 if __name__ == "__main__":
