@@ -51,7 +51,7 @@ def run_variant(system: str, overrides: list[str], run_dir: Path, device: str) -
     from embedscale.train import run
 
     accel = ["trainer.accelerator=gpu", "trainer.precision=32-true"] if device == "cuda" else []
-    fixed = [*accel, "logger=none", "export=false", "eval.save_runs=false", "trainer.enable_progress_bar=false"]
+    fixed = [*accel, "logger=none", "export=false", "eval.save_runs=false", "trainer.progress=off"]
     out = run(compose([*overrides, *fixed, f"run_dir={run_dir}"]))
     return out["eval"]["after"]
 

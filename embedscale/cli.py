@@ -88,6 +88,9 @@ def start_run(run_dir: Path, *, seed: int, num_threads: int | None) -> Path:
     import lightning as L
     import torch
 
+    from embedscale.runtime import quiet_third_party_output
+
+    quiet_third_party_output()  # after Hydra configured logging and Lightning was imported: each message once
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if num_threads:

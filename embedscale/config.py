@@ -35,6 +35,13 @@ class DataFormat(enum.Enum):
     corpus = "corpus"
 
 
+class Progress(enum.StrEnum):
+    auto = "auto"
+    bar = "bar"
+    lines = "lines"
+    off = "off"
+
+
 class Scheduler(enum.Enum):
     linear = "linear"
     cosine = "cosine"
@@ -374,9 +381,16 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     """Enlarges the optimizer batch, not the negatives each query sees (see docs/training.md)."""
     log_every_n_steps: int = 10
+    """Log the training curves every N optimizer steps; also the interval of trainer.progress=lines."""
     num_threads: int | None = None
     """torch.set_num_threads per process; None keeps torch's default."""
-    enable_progress_bar: bool = True
+    progress: Progress = Progress.auto
+    """How training shows its progress: bar (a live progress bar), lines (a plain line every
+    trainer.log_every_n_steps steps or trainer.progress_every_seconds seconds: step/total, epoch, loss, lr, pairs/s,
+    tokens/s, ETA, peak memory; readable in SLURM output files and `> train.log`), off, or auto: bar when stdout
+    and stderr are terminals, lines otherwise."""
+    progress_every_seconds: float = 60.0
+    """trainer.progress=lines: also print a line when this many seconds passed since the last one."""
     deterministic: bool = False
     checkpoint_every_n_steps: int | None = None
     """Also write checkpoints/last.ckpt every N optimizer steps (mid-epoch), not only at epoch ends."""
@@ -406,6 +420,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.accumulate_grad_batches < 1:
             raise ValueError("trainer.accumulate_grad_batches must be >= 1")
+        if self.log_every_n_steps < 1:
+            raise ValueError(f"trainer.log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
+        if not self.progress_every_seconds > 0:
+            raise ValueError(f"trainer.progress_every_seconds must be > 0, got {self.progress_every_seconds}")
         if self.requeue_on_signal not in ("auto", "true", "false"):
             raise ValueError(f"trainer.requeue_on_signal={self.requeue_on_signal!r}: use auto, true or false")
         self._check_deepspeed()

@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from embedscale.config import ModelConfig, Pooling
-from embedscale.encoder.biencoder import EXPORT_META, SIDES, BiEncoder
+from embedscale.encoder.biencoder import EXPORT_META, POOLER_FOR_EXPORT, SIDES, BiEncoder
 
 ST_POOLING_FLAG = {
     Pooling.cls: "pooling_mode_cls_token",
@@ -82,8 +83,24 @@ def export_tokenizer(tokenizer, cfg: ModelConfig):
     return exported
 
 
+@contextmanager
+def pooler_attached(backbone):
+    """The backbone with the pooler it was loaded with (POOLER_FOR_EXPORT) back in place, for saving: the export
+    then holds every weight its config.json builds, and loads without a report of missing keys."""
+    pooler = backbone.__dict__.get(POOLER_FOR_EXPORT)
+    if pooler is None or getattr(backbone, "pooler", None) is not None:
+        yield backbone
+        return
+    backbone.pooler = pooler
+    try:
+        yield backbone
+    finally:
+        backbone.pooler = None
+
+
 def _write_sentence_transformers_tree(out: Path, backbone, tokenizer, cfg: ModelConfig, side: str | None) -> None:
-    backbone.save_pretrained(out, safe_serialization=True)
+    with pooler_attached(backbone):
+        backbone.save_pretrained(out, safe_serialization=True)
     export_tokenizer(tokenizer, cfg).save_pretrained(out)
     dim = backbone.config.hidden_size
     modules = [

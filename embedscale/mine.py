@@ -125,7 +125,7 @@ def _load_biencoder(cfg: MineJobConfig):
 
     encoder, tokenizer = load_encoder(cfg.model)
     if cfg.mine.checkpoint:
-        ckpt = torch.load(cfg.mine.checkpoint, map_location="cpu", weights_only=False)
+        ckpt = torch.load(cfg.mine.checkpoint, map_location="cpu", weights_only=True)
         state = {k.removeprefix("encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
         missing, unexpected = encoder.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if not m.startswith("document_backbone.")]:

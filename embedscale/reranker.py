@@ -48,14 +48,15 @@ def fit(cfg: RerankerJobConfig, model, tokenizer, run_dir: Path) -> dict[str, An
 
     from embedscale.contrastive.reranker import GroupCollator, RerankerModule, group_datamodule
     from embedscale.data.datamodule import StreamDataModule, StreamProgress
-    from embedscale.train import build_loggers
+    from embedscale.train import build_loggers, progress_callbacks
 
     r, t = cfg.reranker, cfg.trainer
     collator = GroupCollator(tokenizer, num_negatives=r.num_negatives, max_length=r.max_length)
     datamodule = group_datamodule(
         _data_paths(cfg), collator=collator, global_batch_size=r.global_batch_size, seed=cfg.seed
     )
-    callbacks: list = [StreamProgress(datamodule)] if isinstance(datamodule, StreamDataModule) else []
+    progress_bar, callbacks = progress_callbacks(t)
+    callbacks += [StreamProgress(datamodule)] if isinstance(datamodule, StreamDataModule) else []
     loggers = build_loggers(cfg, run_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -69,7 +70,7 @@ def fit(cfg: RerankerJobConfig, model, tokenizer, run_dir: Path) -> dict[str, An
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=progress_bar,
         deterministic=t.deterministic,
         logger=loggers or False,
         callbacks=callbacks,

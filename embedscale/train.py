@@ -37,6 +37,20 @@ def build_loggers(cfg: TrainConfig, run_dir: Path) -> list:
     return out
 
 
+def progress_callbacks(t) -> tuple[bool, list]:
+    """(enable_progress_bar, callbacks) for trainer.progress: a live bar on terminals, plain lines in files."""
+    from embedscale.config import Progress
+    from embedscale.contrastive.monitor import ProgressLines
+    from embedscale.runtime import console_is_terminal
+
+    mode = t.progress
+    if mode is Progress.auto:
+        mode = Progress.bar if console_is_terminal() else Progress.lines
+    if mode is Progress.lines:
+        return False, [ProgressLines(every_n_steps=t.log_every_n_steps, every_seconds=t.progress_every_seconds)]
+    return mode is Progress.bar, []
+
+
 def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -44,7 +58,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
     from embedscale.contrastive.monitor import TrainingMonitor
 
     t = cfg.trainer
+    progress_bar, progress = progress_callbacks(t)
     callbacks = [
+        *progress,  # first: its step timing ends before an evaluation at the step's end begins
         *callbacks,
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -89,7 +105,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list):
         gradient_clip_val=t.gradient_clip_val if clip_in_trainer else None,
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=progress_bar,
         deterministic=t.deterministic,
         logger=loggers or False,
         callbacks=callbacks,
@@ -213,7 +229,7 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     trainer = build_trainer(cfg, run_dir, callbacks)
     resolve_batch_sizes(cfg, trainer.world_size)  # the launcher's real world size (devices=auto, SLURM, ...)
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, run_dir), weights_only=True)
     fit_seconds = time.perf_counter() - fit_start
     if not trainer.is_global_zero:
         return {}
@@ -240,7 +256,7 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     if cfg.eval.export_best and best is not None and best["step"] != trainer.global_step:
         import torch
 
-        state = torch.load(best["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(best["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)  # the encoder inside the module is the one exported below
         card_metrics = next(h["metrics"] for h in eval_cb.history if h["step"] == best["step"])
         result["exported"] = f"best (step {best['step']})"

@@ -23,6 +23,8 @@ import deepspeed  # noqa: F401  (see the module docstring: never a silent skip)
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
+
 COMMON = [
     "model.query_max_length=16",
     "model.document_max_length=32",
@@ -36,7 +38,7 @@ COMMON = [
     "optim.lr=1e-3",
     "optim.scheduler=constant",  # a learning rate still > 0 after step 3, for the resumed step
     "loss.learnable_temperature=true",
-    "trainer.enable_progress_bar=false",
+    "trainer.progress=off",
     "trainer.num_threads=1",
     "data.batch_size_per_rank=4",
 ]
@@ -103,7 +105,8 @@ def test_zero2_and_zero3_equal_ddp_with_gradcache_offload_and_resume(tiny_bert_n
         assert json.loads((tmp_path / name / "metrics.json").read_text())["train"]["optimizer_steps"] == 4
     assert not extensions.exists() or not any(extensions.iterdir()), "DeepSpeed JIT-compiled an op"
     start = _weights_of(tiny_bert_nodrop)
-    assert _max_diff(weights["ddp"], {n: start[n] for n in weights["ddp"]}) > 1e-3  # really trained
+    # really trained (the export also holds the pooler, which the source had not, and training never touches)
+    assert _max_diff({n: weights["ddp"][n] for n in start}, start) > 1e-3
     assert _max_diff(weights["zero3_gc_resumed"], weights["zero3_gc"]) > 1e-5  # the resumed step really moved
     _assert_equal(
         weights,

@@ -47,6 +47,7 @@ def cosine_rows(a, b):
     return F.cosine_similarity(torch.as_tensor(a).double(), torch.as_tensor(b).double(), dim=-1)
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_minilm_export_loads_in_sentence_transformers_and_automodel(tmp_path):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
@@ -101,3 +102,64 @@ def test_separate_towers_prefixes_and_pooling_round_trip(tiny_bert, tmp_path, po
     )
     assert cosine_rows(q, st_q).min().item() >= 0.9999
     assert cosine_rows(d, st_d).min().item() >= 0.9999
+
+
+def _load_report(capfd, load) -> str:
+    """What loading prints: transformers' log records (its logger keeps its own stderr handler, bound to the stream
+    of the moment it was created, so they are collected from the logger itself) and stdout/stderr."""
+    import logging
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    collect = Collect(level=logging.DEBUG)
+    loggers = [logging.getLogger("transformers"), logging.getLogger()]
+    capfd.readouterr()
+    for logger in loggers:
+        logger.addHandler(collect)
+    try:
+        load()
+    finally:
+        for logger in loggers:
+            logger.removeHandler(collect)
+    out, err = capfd.readouterr()
+    return "\n".join(records + [line for line in (out + err).splitlines() if "Loading weights" not in line])
+
+
+@pytest.mark.slow  # the real MiniLM
+@pytest.mark.parametrize("source", ["minilm", "tiny_without_pooler"])
+def test_export_loads_without_a_load_report(source, tiny_bert, tmp_path, capfd):
+    """Our own load of the source and loading the export (SentenceTransformer, AutoModel) print no transformers
+    LOAD REPORT: the export carries the pooler the source had (the packaged MiniLM's own weights), or a fresh one
+    when the source has none (the tiny test model is saved without), so every weight its config builds exists."""
+    from safetensors import safe_open
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from embedscale.encoder.biencoder import POOLER_FOR_EXPORT, checkpoint_has_pooler, resolve_model_path
+
+    cfg = ModelConfig() if source == "minilm" else ModelConfig(name_or_path=str(tiny_bert))
+    src = resolve_model_path(cfg.name_or_path)
+    assert checkpoint_has_pooler(src) is (source == "minilm")
+    holder = {}
+    printed = _load_report(capfd, lambda: holder.update(zip(("encoder", "tokenizer"), load_encoder(cfg))))
+    assert "LOAD REPORT" not in printed and "MISSING" not in printed and "UNEXPECTED" not in printed, printed
+    encoder = holder["encoder"]
+    assert encoder.query_backbone.pooler is None  # never trained, never in the state dict
+    assert not any("pooler" in name for name in encoder.state_dict())
+    stash = encoder.query_backbone.__dict__[POOLER_FOR_EXPORT]
+    out = export_model(encoder, holder["tokenizer"], tmp_path / "export")
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        exported = {k: f.get_tensor(k) for k in f.keys() if k.startswith("pooler.")}
+    assert sorted(exported) == ["pooler.dense.bias", "pooler.dense.weight"]
+    torch.testing.assert_close(exported["pooler.dense.weight"], stash.dense.weight.detach(), rtol=0, atol=0)
+    if source == "minilm":  # the checkpoint's own pooler, carried through unchanged
+        with safe_open(f"{src}/model.safetensors", framework="pt") as f:
+            torch.testing.assert_close(exported["pooler.dense.weight"], f.get_tensor("pooler.dense.weight"))
+    for load in (lambda: SentenceTransformer(str(out), device="cpu"), lambda: AutoModel.from_pretrained(out)):
+        printed = _load_report(capfd, load)
+        assert "LOAD REPORT" not in printed and "MISSING" not in printed and "UNEXPECTED" not in printed, printed
+    assert encoder.query_backbone.pooler is None  # detached again after saving

@@ -40,6 +40,23 @@ def tiny_overrides(tiny_bert, tiny_data, tmp_path):
     ]
 
 
+def assert_readable_log(log: str, *, steps: int) -> None:
+    """A log written to pipes (as to a SLURM output file): a plain progress line per logged step
+    (trainer.progress=auto picks lines off a terminal), each Lightning message once, none of the messages that
+    alarm without cause (transformers' LOAD REPORT, DeepSpeed's accelerator guess, Lightning's weights_only)."""
+    progress = [line for line in log.splitlines() if "] - step " in line]
+    assert [line.split("] - step ")[1].split(" ")[0] for line in progress] == [
+        f"{s}/{steps}" for s in range(1, steps + 1)
+    ]
+    for field in ("| epoch 1/", "| loss ", "| lr ", " pairs/s |", " tokens/s |", "| eta 0:", "| peak mem "):
+        assert field in progress[-1], (field, progress[-1])
+    for message in ("Seed set to", "GPU available:", "`Trainer.fit` stopped"):
+        assert log.count(message) == 1, (message, log.count(message), log[-3000:])
+    for alarm in ("LOAD REPORT", "unable to detect it", "`weights_only` was not set", "Epoch 0/"):
+        assert alarm not in log, alarm
+
+
+@pytest.mark.slow  # CLI processes
 def test_cli_train_then_evaluate_the_export(tiny_bert, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     args = tiny_overrides(tiny_bert, tiny_data, tmp_path) + [f"hydra.run.dir={run_dir}", "eval=scifact_stsb"]
@@ -49,6 +66,7 @@ def test_cli_train_then_evaluate_the_export(tiny_bert, tiny_data, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "before / after" in proc.stdout and "tiny/ndcg@10" in proc.stdout
+    assert_readable_log(proc.stdout + proc.stderr, steps=3)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train"]["optimizer_steps"] == 3
     for tag in ("before", "after"):
@@ -128,6 +146,7 @@ def _triplets(path: Path, n=16):
         ],
     ],
 )
+@pytest.mark.slow  # DataLoader workers in one case
 def test_training_options_with_hard_negatives(tiny_bert, tiny_data, tmp_path, extra):
     from embedscale.train import run
 
@@ -141,7 +160,7 @@ def test_training_options_with_hard_negatives(tiny_bert, tiny_data, tmp_path, ex
             "data.positive_field=pos",
             "data.negatives_field=neg",
             "data.num_hard_negatives=2",
-            "trainer.enable_progress_bar=false",
+            "trainer.progress=off",
             "eval.before_training=false",
             f"run_dir={tmp_path / 'run'}",
         ]
@@ -171,10 +190,11 @@ def test_missing_data_names_both_settings(tmp_path, monkeypatch):
     assert "data.root" in str(err.value)
 
 
+@pytest.mark.slow  # torchrun
 def test_torchrun_ranks_share_one_hydra_run_directory(tiny_bert, tiny_data, tmp_path):
     """`torchrun --nproc_per_node=2 -m embedscale.train`: every rank runs Hydra, all write into one run dir."""
     args = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith("trainer.max_steps")]
-    args += ["trainer.max_steps=2", "trainer=ddp_cpu", "logger.loggers=[csv]", "trainer.enable_progress_bar=false"]
+    args += ["trainer.max_steps=2", "trainer=ddp_cpu", "logger.loggers=[csv]", "trainer.progress=off"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(
         [*launcher, "-m", "embedscale.train", *args], capture_output=True, text=True, env=clean_env(), cwd=tmp_path
@@ -201,7 +221,7 @@ def test_best_checkpoint_selection_and_export_best(tiny_bert, tiny_data, tmp_pat
             "eval.every_n_steps=1",
             "eval.export_best=true",
             "optim.lr=5e-3",  # big steps: the metric moves between evaluations
-            "trainer.enable_progress_bar=false",
+            "trainer.progress=off",
             "logger.loggers=[csv]",
             f"run_dir={tmp_path / 'run'}",
         ]
@@ -237,7 +257,7 @@ def test_resume_ends_with_the_weights_of_the_uninterrupted_run(tiny_bert, tiny_d
             f"trainer.max_steps={steps}",
             "trainer.max_epochs=10",
             "trainer.checkpoint_every_n_steps=1",
-            "trainer.enable_progress_bar=false",
+            "trainer.progress=off",
             "optim.scheduler=constant",  # the schedule must not depend on max_steps (the interrupted run's is 5)
             "optim.warmup_steps=0",
             "eval=none",
@@ -257,6 +277,7 @@ def test_resume_ends_with_the_weights_of_the_uninterrupted_run(tiny_bert, tiny_d
     assert diff <= 1e-6, diff
 
 
+@pytest.mark.slow  # 2 ranks
 def test_resume_on_two_ddp_ranks_ends_with_the_weights_of_the_uninterrupted_run(tiny_bert, tiny_data, tmp_path):
     """The same on 2 gloo ranks (`trainer=ddp_cpu`, dropout on): each rank's RNG state comes back from the
     checkpoint (rank 0 writes them all). Interrupted mid-epoch after 5 of 7 steps. Measured before the fix:
@@ -268,7 +289,7 @@ def test_resume_on_two_ddp_ranks_ends_with_the_weights_of_the_uninterrupted_run(
         "trainer=ddp_cpu",
         "trainer.max_epochs=10",
         "trainer.checkpoint_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
+        "trainer.progress=off",
         "data.batch_size_per_rank=2",  # 4 global: 4 steps per epoch
         "optim.scheduler=constant",
         "optim.warmup_steps=0",

@@ -75,7 +75,7 @@ class EvalCallback(L.Callback):
             return
         self.best = {"step": step, "tag": tag, "metric": self.primary, "value": value, "checkpoint": None}
         if self.best_checkpoint is not None:
-            trainer.save_checkpoint(self.best_checkpoint)  # every rank calls it; rank 0 writes
+            trainer.save_checkpoint(self.best_checkpoint, weights_only=False)  # all ranks call it; rank 0 writes
             self.best["checkpoint"] = str(self.best_checkpoint)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -185,7 +185,7 @@ class RequeueOnSignal(L.Callback):
         if flag.item() == 0:
             return
         step = trainer.global_step
-        trainer.save_checkpoint(self.checkpoint)  # every rank takes part (it has a barrier)
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)  # every rank takes part (a barrier)
         trainer.strategy.barrier("embedscale-requeue")
         if trainer.is_global_zero:
             requeue_slurm_job(step=step, checkpoint=self.checkpoint)

@@ -57,14 +57,76 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+POOLER_FOR_EXPORT = "_embedscale_pooler"
+"""Attribute (outside the module tree) holding a backbone's pooler, which training never uses but the export
+writes back, so that `AutoModel`/`SentenceTransformer` load the export without a report of missing weights."""
+
+
+def checkpoint_has_pooler(path: str) -> bool | None:
+    """Whether the local checkpoint at `path` holds pooler weights (`pooler.*`, any prefix): read from the
+    safetensors headers or index, never the weights. None when unknown (a hub id, a .bin checkpoint)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        keys = json.loads(index.read_text()).get("weight_map", {})
+    elif (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(folder / "model.safetensors", framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        return None
+    return any(key.startswith("pooler.") or ".pooler." in key for key in keys)
+
+
+def _accepts_add_pooling_layer(path: str, cfg: ModelConfig) -> bool:
+    import inspect
+
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    model_class = AutoModel._model_mapping.get(type(config), None)  # noqa: SLF001 - transformers' own auto mapping
+    return model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+
+
+def _fresh_pooler(model: nn.Module) -> nn.Module | None:
+    """A pooler as `type(model)(config)` builds it, initialised by the model's own `_init_weights` from a fixed
+    seed (the global RNG stream is left untouched): for a checkpoint that has none."""
+    with torch.device("meta"):
+        template = type(model)(model.config)
+    pooler = getattr(template, "pooler", None)
+    if pooler is None:
+        return None
+    pooler = pooler.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pooler.apply(model._init_weights)  # noqa: SLF001 - transformers' initialiser for this architecture
+    return pooler
+
+
 def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:
+    """The HF backbone without its pooler (unused by pooling; dead parameters make DDP fail on the second step).
+
+    The pooler is kept aside (POOLER_FOR_EXPORT) and written back at export: the checkpoint's own weights, or,
+    when the checkpoint has none, a freshly initialised one -- loaded then with `add_pooling_layer=False`, so
+    that transformers does not report the pooler as missing either way."""
     from transformers import AutoModel
 
     dtype = "auto" if cfg.torch_dtype == "auto" else getattr(torch, cfg.torch_dtype)
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    no_pooler = checkpoint_has_pooler(path) is False and _accepts_add_pooling_layer(path, cfg)
+    if no_pooler:
+        kwargs["add_pooling_layer"] = False
     model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # unused BERT pooler: dead parameters make DDP fail on the second step
+    pooler = getattr(model, "pooler", None)
+    if pooler is not None:
+        model.pooler = None
+    elif no_pooler:
+        pooler = _fresh_pooler(model)
+    if pooler is not None:
+        model.__dict__[POOLER_FOR_EXPORT] = pooler.to(model.dtype)  # not a submodule: no parameters, no state_dict
     return model
 
 
@@ -175,7 +237,7 @@ def encode_texts(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"encode {len(texts)} {side} texts", unit="batch", leave=False)
+        batches = tqdm(batches, desc=f"encode {len(texts)} {side} texts", unit="batch", leave=False, disable=None)
     for idx in batches:
         enc = tokenize(tokenizer, [texts[i] for i in idx], prefixes=prefix, max_length=max_length, cfg=cfg)
         tokens = {k: v.to(device) for k, v in enc.items()}

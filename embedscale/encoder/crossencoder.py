@@ -119,7 +119,7 @@ def score_pairs(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"score {len(order)} pairs", unit="batch", leave=False)
+        batches = tqdm(batches, desc=f"score {len(order)} pairs", unit="batch", leave=False, disable=None)
     for start in batches:
         idx = order[start : start + batch_size]
         tokens = tokenize_pairs(

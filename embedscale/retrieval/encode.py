@@ -95,7 +95,7 @@ def encode_corpus(
         if not path.exists():
             raise ValueError(f"{path} exists on rank 0 but not on rank {rank}: put the cache on a shared filesystem")
         log.info("%s: embeddings from cache %s", name, path)
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     out_ND = encode_sharded(
         encoder, tokenizer, texts, side=side, batch_size=batch_size, max_length=max_length, progress=True
     )

@@ -1,0 +1,90 @@
+"""What every job does around its work: the console it writes to, and the third-party noise it keeps out.
+
+A training job's output is read in two places: a terminal (a live progress bar is right there) and a file
+(`> train.log`, SLURM's `slurm-%j.out`), where a bar that redraws itself with carriage returns shows
+nothing until the epoch ends and then a smear of control characters. `console_is_terminal()` decides
+which one this process writes to; the training job picks a progress bar or plain progress lines from it
+(`trainer.progress`, contrastive/monitor.py), and `quiet_third_party_output` turns the progress bars of
+transformers, huggingface_hub and our own encoders off in files.
+
+Messages are printed once: Lightning installs its own console handler on its loggers when it is imported
+before any logging is configured, and Hydra later adds one to the root logger, so every Lightning message
+came out twice (`INFO: ...` and `[time][lightning...][INFO] - ...`). Once the root logger has a handler,
+Lightning's are removed and its records go to the root's handlers like everyone else's.
+
+Two messages that say nothing about the user's run are filtered by their exact text: DeepSpeed's "Setting
+accelerator to CPU ... unable to detect it" (printed whenever any library imports deepspeed on a machine
+without a GPU, e.g. accelerate while transformers saves a model, also in runs that never use DeepSpeed)
+and Lightning's advertising tip.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+_DEEPSPEED_NO_GPU = _DropMessages("we were unable to detect it")
+_LIGHTNING_ADS = _DropMessages("Tip: For seamless cloud")
+# the loggers Lightning's rank_zero_info/warn write through (lightning/{pytorch,fabric}/utilities/rank_zero.py)
+RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def console_is_terminal() -> bool:
+    """True when both stdout and stderr are terminals (a person watches); False for files and pipes."""
+    return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
+
+
+def quiet_third_party_output(*, terminal: bool | None = None) -> None:
+    """Filter the two messages above and, when the console is not a terminal, third-party progress bars.
+    Idempotent; call it at the start of a job (after Hydra configured logging)."""
+    terminal = console_is_terminal() if terminal is None else terminal
+    deepspeed = logging.getLogger("DeepSpeed")  # deepspeed.utils.logging's logger, created on its import
+    if _DEEPSPEED_NO_GPU not in deepspeed.filters:
+        deepspeed.addFilter(_DEEPSPEED_NO_GPU)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    route_lightning_to_root()
+    if not terminal:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def route_lightning_to_root() -> None:
+    """Each Lightning message once: when the root logger has a handler (Hydra's), drop the console handlers
+    Lightning installed on its own loggers and let their records propagate to the root."""
+    root = logging.getLogger()
+    for name in RANK_ZERO_LOGGERS:
+        logger = logging.getLogger(name)
+        if _LIGHTNING_ADS not in logger.filters:
+            logger.addFilter(_LIGHTNING_ADS)
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not root.handlers:
+            continue
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+        logger.propagate = True
