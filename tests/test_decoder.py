@@ -105,12 +105,13 @@ def _last_real(ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
 def test_tokenizing_in_pieces_gives_the_tensors_of_one_call(mistral, monkeypatch, side, kind):
     """Big batches are tokenized TOKENIZE_PIECE texts per call (bounded tokenizer scratch); the padded
     tensors must equal one call over all texts, on both padding sides and all three code paths."""
+    from conftest import minilm_tokenizer_path
+
     import embedscale.encoder.tokenize as tokenize_module
-    from embedscale.encoder.biencoder import resolve_model_path
 
     if kind == "bert":  # the padded fast path (no EOS to append, whole text pooled)
         cfg = ModelConfig(padding_side=side, query_max_length=16)
-        tok = __import__("transformers").AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path))
+        tok = __import__("transformers").AutoTokenizer.from_pretrained(minilm_tokenizer_path())
         tok.padding_side = side
     else:
         pooling = Pooling.last_token if kind == "eos" else Pooling.mean  # last token: EOS appended (list path)
@@ -440,7 +441,7 @@ def test_train_job_with_lora_checkpoints_resumes_and_exports_merged(mistral, tin
             "eval.beir.0.path=tiny",
             f"eval.cache_dir={tmp_path / 'cache'}",
             f"trainer.max_steps={max_steps}",
-            "trainer.enable_progress_bar=false",
+            "trainer.progress=off",
             "logger.loggers=[csv]",
             f"run_dir={tmp_path / 'run'}",
             *extra,

@@ -18,6 +18,8 @@ from dist import spawn
 from embedscale.config import LossConfig, ModelConfig, OptimConfig
 from embedscale.data.batch import PairExample, TextIds, text_id
 
+pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
+
 N, K, LEN = 8, 1, 16
 
 
@@ -152,7 +154,7 @@ def test_lightning_ddp_with_gradcache_equals_one_process(tiny_bert_nodrop, tiny_
         "eval=none",
         "logger=none",
         "optim.lr=1e-3",
-        "trainer.enable_progress_bar=false",
+        "trainer.progress=off",
         "trainer.num_threads=1",
     ]
     _train([*common, "trainer=ddp_cpu", "data.batch_size_per_rank=4", "gradcache.chunk_size=2"], tmp_path / "ddp")

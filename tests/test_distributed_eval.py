@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_train_e2e import clean_env
+
+pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
 
 
 def _evaluate(tiny_bert, tiny_data, tmp_path, world: int) -> dict:

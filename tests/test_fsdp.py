@@ -14,7 +14,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
 
 
 def _train(args: list[str], run_dir) -> None:
@@ -57,7 +60,7 @@ def test_fsdp2_equals_ddp_and_one_process_with_and_without_gradcache(tiny_bert_n
         "optim.lr=1e-3",
         "optim.scheduler=constant",  # a learning rate still > 0 after step 3, for the resumed step
         "loss.learnable_temperature=true",
-        "trainer.enable_progress_bar=false",
+        "trainer.progress=off",
         "trainer.num_threads=1",
     ]
     two = ["data.batch_size_per_rank=4"]

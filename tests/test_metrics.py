@@ -61,6 +61,7 @@ def test_perfect_and_empty_rankings():
     assert m["ndcg@10"] == 0.0 and m["map@10"] == 0.0
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_real_scifact_run_matches_pytrec(shared_data: Path):
     """all-MiniLM-L6-v2 on SciFact test queries over a 1,000-document slice of the real corpus (64 tokens)."""
     from embedscale.config import ModelConfig

@@ -200,6 +200,7 @@ def _encode_ranks(rank, world, model_dir, texts, out):
         torch.save(e, out)
 
 
+@pytest.mark.slow  # 2 ranks
 def test_sharded_encoding_over_two_ranks_equals_one(tmp_path, tiny_bert):
     from embedscale.config import ModelConfig
     from embedscale.encoder.biencoder import encode_texts, load_encoder
@@ -242,7 +243,7 @@ def _distil_from(tmp_path, tiny_bert, shards, rows):
             "loss.distill_weight=1.0",
             "trainer.max_steps=2",
             "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false",
+            "trainer.progress=off",
             "logger.loggers=[csv]",
             "eval=none",
             "export=false",
@@ -292,6 +293,7 @@ def test_mine_cross_encoder_filter_and_scores(tmp_path, tiny_bert, threshold):
         assert all(s is None for r in rows for s in r["negative_ce_scores"])
 
 
+@pytest.mark.slow  # torchrun
 def test_mine_under_torchrun_two_ranks_equals_one(tmp_path, tiny_bert):
     """`torchrun -m embedscale.mine`: the corpus is encoded over 2 gloo ranks, rank 0 writes the same shards."""
     import subprocess

@@ -19,7 +19,7 @@ def _as_list(items: list[str]) -> str:  # Hydra's grammar: list items holding '=
 
 def _tiny(tiny_bert, tiny_data, tmp_path) -> list[str]:
     common = [o for o in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not o.startswith("trainer.")]
-    common += ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.enable_progress_bar=false"]
+    common += ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.progress=off"]
     mine = [
         f"data_root={tiny_data}",
         "mine.input=tiny",
@@ -39,6 +39,7 @@ def _tiny(tiny_bert, tiny_data, tmp_path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_iterative_recipe_end_to_end(tiny_bert, tiny_data, tmp_path):
     args = [sys.executable, "-m", "embedscale.cli", "pipeline", *_tiny(tiny_bert, tiny_data, tmp_path)]
     proc = subprocess.run(args, capture_output=True, text=True, env=clean_env())
@@ -70,13 +71,14 @@ def test_references_must_point_backwards(tmp_path):
         resolve_overrides(["x={b}/model"], dirs, "a")
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_four_stage_recipe_on_the_shared_data(tiny_bert, shared_data, tmp_path):
     """recipe=four_stage_cpu as shipped (pretrain on the SciFact corpus -> weak on MedQuAD -> mine -> fine-tune
     with the mined negatives -> shard MedQuAD -> instruct on the mixture), on the real data, with a tiny BERT and
     2 steps per training stage: every stage done, each starting from the last, the metrics table written."""
     import os
 
-    common = ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.enable_progress_bar=false"]
+    common = ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.progress=off"]
     common += [f"eval.cache_dir={tmp_path / 'cache'}", "model.query_max_length=32"]
     train = [f"model.name_or_path={tiny_bert}", "data.max_samples=400", *common]
     args = [sys.executable, "-m", "embedscale.cli", "pipeline", "recipe=four_stage_cpu"]

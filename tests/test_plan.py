@@ -230,6 +230,7 @@ def test_e5_mistral_preset_composes():
     assert result["fits"] and result["chunk"] >= 64
 
 
+@pytest.mark.slow  # a CLI process
 def test_cli_plans_the_packaged_minilm(tmp_path):
     out = tmp_path / "plan.json"
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}

@@ -108,6 +108,7 @@ def digest(examples) -> str:
     return hashlib.sha256(json.dumps([(e.key, e.query, e.positive) for e in examples]).encode()).hexdigest()
 
 
+@pytest.mark.slow  # another process
 def test_pairs_are_a_function_of_seed_epoch_and_document_even_in_another_process(tmp_path):
     docs = documents(40)
     pairs = PretrainPairs(docs, PretrainConfig(), seed=7, name="toy")
@@ -201,6 +202,7 @@ def test_sampler_yields_epoch_indices_covers_every_document_and_keeps_batches_re
     assert sum(repeats(pairs.examples(0), b) for b in plain.global_batches()) > 0  # the check is not vacuous
 
 
+@pytest.mark.slow  # DataLoader workers
 def test_persistent_workers_make_the_epoch_the_sampler_says():
     pairs = PretrainPairs(documents(16), PretrainConfig(), seed=0, name="toy")
     sampler = GlobalBatchSampler(pairs, global_batch_size=4, world_size=1, rank=0, seed=0)
@@ -280,7 +282,7 @@ def test_train_on_corpus_pairs_end_to_end(tiny_bert, tiny_data, tmp_path):
             "eval.before_training=false",
             "trainer.max_steps=2",
             "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false",
+            "trainer.progress=off",
             "logger.loggers=[csv]",
             f"run_dir={tmp_path / 'run'}",
         ]

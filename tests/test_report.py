@@ -163,7 +163,7 @@ def tiny_run(tiny_bert, tiny_data, tmp_path_factory):
             "eval.every_n_steps=2",
             "trainer.max_steps=6",
             "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false",
+            "trainer.progress=off",
             "logger=csv",
             f"run_dir={run_dir}",
         ],
@@ -198,6 +198,7 @@ def test_report_without_a_run_names_the_fix(tmp_path):
         write_report(tmp_path)
 
 
+@pytest.mark.slow  # wandb's service process
 def test_report_figures_go_to_an_active_wandb_run_and_to_a_finished_one(tiny_run, monkeypatch):
     import wandb
 

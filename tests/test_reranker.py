@@ -168,7 +168,7 @@ def _overrides(tiny_bert, tiny_data, tmp_path, data: Path, run_dir: Path) -> lis
         "trainer.max_steps=24",
         "trainer.max_epochs=10",
         "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
+        "trainer.progress=off",
         f"run_dir={run_dir}",
     ]
 

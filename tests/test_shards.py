@@ -45,6 +45,7 @@ def all_samples(ds: ShardedDataset) -> list[dict]:
     return [s for i, sh in enumerate(ds.shards) for s in ds.read(i, range(sh["samples"]))]
 
 
+@pytest.mark.slow  # a CLI process
 def test_jsonl_round_trip_manifest_and_webdataset(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", 25, prefix="a ", negatives=2)
     b = write_jsonl(tmp_path / "b.jsonl", 13, prefix="b ", negatives=2)
@@ -116,6 +117,7 @@ def keys_of(stream: MixtureStream) -> list[list[str]]:
     return [[e.key for e in batch] for batch in stream]
 
 
+@pytest.mark.slow  # DataLoader workers
 def test_stream_is_one_order_whatever_the_ranks_and_workers(tmp_path):
     from torch.utils.data import DataLoader
 
@@ -183,6 +185,7 @@ def _ledger(run_dir: Path) -> dict[int, list[str]]:
     return {s: sum((r[k] for k in sorted(r)), []) for s, r in steps.items()}
 
 
+@pytest.mark.slow  # kills a training process
 @pytest.mark.parametrize("resume_ranks", [2, 1])
 def test_kill_mid_epoch_and_resume(tiny_bert, tmp_path, resume_ranks):
     """2 gloo ranks x 2 workers train from shards, checkpointing every step; SIGKILL mid-epoch; resume on the
@@ -208,7 +211,7 @@ def test_kill_mid_epoch_and_resume(tiny_bert, tmp_path, resume_ranks):
         "data.record_keys=true",
         "trainer.max_epochs=1",
         "trainer.checkpoint_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
+        "trainer.progress=off",
         "trainer.num_threads=1",
         "eval=none",
         "logger=none",
