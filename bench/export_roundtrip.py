@@ -31,7 +31,7 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
 
     from embedscale.config import ModelConfig
-    from embedscale.data.readers import read_corpus, read_queries, resolve_data_root
+    from embedscale.data.records import read_corpus, read_queries, resolve_data_root
     from embedscale.encoder.biencoder import encode_texts, load_encoder
     from embedscale.encoder.pooling import pool
 

@@ -56,12 +56,8 @@ LORA_R = 16
 
 
 def _planner():
-    """embedscale.plan's estimate/resolve_shape; its module-level Hydra job wrapper needs Hydra, the functions not."""
-    if importlib.util.find_spec("hydra") is None:
-        import embedscale.cli
-
-        embedscale.cli.hydra_job = lambda *args, **kwargs: None  # `embedscale plan`'s CLI entry is not used here
-    from embedscale.plan import estimate, resolve_shape
+    """The planner's estimate/resolve_shape (embedscale/strategy/memory.py: needs neither Hydra nor a GPU)."""
+    from embedscale.strategy.memory import estimate, resolve_shape
 
     return estimate, resolve_shape
 
@@ -84,11 +80,11 @@ def planned(path: Path, row: dict, dry_run: bool) -> dict:
         strategy="zero3",
         gpus=1,
         gpu_memory_gib=1000.0,
-        global_batch=row["batch"],
-        query_len=row["seq"],
-        doc_len=row["seq"],
+        global_batch_size=row["batch"],
+        query_max_length=row["seq"],
+        document_max_length=row["seq"],
         lora_r=LORA_R,
-        param_dtype="float32" if dry_run else "bfloat16",
+        torch_dtype="float32" if dry_run else "bfloat16",
         mixed_precision=not dry_run,
         gradient_checkpointing=True,
         flash_attention=True,
@@ -182,7 +178,7 @@ def measure(path: Path, row: dict, *, dry_run: bool, warmup: int, steps: int) ->
     trainer = L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=1,
-        strategy=build_strategy(trainer_cfg, gradcache=True),  # as train.build_trainer passes it
+        strategy=build_strategy(trainer_cfg, gradcache=True),  # as the train job passes it
         precision=trainer_cfg.precision,
         max_steps=warmup + steps,
         logger=False,

@@ -66,7 +66,7 @@ def measure(name: str, path: Path, seq: int, chunk: int, batch: int, checkpointi
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from embedscale.config import LossConfig, ModelConfig, OptimConfig, Pooling
+    from embedscale.config import GradCacheConfig, LossConfig, ModelConfig, OptimConfig, Pooling
     from embedscale.contrastive.gradcache import gradcache_step
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.data.batch import PairBatch, TextIds
@@ -105,7 +105,7 @@ def measure(name: str, path: Path, seq: int, chunk: int, batch: int, checkpointi
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    gradcache_step(module, rows, chunk_size=chunk, sort_by_length=True)
+    gradcache_step(module, rows, plan=GradCacheConfig(chunk_size=chunk, sort_by_length=True))
     opt.step()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -117,17 +117,17 @@ def measure(name: str, path: Path, seq: int, chunk: int, batch: int, checkpointi
 
 def planned(path: Path, seq: int, chunk: int, batch: int, checkpointing: bool) -> dict:
     from embedscale.config import ModelConfig, PlanConfig
-    from embedscale.plan import estimate, resolve_shape
+    from embedscale.strategy.memory import estimate, resolve_shape
 
     plan = PlanConfig(
         strategy="ddp",
         gpus=1,
         gpu_memory_gib=1000.0,
-        global_batch=batch,
-        query_len=seq,
-        doc_len=seq,
+        global_batch_size=batch,
+        query_max_length=seq,
+        document_max_length=seq,
         lora_r=0,
-        param_dtype="float32",
+        torch_dtype="float32",
         gradient_checkpointing=checkpointing,
         flash_attention=True,
         chunk=chunk,

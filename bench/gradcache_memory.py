@@ -45,11 +45,11 @@ def _rss_kib(field: str) -> int:
 def child(n: int, chunk: int, threads: int) -> dict:
     import torch
 
-    from embedscale.config import LossConfig, ModelConfig, OptimConfig
+    from embedscale.config import GradCacheConfig, LossConfig, ModelConfig, OptimConfig
     from embedscale.contrastive.gradcache import gradcache_step
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.data.batch import PairExample
-    from embedscale.data.datamodule import PairCollator
+    from embedscale.data.collate import PairCollator
     from embedscale.encoder.biencoder import load_encoder
 
     torch.set_num_threads(threads)
@@ -67,7 +67,7 @@ def child(n: int, chunk: int, threads: int) -> dict:
         return collate([PairExample(q, d) for q, d in zip(texts(count), texts(count), strict=True)])
 
     def step(b) -> None:
-        gradcache_step(module, b, chunk_size=chunk, sort_by_length=True)
+        gradcache_step(module, b, plan=GradCacheConfig(chunk_size=chunk, sort_by_length=True))
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -45,12 +45,12 @@ def main() -> None:
 
     from embedscale.config import ModelConfig, ShardConfig, ShardJobConfig
     from embedscale.data.batch import PairExample
-    from embedscale.data.datamodule import PairCollator
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.collate import PairCollator
+    from embedscale.data.records import resolve_data_root
     from embedscale.data.shards import ShardedDataset
     from embedscale.data.stream import MixtureStream, Source
     from embedscale.encoder.biencoder import resolve_model_path
-    from embedscale.shard import run as shard_run
+    from embedscale.jobs.shard import run as shard_run
 
     torch.set_num_threads(1)
     model_cfg = ModelConfig()
@@ -65,7 +65,7 @@ def main() -> None:
         shard_run(ShardJobConfig(shard=cfg))
         shard_s = time.perf_counter() - start
         ds = ShardedDataset.open(f"{tmp}/medquad")
-        stream = MixtureStream([Source("medquad", ds)], global_batch_size=args.batch, seed=0, collate=collate)
+        stream = MixtureStream([Source.of("medquad", ds)], global_batch_size=args.batch, seed=0, collate=collate)
         loader = DataLoader(stream, batch_size=None, num_workers=args.workers)
         it = iter(loader)
         next(it)  # workers started, first batch out

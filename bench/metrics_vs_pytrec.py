@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     from test_metrics import K, pytrec_metrics
 
-    from embedscale.data.readers import read_qrels, resolve_data_root
+    from embedscale.data.records import read_qrels, resolve_data_root
     from embedscale.retrieval.metrics import retrieval_metrics
 
     root = resolve_data_root(args.data_root)

@@ -65,7 +65,7 @@ def main() -> None:
     from embedscale.config import LossConfig, ModelConfig, OptimConfig
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.data.batch import PairExample, TextIds
-    from embedscale.data.datamodule import PairCollator
+    from embedscale.data.collate import PairCollator
     from embedscale.encoder.biencoder import load_encoder
 
     torch.set_num_threads(args.threads)

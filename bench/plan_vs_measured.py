@@ -87,11 +87,11 @@ def child(spec: dict) -> dict:
 
     import torch
 
-    from embedscale.config import LossConfig, ModelConfig, OptimConfig
+    from embedscale.config import GradCacheConfig, LossConfig, ModelConfig, OptimConfig
     from embedscale.contrastive.gradcache import gradcache_step
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.data.batch import PairExample
-    from embedscale.data.datamodule import PairCollator
+    from embedscale.data.collate import PairCollator
     from embedscale.encoder.biencoder import load_encoder
 
     torch.set_num_threads(spec["threads"])
@@ -125,7 +125,7 @@ def child(spec: dict) -> dict:
     rss_base = _status_kib("VmRSS:")
     reset = _reset_peak()
     start = time.perf_counter()
-    gradcache_step(module, batch, chunk_size=spec["chunk"], sort_by_length=True)
+    gradcache_step(module, batch, plan=GradCacheConfig(chunk_size=spec["chunk"], sort_by_length=True))
     opt.step()
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -141,17 +141,17 @@ def child(spec: dict) -> dict:
 def planned(spec: dict, *, mask_bytes: int = 1) -> dict:
     """The planner's terms for one row, in MiB: step (activations + embeddings + loss) and total."""
     from embedscale.config import ModelConfig, PlanConfig
-    from embedscale.plan import estimate, resolve_shape
+    from embedscale.strategy.memory import estimate, resolve_shape
 
     plan = PlanConfig(
         strategy="ddp",
         gpus=1,
         gpu_memory_gib=1000.0,
-        global_batch=spec["batch"],
-        query_len=spec["seq"],
-        doc_len=spec["seq"],
+        global_batch_size=spec["batch"],
+        query_max_length=spec["seq"],
+        document_max_length=spec["seq"],
         lora_r=0,
-        param_dtype="float32",
+        torch_dtype="float32",
         gradient_checkpointing=spec["checkpointing"],
         chunk=spec["chunk"],
         headroom=0.0,

@@ -48,7 +48,7 @@ def run_variant(system: str, overrides: list[str], run_dir: Path, device: str) -
         torch.manual_seed(cfg.seed)
         train_sentence_transformers(cfg, run_dir, device)
         return evaluate(str(run_dir / "model"), cfg, device)
-    from embedscale.train import run
+    from embedscale.jobs.train import run
 
     accel = ["trainer.accelerator=gpu", "trainer.precision=32-true"] if device == "cuda" else []
     fixed = [*accel, "logger=none", "export=false", "eval.save_runs=false", "trainer.progress=off"]

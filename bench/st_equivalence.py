@@ -92,15 +92,14 @@ def train_st(cfg, examples, steps: int, out: Path) -> tuple[nn.Module, list[floa
 def train_embedscale(cfg) -> tuple[nn.Module, list[float]]:
     import lightning as L
 
+    from embedscale.config import resolve_batch_sizes
     from embedscale.contrastive.module import ContrastiveModule
-    from embedscale.data.datamodule import PairDataModule
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.datamodule import build_datamodule
+    from embedscale.data.records import resolve_data_root
     from embedscale.encoder.biencoder import load_encoder
 
     encoder, tokenizer = load_encoder(cfg.model)
-    module = ContrastiveModule(
-        encoder, loss_cfg=cfg.loss, optim_cfg=cfg.optim, gradient_clip_val=cfg.trainer.gradient_clip_val
-    )
+    module = ContrastiveModule(encoder, loss_cfg=cfg.loss, optim_cfg=cfg.optim, trainer_cfg=cfg.trainer)
     losses: list[float] = []
 
     class Losses(L.Callback):
@@ -111,14 +110,20 @@ def train_embedscale(cfg) -> tuple[nn.Module, list[float]]:
         max_epochs=1,
         accelerator="cpu",
         devices=1,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         callbacks=[Losses()],
     )
-    data = PairDataModule(
-        cfg.data, tokenizer=tokenizer, model_cfg=encoder.cfg, root=resolve_data_root(cfg.data.root), seed=cfg.seed
+    root = resolve_data_root(cfg.data.root)
+    data = build_datamodule(
+        cfg.data,
+        resolve_batch_sizes(cfg, 1),
+        tokenizer=tokenizer,
+        model_cfg=encoder.cfg,
+        root=root,
+        seed=cfg.seed,
+        run_dir=Path("."),
     )
     trainer.fit(module, datamodule=data)
     return encoder.query_backbone, losses
@@ -168,7 +173,7 @@ def main() -> None:
         ]
     )
     from embedscale.data.datamodule import load_examples
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.records import resolve_data_root
 
     examples = load_examples(cfg.data, resolve_data_root(cfg.data.root))
     initial = initial_weights(cfg)

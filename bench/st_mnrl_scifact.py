@@ -36,8 +36,8 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from embedscale.cli import conf_dir
     from embedscale.config import TrainConfig, register_configs, to_config
+    from embedscale.jobs.launch import conf_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -62,7 +62,7 @@ def train_sentence_transformers(
         from sentence_transformers.training_args import BatchSamplers
 
     from embedscale.data.datamodule import load_examples
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.records import resolve_data_root
     from embedscale.encoder.biencoder import resolve_model_path
 
     examples = load_examples(cfg.data, resolve_data_root(cfg.data.root))
@@ -101,7 +101,7 @@ def train_sentence_transformers(
 def evaluate(model_dir: str, cfg, device: str = "cpu") -> dict:
     import dataclasses
 
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.records import resolve_data_root
     from embedscale.encoder.biencoder import load_encoder
     from embedscale.retrieval.evaluator import build_evaluators, evaluate_all
 
@@ -115,7 +115,7 @@ def _embedscale(cfg_overrides: list[str], run_dir: Path) -> dict:
     """A finished embedscale run in run_dir (reused when its metrics.json exists), else train one."""
     if (run_dir / "metrics.json").exists():
         return json.loads((run_dir / "metrics.json").read_text())
-    from embedscale.train import run
+    from embedscale.jobs.train import run
 
     return run(compose([*cfg_overrides, f"run_dir={run_dir}", "logger=csv"]))
 

@@ -11,7 +11,7 @@ same size (~0.005) as the gap seen there. This bench gives both trainers the sam
   optimizer step's forward (a Lightning callback / a transformers TrainerCallback), and both encode the
   queries first, then the documents, through the same transformers BertModel.
 
-Everything else is each system's own, unchanged: embedscale's `embedscale.train.run` (the quickstart
+Everything else is each system's own, unchanged: embedscale's `embedscale.jobs.train.run` (the quickstart
 path: module, optimizer groups, warmup/decay, clipping, the after-training evaluation, export) and
 `SentenceTransformerTrainer` + `MultipleNegativesRankingLoss` with the NO_DUPLICATES sampler. Both
 finished models are scored by the same evaluator (SciFact test, exact search, 256 tokens). With the
@@ -86,10 +86,11 @@ def train_st(cfg, out: Path) -> tuple[torch.nn.Module, list[float], float]:
 
 
 def train_embedscale(overrides: list[str], seed: int, run_dir: Path) -> tuple[torch.nn.Module, list[float], dict]:
-    """The product's own `embedscale.train.run`, with one callback added: the per-step reseed (and a loss record)."""
+    """The product's own `embedscale.jobs.train.run`, with one callback added: the per-step reseed (and the losses)."""
     import lightning as L
 
-    import embedscale.train as es_train
+    import embedscale.contrastive.trainer as es_trainer
+    import embedscale.jobs.train as es_train
 
     losses: list[float] = []
     holder: dict = {}
@@ -102,14 +103,14 @@ def train_embedscale(overrides: list[str], seed: int, run_dir: Path) -> tuple[to
             losses.append(float(outputs["loss"]))
             holder["module"] = pl_module
 
-    build = es_train.build_trainer
-    es_train.build_trainer = lambda cfg, rd, callbacks: build(cfg, rd, [*callbacks, Paired()])
+    build = es_trainer.build_trainer
+    es_trainer.build_trainer = lambda t, logger, rd, callbacks, **kw: build(t, logger, rd, [*callbacks, Paired()], **kw)
     try:
         result = es_train.run(
             compose([*overrides, f"run_dir={run_dir}", "logger=csv", "eval.before_training=false", "export=false"])
         )
     finally:
-        es_train.build_trainer = build
+        es_trainer.build_trainer = build
     return holder["module"].encoder.query_backbone, losses, result
 
 
@@ -121,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from embedscale.data.datamodule import load_examples
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.records import resolve_data_root
     from embedscale.encoder.biencoder import load_encoder
 
     out = Path(args.out).resolve()

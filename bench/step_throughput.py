@@ -72,7 +72,7 @@ def load_pairs(dataset: str, n: int, tokenizer) -> tuple[list[str], list[str], i
         return [text() for _ in range(n)], [text() for _ in range(n)], 128
     from embedscale.config import DataConfig, DataFormat
     from embedscale.data.datamodule import load_examples
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.records import resolve_data_root
 
     cfg = {
         "scifact": DataConfig(format=DataFormat.beir, path="scifact", split="train"),
@@ -162,11 +162,11 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
 
         return step, padded
 
-    from embedscale.config import LossConfig, ModelConfig, OptimConfig
+    from embedscale.config import GradCacheConfig, LossConfig, ModelConfig, OptimConfig
     from embedscale.contrastive.gradcache import gradcache_step, split_tokens
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.data.batch import PairExample
-    from embedscale.data.datamodule import PairCollator
+    from embedscale.data.collate import PairCollator
     from embedscale.encoder.biencoder import load_encoder
 
     mcfg = ModelConfig(
@@ -197,7 +197,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
         if plan is None:
             module.compute_loss(batch)[0].backward()
         else:
-            gradcache_step(module, batch, **plan)
+            gradcache_step(module, batch, plan=GradCacheConfig(**plan))
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -30,9 +30,9 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from embedscale.cli import conf_dir
     from embedscale.config import SweepJobConfig, register_configs, to_config
-    from embedscale.sweep import run
+    from embedscale.jobs.launch import conf_dir
+    from embedscale.jobs.sweep import run
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -174,3 +174,22 @@ def export_model(
     _write_json(out / EXPORT_META, {"model": cfg, "metrics": metrics or {}})
     (out / "README.md").write_text(_model_card(cfg, metrics, config))
     return out
+
+
+def resolve_init_from(init_from: str) -> tuple[str, dict]:
+    """(export directory, parent record) of `init_from`: a run directory holding model/, or an export."""
+    path = Path(init_from).expanduser().resolve()
+    for candidate in (path / "model", path):
+        if (candidate / EXPORT_META).is_file():
+            break
+    else:
+        raise ValueError(
+            f"init_from={init_from!r}: neither {path / 'model'} nor {path} is an embedscale export (no {EXPORT_META}); "
+            "give a training run directory whose export succeeded (export=true) or its model/ directory"
+        )
+    parent: dict = {"path": str(candidate)}
+    run_metrics = candidate.parent / "metrics.json"
+    if candidate.name == "model" and run_metrics.is_file():
+        done = json.loads(run_metrics.read_text())
+        parent.update(run_dir=str(candidate.parent), model=done.get("model"), eval=done.get("eval", {}).get("after"))
+    return str(candidate), parent

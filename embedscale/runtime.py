@@ -1,4 +1,5 @@
-"""What every job does around its work: the console it writes to, and the third-party noise it keeps out.
+"""What every job does around its work: its run directory, seeds and threads (`start_run`), the console it writes
+to, and the third-party noise it keeps out.
 
 A training job's output is read in two places: a terminal (a live progress bar is right there) and a file
 (`> train.log`, SLURM's `slurm-%j.out`), where a bar that redraws itself with carriage returns shows
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 
@@ -88,3 +90,18 @@ def route_lightning_to_root() -> None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 logger.removeHandler(handler)
         logger.propagate = True
+
+
+def start_run(run_dir: Path, *, seed: int, num_threads: int | None) -> Path:
+    """What every training job does first: create the run directory (resolved), set torch's threads, seed
+    Python, numpy and torch (also in DataLoader workers), and quiet the third-party output."""
+    import lightning as L
+    import torch
+
+    quiet_third_party_output()  # after Hydra configured logging and Lightning was imported: each message once
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    L.seed_everything(seed, workers=True)
+    return run_dir

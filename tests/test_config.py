@@ -10,8 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from embedscale.cli import conf_dir
-from embedscale.config import EvaluateConfig, Pooling, TrainConfig, register_configs, to_config
+from embedscale.config import EvaluateConfig, Pooling, TrainConfig, register_configs, resolve_batch_sizes, to_config
+from embedscale.jobs.launch import conf_dir
 
 GROUPS = ["model", "data", "loss", "optim", "trainer", "logger", "eval"]
 
@@ -31,8 +31,17 @@ def test_every_option_of_every_group_composes(group):
     options = _options(group)
     assert options, f"conf/{group} is empty"
     for option in options:
-        cfg = to_config(_compose("train", [f"{group}={option}"]), TrainConfig)
+        # sharded strategies do not evaluate during training: their presets compose with eval=none (and refuse
+        # the default evaluation at compose time, test_sharded_strategies_refuse_evaluation_at_compose_time)
+        extra = ["eval=none"] if group == "trainer" and option.startswith(("fsdp2", "deepspeed")) else []
+        cfg = to_config(_compose("train", [f"{group}={option}", *extra]), TrainConfig)
         assert isinstance(cfg, TrainConfig)
+
+
+def test_sharded_strategies_refuse_evaluation_at_compose_time():
+    for option in ("fsdp2_cpu", "deepspeed_zero2_cpu"):
+        with pytest.raises(ValueError, match="does not evaluate during training yet: add eval=none"):
+            to_config(_compose("train", [f"trainer={option}"]), TrainConfig)
 
 
 def test_defaults_are_the_quickstart():
@@ -55,6 +64,7 @@ def test_evaluate_config_composes():
         ("data.batch_size_per_rank=abc", "data.batch_size_per_rank"),
         ("model.pooling=max", "model.pooling"),
         ("optim.scheduler=step", "optim.scheduler"),
+        ("logger.loggers=[mlflow]", "logger.loggers"),  # every choice is an enum: refused while composing
     ],
 )
 def test_typos_and_wrong_types_fail_naming_the_full_key(override, key):
@@ -69,7 +79,6 @@ def test_typos_and_wrong_types_fail_naming_the_full_key(override, key):
         (["loss.temperature=0"], r"loss\.temperature"),
         (["optim.lr=-1"], r"optim\.lr"),
         (["trainer.precision=fp8"], r"trainer\.precision"),
-        (["logger.loggers=[mlflow]"], r"logger\.loggers"),
         (["model.matryoshka_dims=[384,64,32]", "model.matryoshka_weights=[1.0]"], r"model\.matryoshka_weights"),
         (["data.batch_size_per_rank=1"], r"data\.batch_size_per_rank"),
         (["gradcache.chunk_size=-1"], r"gradcache\.chunk_size"),
@@ -122,7 +131,14 @@ def test_post_init_checks_name_the_key(overrides, match):
 )
 def test_global_batch_size_resolves_against_the_world(overrides, per_rank, global_):
     cfg = to_config(_compose("train", overrides), TrainConfig)
-    assert (cfg.data.batch_size_per_rank, cfg.data.global_batch_size) == (per_rank, global_)
+    typed = (cfg.data.batch_size_per_rank, cfg.data.global_batch_size)
+    world = cfg.trainer.world_size()
+    if per_rank is None:  # world unknown until launch: the train job resolves it with the launcher's
+        assert world is None and cfg.data.global_batch_size == global_
+        return
+    sizes = resolve_batch_sizes(cfg, world)
+    assert (sizes.batch_size_per_rank, sizes.global_batch_size, sizes.world_size) == (per_rank, global_, world)
+    assert (cfg.data.batch_size_per_rank, cfg.data.global_batch_size) == typed  # resolved once, never written back
 
 
 @pytest.mark.slow  # a CLI process
@@ -147,3 +163,28 @@ def test_cli_usage_and_unknown_job():
     assert proc.returncode == 0 and "train" in proc.stdout and "evaluate" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "embedscale.cli", "fly"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown job" in proc.stderr
+
+
+def test_every_config_field_has_a_docstring():
+    """Every leaf key of every job's schema carries a docstring (the string under the field)."""
+    from embedscale.config import schema_of
+    from embedscale.config.docs import rows
+    from embedscale.jobs import JOBS
+
+    missing = [
+        f"{name}: {key}"
+        for name, job in JOBS.items()
+        if job.schema
+        for key, _, _, doc in rows(schema_of(name))
+        if not doc.strip()
+    ]
+    assert not missing, missing
+
+
+def test_configuration_page_and_readme_table_are_current():
+    """docs/configuration.md and the README's group table are generated from the schemas: regenerate them
+    (python -m embedscale.config.docs) whenever a field, its docstring, a default or a conf/ option changes."""
+    from embedscale.config.docs import GROUP_SECTIONS, main
+
+    assert main(["--check"]) == 0, "run: python -m embedscale.config.docs"
+    assert {p.name for p in conf_dir().iterdir() if p.is_dir()} == set(GROUP_SECTIONS)

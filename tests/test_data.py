@@ -7,8 +7,13 @@ import torch
 
 from embedscale.config import DataConfig, DataFormat, ModelConfig
 from embedscale.data.batch import PairExample, text_id
-from embedscale.data.datamodule import PairCollator, load_examples
-from embedscale.data.readers import read_jsonl_pairs, read_qrels, read_sts
+from embedscale.data.collate import PairCollator
+from embedscale.data.datamodule import load_examples
+from embedscale.data.records import Fields, jsonl_pairs, read_qrels, read_sts
+
+
+def read_jsonl_pairs(path, *, num_hard_negatives):
+    return list(jsonl_pairs(path, Fields(section="data"), min_negatives=num_hard_negatives))
 
 
 def test_scifact_train_pairs_from_real_data(shared_data):
@@ -29,19 +34,13 @@ def test_jsonl_errors_name_file_line_and_fix(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n" + json.dumps({"question": "q"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'query'.*data\.query_field"):
-        read_jsonl_pairs(
-            path, query_field="query", positive_field="positive", negatives_field="negatives", num_hard_negatives=0
-        )
+        read_jsonl_pairs(path, num_hard_negatives=0)
     path.write_text(json.dumps({"query": "q", "positive": "p", "negatives": "n"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: 1 negatives.*num_hard_negatives=2"):
-        read_jsonl_pairs(
-            path, query_field="query", positive_field="positive", negatives_field="negatives", num_hard_negatives=2
-        )
+        read_jsonl_pairs(path, num_hard_negatives=2)
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: invalid JSON"):
-        read_jsonl_pairs(
-            path, query_field="query", positive_field="positive", negatives_field="negatives", num_hard_negatives=0
-        )
+        read_jsonl_pairs(path, num_hard_negatives=0)
 
 
 def test_collate_layout_and_ids(tiny_bert):

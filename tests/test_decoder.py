@@ -11,61 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import FILLER, QUERY_PREFIX, TEXTS, make_tiny_mistral
 
 from embedscale.config import LossConfig, ModelConfig, OptimConfig, Pooling
 from embedscale.data.batch import PairExample
-from embedscale.data.datamodule import PairCollator
+from embedscale.data.collate import PairCollator
 from embedscale.encoder.biencoder import encode_texts, load_encoder
 from embedscale.encoder.tokenize import text_start, tokenize
-
-TASK = "Given a web search query, retrieve relevant passages that answer the query"
-QUERY_PREFIX = f"Instruct: {TASK}\nQuery: "
-TEXTS = [
-    "what is a protein",
-    "galaxy",
-    "how do rivers carve deep valleys in soft rock over long time",
-    "violin strings and a bow",
-    "engine",
-]
-FILLER = "forest vaccine crystal engine forest vaccine crystal engine river"
-
-
-def _words() -> list[str]:
-    from tokenizers import pre_tokenizers
-
-    split = pre_tokenizers.Whitespace().pre_tokenize_str
-    return sorted({w for text in [QUERY_PREFIX, FILLER, *TEXTS] for w, _ in split(text)})
-
-
-def make_tiny_mistral(path: Path, *, seed: int = 0, sliding_window: int | None = 4096) -> Path:
-    """A 2-layer, 64-dim random Mistral and a word-level tokenizer that, like Mistral's, adds BOS and no EOS.
-    sliding_window 4096 as Mistral-7B-v0.1 (e5-mistral); None as v0.2+ (transformers then builds other masks)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import MistralConfig, MistralModel, PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(_words())}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
-        path
-    )
-    torch.manual_seed(seed)
-    cfg = MistralConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        attention_dropout=0.0,
-        sliding_window=sliding_window,
-    )
-    MistralModel(cfg).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -421,9 +373,9 @@ def test_train_job_with_lora_checkpoints_resumes_and_exports_merged(mistral, tin
     from hydra import compose, initialize_config_dir
     from safetensors.torch import load_file
 
-    from embedscale.cli import conf_dir
     from embedscale.config import TrainConfig, register_configs, to_config
-    from embedscale.train import run
+    from embedscale.jobs.launch import conf_dir
+    from embedscale.jobs.train import run
 
     def cfg(max_steps, *extra):
         overrides = [

@@ -1,6 +1,6 @@
 """`trainer=deepspeed_zero2_cpu` / `deepspeed_zero3_cpu` (DeepSpeed ZeRO on 2 gloo ranks) train to the weights of ddp.
 
-Each run is the real entry point (`python -m embedscale.train`, a subprocess with a cleaned environment) on a tiny
+Each run is the real entry point (`python -m embedscale.jobs.train`, a subprocess with a cleaned environment) on a tiny
 dropout-free model, 3 optimizer steps, global batch 8, learnable temperature, clipping at 0.5 (gradient norms are
 11-17, so clipping is active, and a DeepSpeed that fell back to its silent default of 1.0 would differ); the exported
 safetensors are compared. Proven here: ZeRO-2 (with the optimizer offloaded to CPU) and ZeRO-3 == ddp; GradCache
@@ -48,7 +48,7 @@ def _train(args: list[str], run_dir: Path, extensions: Path) -> None:
     launch = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(extensions))
-    cmd = [sys.executable, "-m", "embedscale.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "embedscale.jobs.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -71,58 +71,76 @@ def _assert_equal(weights: dict, pairs: list[tuple[str, str]]) -> None:
             torch.testing.assert_close(weights[got][name], weights[want][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_zero2_and_zero3_equal_ddp_with_gradcache_offload_and_resume(tiny_bert_nodrop, tiny_data, tmp_path):
+GC = "gradcache.chunk_size=2"
+RUNS = {
+    "ddp": ["trainer=ddp_cpu"],
+    "zero2_offload": ["trainer=deepspeed_zero2_cpu", "trainer.offload_optimizer=true"],
+    "zero3": ["trainer=deepspeed_zero3_cpu"],
+    "zero2_gc": ["trainer=deepspeed_zero2_cpu", GC],
+    "zero3_gc": ["trainer=deepspeed_zero3_cpu", GC],
+    "zero3_gc_offload": [
+        "trainer=deepspeed_zero3_cpu",
+        GC,
+        "trainer.offload_optimizer=true",
+        "trainer.offload_params=true",
+    ],
+}
+RESUMED = {"zero3_gc_resumed": "zero3_gc", "ddp_resumed": "ddp"}
+PAIRS = [
+    ("zero2_offload", "ddp"),
+    ("zero3", "ddp"),
+    ("zero2_gc", "ddp"),
+    ("zero3_gc", "ddp"),
+    ("zero3_gc_offload", "ddp"),
+    ("zero3_gc_resumed", "ddp_resumed"),
+]
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tiny_bert_nodrop, tiny_data, tmp_path_factory) -> dict:
+    """Every ZeRO run of the module, trained once: {name: run dir}, plus "extensions": DeepSpeed's JIT folder."""
+    root = tmp_path_factory.mktemp("zero")
     common = [f"model.name_or_path={tiny_bert_nodrop}", f"data.root={tiny_data}", *COMMON]
-    gc = "gradcache.chunk_size=2"
-    runs = {
-        "ddp": ["trainer=ddp_cpu"],
-        "zero2_offload": ["trainer=deepspeed_zero2_cpu", "trainer.offload_optimizer=true"],
-        "zero3": ["trainer=deepspeed_zero3_cpu"],
-        "zero2_gc": ["trainer=deepspeed_zero2_cpu", gc],
-        "zero3_gc": ["trainer=deepspeed_zero3_cpu", gc],
-        "zero3_gc_offload": [
-            "trainer=deepspeed_zero3_cpu",
-            gc,
-            "trainer.offload_optimizer=true",
-            "trainer.offload_params=true",
-        ],
-    }
-    extensions = tmp_path / "torch_extensions"
-    weights = {}
-    for name, args in runs.items():
-        _train([*common, *args], tmp_path / name, extensions)
-        weights[name] = _weights(tmp_path / name)
-    ckpt = tmp_path / "zero3_gc" / "checkpoints" / "last.ckpt"
+    extensions = root / "torch_extensions"
+    dirs = {"extensions": extensions}
+    for name, args in RUNS.items():
+        _train([*common, *args], root / name, extensions)
+        dirs[name] = root / name
+    resume = ["trainer.max_steps=4", "trainer.max_epochs=6"]
+    for name, run in RESUMED.items():
+        last = root / run / "checkpoints" / "last.ckpt"
+        _train([*common, *RUNS[run], *resume, f"trainer.resume={last}"], root / name, extensions)
+        dirs[name] = root / name
+    return dirs
+
+
+def test_zero_checkpoints_resume_and_nothing_is_jit_compiled(zero_runs, tiny_bert_nodrop):
+    ckpt = zero_runs["zero3_gc"] / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and json.loads((ckpt / "embedscale.json").read_text()) == {
         "strategy": "deepspeed",
         "zero_stage": 3,
     }
-    resume = ["trainer.max_steps=4", "trainer.max_epochs=6"]
-    for name, run in (("zero3_gc_resumed", "zero3_gc"), ("ddp_resumed", "ddp")):
-        last = tmp_path / run / "checkpoints" / "last.ckpt"
-        _train([*common, *runs[run], *resume, f"trainer.resume={last}"], tmp_path / name, extensions)
-        weights[name] = _weights(tmp_path / name)
-        assert json.loads((tmp_path / name / "metrics.json").read_text())["train"]["optimizer_steps"] == 4
+    for name in RESUMED:
+        assert json.loads((zero_runs[name] / "metrics.json").read_text())["train"]["optimizer_steps"] == 4
+    extensions = zero_runs["extensions"]
     assert not extensions.exists() or not any(extensions.iterdir()), "DeepSpeed JIT-compiled an op"
     start = _weights_of(tiny_bert_nodrop)
+    ddp = _weights(zero_runs["ddp"])
     # really trained (the export also holds the pooler, which the source had not, and training never touches)
-    assert _max_diff({n: weights["ddp"][n] for n in start}, start) > 1e-3
-    assert _max_diff(weights["zero3_gc_resumed"], weights["zero3_gc"]) > 1e-5  # the resumed step really moved
-    _assert_equal(
-        weights,
-        [
-            ("zero2_offload", "ddp"),
-            ("zero3", "ddp"),
-            ("zero2_gc", "ddp"),
-            ("zero3_gc", "ddp"),
-            ("zero3_gc_offload", "ddp"),
-            ("zero3_gc_resumed", "ddp_resumed"),
-        ],
-    )
+    assert _max_diff({n: ddp[n] for n in start}, start) > 1e-3
+    resumed, before = _weights(zero_runs["zero3_gc_resumed"]), _weights(zero_runs["zero3_gc"])
+    assert _max_diff(resumed, before) > 1e-5  # the resumed step really moved
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(str(tmp_path / "zero3_gc" / "model"), device="cpu")
+    st = SentenceTransformer(str(zero_runs["zero3_gc"] / "model"), device="cpu")
     assert st.encode(["a protein", "a galaxy"]).shape == (2, 32)
+
+
+@pytest.mark.parametrize(("got", "want"), PAIRS, ids=[f"{g}-vs-{w}" for g, w in PAIRS])
+def test_zero2_and_zero3_weights_equal_ddp(zero_runs, got, want):
+    """ZeRO-2 (optimizer offloaded) and ZeRO-3 == ddp; GradCache under ZeRO-2, ZeRO-3 and ZeRO-3 with everything
+    offloaded == ddp; a ZeRO-3 + GradCache checkpoint resumes one more step as ddp's does."""
+    _assert_equal({got: _weights(zero_runs[got]), want: _weights(zero_runs[want])}, [(got, want)])
 
 
 def _weights_of(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +151,7 @@ def _weights_of(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def tiny_mistral(tmp_path_factory) -> Path:
-    from test_decoder import make_tiny_mistral
+    from helpers import make_tiny_mistral
 
     return make_tiny_mistral(tmp_path_factory.mktemp("tiny_mistral"))
 
@@ -189,16 +207,34 @@ def test_deepspeed_keys_are_checked_at_compose_time(kw, key):
 def test_deepspeed_config_setup_and_refusals(monkeypatch, tiny_bert_nodrop, tmp_path):
     import importlib.util
 
-    from embedscale.config import GradCacheConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
+    from embedscale.config import (
+        EvalConfig,
+        GradCacheConfig,
+        LossConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+        TrainerConfig,
+    )
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.encoder.biencoder import load_encoder
-    from embedscale.strategy import build_strategy, check_resume_strategy, deepspeed_config
+    from embedscale.strategy import build_strategy
+    from embedscale.strategy.deepspeed import check_resume_path as check_resume_strategy
+    from embedscale.strategy.deepspeed import deepspeed_config
 
     with pytest.raises(ValueError, match=r"trainer\.offload_optimizer=true needs trainer\.strategy=deepspeed"):
         TrainerConfig(strategy="ddp", offload_optimizer=True)
     with pytest.raises(ValueError, match="gradcache with trainer.zero_stage=2 and trainer.offload_optimizer=true"):
-        TrainConfig(trainer=_trainer_cfg(offload_optimizer=True), gradcache=GradCacheConfig(chunk_size=2))
-    TrainConfig(trainer=_trainer_cfg(zero_stage=3, offload_optimizer=True), gradcache=GradCacheConfig(chunk_size=2))
+        TrainConfig(
+            trainer=_trainer_cfg(offload_optimizer=True),
+            gradcache=GradCacheConfig(chunk_size=2),
+            eval=EvalConfig(beir=[]),
+        )
+    TrainConfig(
+        trainer=_trainer_cfg(zero_stage=3, offload_optimizer=True),
+        gradcache=GradCacheConfig(chunk_size=2),
+        eval=EvalConfig(beir=[]),
+    )
     # explicit clipping (never DeepSpeed's silent 1.0), our optimizer, precision from trainer.precision
     config = deepspeed_config(_trainer_cfg(zero_stage=3, gradient_clip_val=None, precision="bf16-mixed"))
     assert config["gradient_clipping"] == 0.0 and config["zero_allow_untested_optimizer"] is True
@@ -231,13 +267,11 @@ def test_deepspeed_config_setup_and_refusals(monkeypatch, tiny_bert_nodrop, tmp_
     module = ContrastiveModule(encoder, loss_cfg=LossConfig(), optim_cfg=OptimConfig())
     with pytest.raises(ValueError, match="written under deepspeed ZeRO-3"):
         module.on_load_checkpoint({"embedscale_zero_stage": 3})
-    # evaluation during training is refused, naming the fix
-    from embedscale.train import build_trainer
-
+    # evaluation during training is refused at compose time, naming the fix
     with pytest.raises(
         ValueError, match="trainer.strategy=deepspeed does not evaluate during training yet: add eval=none"
     ):
-        build_trainer(TrainConfig(trainer=_trainer_cfg()), tmp_path, [])
+        TrainConfig(trainer=_trainer_cfg())
     # without DeepSpeed installed, selecting it fails at compose time naming the install command
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -248,29 +282,33 @@ def test_deepspeed_config_setup_and_refusals(monkeypatch, tiny_bert_nodrop, tmp_
 
 
 def test_gradcache_hooks_announce_every_backward_and_mark_only_the_last(tiny_bert):
-    """The hooks DeepSpeed uses: the cache's backward goes through `cache_backward`, every chunk's through
-    `backward`, and `before_backward(is_last)` precedes each of them, True only before the last; same gradient."""
-    from test_gradcache import build, make_batch
+    """The driver hook DeepSpeed uses: the cache's backward, then every chunk's, each told whether it is the step's
+    last (True only before the last); same gradient as the plain driver."""
+    from helpers import build_module as build
+    from helpers import make_batch
 
+    from embedscale.config import GradCacheConfig
     from embedscale.contrastive.gradcache import gradcache_step
+    from embedscale.strategy import StepDriver
 
-    grads, events = [], []
+    events = []
+
+    class Recording(StepDriver):
+        def backward(self, module, loss, *, is_last, cache=False):
+            events.extend(["cache" if cache else "chunk", is_last])
+            super().backward(module, loss, is_last=is_last, cache=cache)
+
+    grads = []
     for hooked in (False, True):
         module, tokenizer = build(tiny_bert, shared=False, matryoshka=[], symmetric=0.0)
         batch = make_batch(tokenizer, module.encoder.cfg)
         torch.manual_seed(123)
-        hooks = {}
-        if hooked:
-            hooks = dict(
-                backward=lambda t: (events.append("chunk"), t.backward()),
-                cache_backward=lambda t: (events.append("cache"), t.backward()),
-                before_backward=lambda is_last: events.append(is_last),
-            )
-        gradcache_step(module, batch, chunk_size=3, **hooks)
+        driver = Recording() if hooked else None
+        gradcache_step(module, batch, plan=GradCacheConfig(chunk_size=3), driver=driver)
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
-    kinds = events[1::2]
+    kinds = events[0::2]
     assert kinds[0] == "cache" and set(kinds[1:]) == {"chunk"} and len(kinds) >= 4
-    assert events[0::2] == [False] * (len(kinds) - 1) + [True]
+    assert events[1::2] == [False] * (len(kinds) - 1) + [True]
     assert set(grads[0]) == set(grads[1]) and "temperature.log_inverse" in grads[1]
     for name, want in grads[0].items():
         torch.testing.assert_close(grads[1][name], want, rtol=0, atol=0)

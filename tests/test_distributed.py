@@ -133,7 +133,7 @@ def _train(args: list[str], run_dir) -> None:
 
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "embedscale.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "embedscale.jobs.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -183,7 +183,7 @@ def test_doctor_under_torchrun_two_ranks():
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "embedscale.doctor",
+        "embedscale.jobs.doctor",
         "--json",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -196,9 +196,9 @@ def test_doctor_under_torchrun_two_ranks():
 
 _LEAK_SCRIPT = """
 import os, torch.distributed as dist
-from embedscale.retrieval.index import init_distributed_from_env
+from embedscale.distributed import init_from_env as init_distributed_from_env
 init_distributed_from_env()
-from embedscale import doctor
+from embedscale import diagnostics as doctor
 doctor._module(doctor._init()[2])  # Lightning + transformers model classes, imported after the group exists
 dist.barrier()
 dist.destroy_process_group()

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.test_train_e2e import clean_env
+from helpers import clean_env
 
 pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
 
@@ -29,7 +28,7 @@ def _evaluate(tiny_bert, tiny_data, tmp_path, world: int) -> dict:
     ]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
     proc = subprocess.run(
-        [*launcher, "-m", "embedscale.evaluate", *args], capture_output=True, text=True, env=clean_env()
+        [*launcher, "-m", "embedscale.jobs.evaluate", *args], capture_output=True, text=True, env=clean_env()
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())

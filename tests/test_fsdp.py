@@ -1,6 +1,6 @@
 """`trainer=fsdp2_cpu` (FSDP2 on 2 gloo ranks) trains to the weights of ddp and of one process.
 
-Each run is the real entry point (`python -m embedscale.train`, a subprocess with a cleaned environment) on a
+Each run is the real entry point (`python -m embedscale.jobs.train`, a subprocess with a cleaned environment) on a
 tiny dropout-free BERT, 3 optimizer steps, global batch 8, learnable temperature, clipping at 1.0 on; the
 exported model.safetensors are compared. Proven here: plain FSDP2 == ddp == one process; GradCache (chunk 2)
 under FSDP2 == plain FSDP2 == ddp; reshard_after_forward true and false give the same weights; the checkpoint
@@ -24,7 +24,7 @@ def _train(args: list[str], run_dir) -> None:
     launch = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "embedscale.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "embedscale.jobs.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -43,74 +43,91 @@ def _losses(run_dir) -> list[float]:
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
-def test_fsdp2_equals_ddp_and_one_process_with_and_without_gradcache(tiny_bert_nodrop, tiny_data, tmp_path):
+COMMON = [
+    "model.query_max_length=16",
+    "model.document_max_length=32",
+    "data.path=tiny",
+    "trainer.max_steps=3",
+    "trainer.max_epochs=3",
+    "eval=none",
+    "logger=csv",
+    "trainer.log_every_n_steps=1",
+    "optim.lr=1e-3",
+    "optim.scheduler=constant",  # a learning rate still > 0 after step 3, for the resumed step
+    "loss.learnable_temperature=true",
+    "trainer.progress=off",
+    "trainer.num_threads=1",
+]
+TWO = ["data.batch_size_per_rank=4"]
+RUNS = {
+    "single": ["data.batch_size_per_rank=8"],
+    "ddp": ["trainer=ddp_cpu", *TWO],
+    "fsdp2": ["trainer=fsdp2_cpu", *TWO],
+    "fsdp2_gc": ["trainer=fsdp2_cpu", *TWO, "gradcache.chunk_size=2"],
+    "fsdp2_gc_keep": ["trainer=fsdp2_cpu", *TWO, "gradcache.chunk_size=2", "trainer.reshard_after_forward=false"],
+}
+# resume: FSDP2 continuing from its own checkpoint (3 steps) == ddp continuing from its own. Not across
+# strategies: the optimizer state of an FSDP2 checkpoint is indexed in another parameter order than ddp's.
+RESUMED = {"fsdp2_resumed": "fsdp2_gc", "ddp_resumed": "ddp"}
+PAIRS = [
+    ("fsdp2", "ddp"),
+    ("fsdp2", "single"),
+    ("fsdp2_gc", "fsdp2"),
+    ("fsdp2_gc", "ddp"),
+    ("fsdp2_gc_keep", "fsdp2_gc"),
+    ("ddp", "single"),
+    ("fsdp2_resumed", "ddp_resumed"),
+]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_bert_nodrop, tiny_data, tmp_path_factory) -> dict:
+    """Every run of the module, trained once: {name: (run dir, exported weights)}."""
     from safetensors.torch import load_file
 
-    common = [
-        f"model.name_or_path={tiny_bert_nodrop}",
-        "model.query_max_length=16",
-        "model.document_max_length=32",
-        f"data.root={tiny_data}",
-        "data.path=tiny",
-        "trainer.max_steps=3",
-        "trainer.max_epochs=3",
-        "eval=none",
-        "logger=csv",
-        "trainer.log_every_n_steps=1",
-        "optim.lr=1e-3",
-        "optim.scheduler=constant",  # a learning rate still > 0 after step 3, for the resumed step
-        "loss.learnable_temperature=true",
-        "trainer.progress=off",
-        "trainer.num_threads=1",
-    ]
-    two = ["data.batch_size_per_rank=4"]
-    runs = {
-        "single": ["data.batch_size_per_rank=8"],
-        "ddp": ["trainer=ddp_cpu", *two],
-        "fsdp2": ["trainer=fsdp2_cpu", *two],
-        "fsdp2_gc": ["trainer=fsdp2_cpu", *two, "gradcache.chunk_size=2"],
-        "fsdp2_gc_keep": ["trainer=fsdp2_cpu", *two, "gradcache.chunk_size=2", "trainer.reshard_after_forward=false"],
-    }
-    weights = {}
-    for name, args in runs.items():
-        _train([*common, *args], tmp_path / name)
-        weights[name] = load_file(tmp_path / name / "model" / "model.safetensors")
-    losses = {name: _losses(tmp_path / name) for name in runs if name != "single"}  # single: all 8 rows, not rank 0's
-    assert all(len(v) == 3 for v in losses.values()), losses
-    for name, got in losses.items():
-        print(f"losses {name}: {got}")
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(losses["ddp"]), rtol=1e-5, atol=1e-7, msg=name)
-    # resume: FSDP2 continuing from its own checkpoint (3 steps) == ddp continuing from its own. Not across
-    # strategies: the optimizer state of an FSDP2 checkpoint is indexed in another parameter order than ddp's.
+    root = tmp_path_factory.mktemp("fsdp")
+    common = [f"model.name_or_path={tiny_bert_nodrop}", f"data.root={tiny_data}", *COMMON]
+    out = {}
+    for name, args in RUNS.items():
+        _train([*common, *args], root / name)
+        out[name] = (root / name, load_file(root / name / "model" / "model.safetensors"))
     resume = ["trainer.max_steps=4", "trainer.max_epochs=6"]
-    for name, args, ckpt in [
-        ("fsdp2_resumed", runs["fsdp2_gc"], "fsdp2_gc"),
-        ("ddp_resumed", runs["ddp"], "ddp"),
-    ]:
-        last = tmp_path / ckpt / "checkpoints" / "last.ckpt"
-        _train([*common, *args, *resume, f"trainer.resume={last}"], tmp_path / name)
-        weights[name] = load_file(tmp_path / name / "model" / "model.safetensors")
-    for name in ("fsdp2_resumed", "ddp_resumed"):
-        assert json.loads((tmp_path / name / "metrics.json").read_text())["train"]["optimizer_steps"] == 4, name
-    assert _max_diff(weights["fsdp2_resumed"], weights["fsdp2_gc"])[0] > 1e-5  # the resumed step really moved
+    for name, ckpt in RESUMED.items():
+        last = root / ckpt / "checkpoints" / "last.ckpt"
+        _train([*common, *RUNS[ckpt], *resume, f"trainer.resume={last}"], root / name)
+        out[name] = (root / name, load_file(root / name / "model" / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "fsdp2_gc", "fsdp2_gc_keep"])
+def test_fsdp2_losses_equal_ddp_at_every_step(fsdp_runs, name):
+    want, got = _losses(fsdp_runs["ddp"][0]), _losses(fsdp_runs[name][0])  # rank 0's rows (single: all 8)
+    print(f"losses {name}: {got}; ddp: {want}")
+    assert len(got) == len(want) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_runs_trained_and_resumed_one_more_step(fsdp_runs, tiny_bert_nodrop):
+    from safetensors.torch import load_file
+
+    for name in RESUMED:
+        assert json.loads((fsdp_runs[name][0] / "metrics.json").read_text())["train"]["optimizer_steps"] == 4, name
+    assert _max_diff(fsdp_runs["fsdp2_resumed"][1], fsdp_runs["fsdp2_gc"][1])[0] > 1e-5  # the resumed step moved
     start = load_file(tiny_bert_nodrop / "model.safetensors")
-    single = weights["single"]
+    single = fsdp_runs["single"][1]
     assert max((single[n] - start[n]).abs().max().item() for n in single if n in start) > 1e-3  # really trained
-    pairs = [
-        ("fsdp2", "ddp"),
-        ("fsdp2", "single"),
-        ("fsdp2_gc", "fsdp2"),
-        ("fsdp2_gc", "ddp"),
-        ("fsdp2_gc_keep", "fsdp2_gc"),
-        ("ddp", "single"),
-        ("fsdp2_resumed", "ddp_resumed"),
-    ]
-    for got, want in pairs:
-        assert set(weights[got]) == set(weights[want])
-        diff, rel = _max_diff(weights[got], weights[want])
-        print(f"{got} vs {want}: max |diff| = {diff:.1e}, / max |w| = {rel:.1e}")
-        for name in weights[want]:
-            torch.testing.assert_close(weights[got][name], weights[want][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("got", "want"), PAIRS, ids=[f"{g}-vs-{w}" for g, w in PAIRS])
+def test_fsdp2_weights_equal_ddp_and_one_process(fsdp_runs, got, want):
+    """Plain FSDP2 == ddp == one process; GradCache (chunk 2) under FSDP2 == plain FSDP2 == ddp; reshard_after_forward
+    true and false give the same weights; the checkpoint an FSDP2 run writes resumes one more step as ddp's does."""
+    a, b = fsdp_runs[got][1], fsdp_runs[want][1]
+    assert set(a) == set(b)
+    diff, rel = _max_diff(a, b)
+    print(f"{got} vs {want}: max |diff| = {diff:.1e}, / max |w| = {rel:.1e}")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_build_strategy_passes_lightning_names_through_and_resume_across_strategies_raises(tiny_bert_nodrop):

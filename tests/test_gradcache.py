@@ -5,37 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import build_module as build
+from helpers import make_batch
 
-from embedscale.config import LossConfig, ModelConfig, OptimConfig
+from embedscale.config import GradCacheConfig
 from embedscale.contrastive.gradcache import gradcache_step, split_tokens
-from embedscale.data.batch import PairExample
-from embedscale.data.datamodule import PairCollator
-
-
-def build(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0):
-    from embedscale.contrastive.module import ContrastiveModule
-    from embedscale.encoder.biencoder import load_encoder
-
-    torch.manual_seed(0)
-    mcfg = ModelConfig(
-        name_or_path=str(tiny_bert),
-        shared_towers=shared,
-        matryoshka_dims=matryoshka,
-        query_max_length=16,
-        document_max_length=24,
-    )
-    encoder, tokenizer = load_encoder(mcfg)
-    loss_cfg = LossConfig(symmetric_weight=symmetric, learnable_temperature=True, distill_weight=distill)
-    return ContrastiveModule(encoder, loss_cfg=loss_cfg, optim_cfg=OptimConfig()).double().train(), tokenizer
-
-
-def make_batch(tokenizer, cfg, n=6, k=2):
-    rows = [
-        PairExample(f"question {i} " + "word " * i, f"answer {i} " + "text " * (2 * i), [f"neg {i} a", f"neg {i} b"])
-        for i in range(n)
-    ]
-    rows[4].positive = rows[1].positive  # duplicates must be masked identically in both paths
-    return PairCollator(tokenizer, model_cfg=cfg, num_hard_negatives=k)(rows)
 
 
 def uncached_chunked(module, batch, plan):
@@ -73,7 +47,7 @@ def test_gradcache_equals_uncached(tiny_bert, plan, shared, matryoshka, symmetri
         batch = make_batch(tokenizer, module.encoder.cfg)
         torch.manual_seed(123)  # dropout stays on: both paths draw the same masks
         if cached:
-            loss, metrics = gradcache_step(module, batch, **plan)
+            loss, metrics = gradcache_step(module, batch, plan=GradCacheConfig(**{"sort_by_length": False, **plan}))
         else:
             loss, metrics = uncached_chunked(module, batch, plan)
         losses.append((loss.item(), metrics["accuracy"].item(), metrics["negatives_per_query"].item()))
@@ -89,7 +63,7 @@ def test_dropout_replay_matters(tiny_bert):
     module, tokenizer = build(tiny_bert, shared=True, matryoshka=[], symmetric=0.0)
     batch = make_batch(tokenizer, module.encoder.cfg)
     torch.manual_seed(123)
-    gradcache_step(module, batch, chunk_size=4)
+    gradcache_step(module, batch, plan=GradCacheConfig(chunk_size=4, sort_by_length=False))
     g1 = module.encoder.query_backbone.embeddings.word_embeddings.weight.grad.clone()
     module.zero_grad()
     torch.manual_seed(999)
@@ -138,7 +112,11 @@ def test_gradcache_with_distillation_equals_uncached(tiny_bert, plan):
         batch = make_batch(tokenizer, module.encoder.cfg)
         batch.teacher_BG = torch.linspace(-2, 3, batch.batch_size * 3, dtype=torch.float64).view(-1, 3)
         torch.manual_seed(123)
-        loss, metrics = gradcache_step(module, batch, **plan) if cached else uncached_chunked(module, batch, plan)
+        loss, metrics = (
+            gradcache_step(module, batch, plan=GradCacheConfig(**{"sort_by_length": False, **plan}))
+            if cached
+            else uncached_chunked(module, batch, plan)
+        )
         losses.append((loss.item(), metrics["distill_kl"].item()))
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
     assert losses[0] == pytest.approx(losses[1], rel=1e-12) and losses[0][1] > 0

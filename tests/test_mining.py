@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dist import spawn
 
 from embedscale.config import IndexConfig, MineConfig, MineJobConfig, ModelConfig
-from embedscale.retrieval.index import build_index, gather_rows, search
-from embedscale.retrieval.mining import BM25, SelectSpec, eligible, rrf_fuse, sample_rng, select
-from tests.dist import spawn
+from embedscale.distributed import gather_rows
+from embedscale.retrieval.index import build_index, search
+from embedscale.retrieval.mining import BM25, eligible, rrf_fuse, sample_rng, select
 
 # A corpus where the answers are known: doc 0 is the positive of query "cat"; doc 1 repeats its text
 # under another id; doc 2 is a labelled positive too; docs 3.. are ranked by hand.
@@ -22,7 +23,7 @@ SCORES = np.array([0.9, 0.9, 0.85, 0.84, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], dtype=np
 
 
 def _eligible(**kw):
-    spec = SelectSpec(**{"num_negatives": 3, "window_end": 10, **kw})
+    spec = MineConfig(**{"num_negatives": 3, "window_end": 10, **kw})
     ranks, why = eligible(IDS, SCORES, positives={0, 2}, same_text={1}, positive_score=0.9, spec=spec)
     return spec, ranks, why
 
@@ -65,12 +66,12 @@ def test_random_sampling_is_seeded_by_key_and_stays_in_window():
 
 
 def test_cross_encoder_threshold_and_margin():
-    spec, ranks, _ = _eligible(ce_threshold=0.5)
+    spec, ranks, _ = _eligible(ce_threshold=0.5, cross_encoder="ce")
     logits = {3: 2.0, 4: -1.0, 5: 0.1, 6: -3.0, 7: -2.0, 8: -2.0, 9: -2.0}  # sigmoid >= 0.5: ranks 3 and 5
     sel = select(IDS, SCORES, ranks, spec=spec, rng=sample_rng(0, "k"), ce_logits=logits, ce_positive=3.0)
     assert sel.ids == [4, 6, 7] and sel.filtered["cross_encoder"] == 2
     assert sel.ce_scores == [-1.0, -3.0, -2.0]
-    spec, ranks, _ = _eligible(ce_margin=4.5)  # drop logit >= 3.0 - 4.5 = -1.5
+    spec, ranks, _ = _eligible(ce_margin=4.5, cross_encoder="ce")  # drop logit >= 3.0 - 4.5 = -1.5
     sel = select(IDS, SCORES, ranks, spec=spec, rng=sample_rng(0, "k"), ce_logits=logits, ce_positive=3.0)
     assert sel.ids == [6, 7, 8]
 
@@ -128,7 +129,7 @@ def _beir(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("method", ["bm25", "dense", "hybrid"])
 def test_mine_job_writes_training_shards(tmp_path, tiny_bert, method):
     from embedscale.data.shards import ShardedDataset
-    from embedscale.mine import run
+    from embedscale.jobs.mine import run
 
     beir = _beir(tmp_path)
     cfg = MineJobConfig(
@@ -168,7 +169,7 @@ def test_mine_job_writes_training_shards(tmp_path, tiny_bert, method):
 
 
 def test_mine_too_few_negatives_names_the_sample(tmp_path, tiny_bert):
-    from embedscale.mine import run
+    from embedscale.jobs.mine import run
 
     cfg = MineJobConfig(
         model=ModelConfig(name_or_path=str(tiny_bert)),
@@ -221,9 +222,10 @@ def test_gather_rows_single_process_scatters_by_position():
 
 def _distil_from(tmp_path, tiny_bert, shards, rows):
     """The mined cross-encoder scores feed training: stream -> PairBatch.teacher_BG -> distillation term."""
+    from helpers import compose_train as _cfg
+
     from embedscale.data.stream import to_example
-    from embedscale.train import run
-    from tests.test_train_e2e import _cfg
+    from embedscale.jobs.train import run
 
     ex = to_example(rows[0], 2, "cross_encoder")
     assert ex.teacher_scores == [rows[0]["positive_ce_score"], *rows[0]["negative_ce_scores"]]
@@ -258,7 +260,7 @@ def _distil_from(tmp_path, tiny_bert, shards, rows):
 @pytest.mark.parametrize("threshold", [0.999, 0.001])
 def test_mine_cross_encoder_filter_and_scores(tmp_path, tiny_bert, threshold):
     from embedscale.encoder.crossencoder import load_cross_encoder, save_cross_encoder
-    from embedscale.mine import run
+    from embedscale.jobs.mine import run
 
     ce_dir = tmp_path / "ce"
     save_cross_encoder(*load_cross_encoder(str(tiny_bert), max_length=32), ce_dir)
@@ -299,7 +301,7 @@ def test_mine_under_torchrun_two_ranks_equals_one(tmp_path, tiny_bert):
     import subprocess
     import sys
 
-    from tests.test_train_e2e import clean_env
+    from helpers import clean_env
 
     beir = _beir(tmp_path)
     outs = {}
@@ -318,7 +320,7 @@ def test_mine_under_torchrun_two_ranks_equals_one(tmp_path, tiny_bert):
         ]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
         proc = subprocess.run(
-            [*launcher, "-m", "embedscale.mine", *args], capture_output=True, text=True, env=clean_env()
+            [*launcher, "-m", "embedscale.jobs.mine", *args], capture_output=True, text=True, env=clean_env()
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[world] = json.loads((out / "manifest.json").read_text())

@@ -8,35 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import as_list as _as_list
+from helpers import clean_env
+from helpers import tiny_pipeline_overrides as _tiny
 
-from embedscale.pipeline import resolve_overrides
-from tests.test_train_e2e import clean_env, tiny_overrides
-
-
-def _as_list(items: list[str]) -> str:  # Hydra's grammar: list items holding '=' are quoted
-    return "[" + ",".join(f"'{i}'" for i in items) + "]"
-
-
-def _tiny(tiny_bert, tiny_data, tmp_path) -> list[str]:
-    common = [o for o in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not o.startswith("trainer.")]
-    common += ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.progress=off"]
-    mine = [
-        f"data_root={tiny_data}",
-        "mine.input=tiny",
-        "mine.num_negatives=2",
-        "mine.window_end=10",
-        f"mine.cache_dir={tmp_path / 'cache'}",
-    ]
-
-    round2 = [c for c in common if not c.startswith(("data.path", "model.name_or_path"))]
-    round2 += ["model.name_or_path={round1}/model", "data.format=shards", "data.path={mine1}/shards"]
-    return [
-        f"pipeline.output={tmp_path / 'pipe'}",
-        "pipeline.stages.0.overrides=" + _as_list(common),
-        "pipeline.stages.1.overrides="
-        + _as_list([*mine, "model.name_or_path={round1}/model", "mine.relative_margin=0.05"]),
-        "pipeline.stages.2.overrides=" + _as_list([*round2, "data.num_hard_negatives=1"]),
-    ]
+from embedscale.lineage import resolve_overrides
 
 
 @pytest.mark.slow  # the real MiniLM

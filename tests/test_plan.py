@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from embedscale.config import ModelConfig, PlanConfig, Pooling
-from embedscale.plan import (
+from embedscale.strategy.memory import (
     GIB,
     ModelShape,
     count_params,
@@ -44,7 +44,9 @@ def mistral(**plan_kw) -> tuple[ModelShape, PlanConfig]:
 
 
 def plan(**kw) -> PlanConfig:
-    base = dict(query_len=128, doc_len=128, lora_r=0, param_dtype="bfloat16", gradient_checkpointing=False)
+    base = dict(
+        query_max_length=128, document_max_length=128, lora_r=0, torch_dtype="bfloat16", gradient_checkpointing=False
+    )
     base.update(kw)
     return PlanConfig(**base)
 
@@ -69,9 +71,9 @@ def test_zero_stages_shard_16_bytes_per_param(strategy, weights, grads, optim):
 
 def test_bytes_per_param_by_precision_and_offload():
     s = shape(1e9)
-    fp32 = plan(param_dtype="float32")
+    fp32 = plan(torch_dtype="float32")
     assert [t(s, fp32).bytes / 1e9 for t in (weights_term, gradients_term, optimizer_term)] == [4, 4, 8]
-    pure_bf16 = plan(param_dtype="bfloat16", mixed_precision=False)
+    pure_bf16 = plan(torch_dtype="bfloat16", mixed_precision=False)
     assert [t(s, pure_bf16).bytes / 1e9 for t in (weights_term, gradients_term, optimizer_term)] == [2, 2, 4]
     off = plan(strategy="zero3", gpus=8, offload_optimizer=True, offload_params=True, mixed_precision=True)
     assert optimizer_term(s, off).bytes == 0 and weights_term(s, off).bytes == 0
@@ -114,11 +116,11 @@ def test_picks_the_largest_chunk_that_fits():
         strategy="zero3",
         gpus=8,
         gpu_memory_gib=80,
-        global_batch=2048,
+        global_batch_size=2048,
         num_hard_negatives=1,
-        query_len=256,
-        doc_len=512,
-        param_dtype="bfloat16",
+        query_max_length=256,
+        document_max_length=512,
+        torch_dtype="bfloat16",
         mixed_precision=True,
         lora_r=16,
         gradient_checkpointing=True,
@@ -138,11 +140,11 @@ def test_chunk_grows_with_memory_and_with_gpus_under_zero3():
     s, p = mistral(
         strategy="zero3",
         gpus=8,
-        global_batch=4096,
+        global_batch_size=4096,
         num_hard_negatives=1,
-        query_len=512,
-        doc_len=512,
-        param_dtype="bfloat16",
+        query_max_length=512,
+        document_max_length=512,
+        torch_dtype="bfloat16",
         mixed_precision=True,
         lora_r=0,
         gradient_checkpointing=False,
@@ -158,10 +160,10 @@ def test_nothing_fits_says_what_to_change():
         strategy="ddp",
         gpus=8,
         gpu_memory_gib=80,
-        global_batch=1024,
-        query_len=512,
-        doc_len=512,
-        param_dtype="bfloat16",
+        global_batch_size=1024,
+        query_max_length=512,
+        document_max_length=512,
+        torch_dtype="bfloat16",
         mixed_precision=True,
         lora_r=0,
         gradient_checkpointing=False,
@@ -176,10 +178,10 @@ def test_whole_batch_fitting_turns_gradcache_off():
         strategy="zero3",
         gpus=8,
         gpu_memory_gib=141,
-        global_batch=64,
-        query_len=64,
-        doc_len=64,
-        param_dtype="bfloat16",
+        global_batch_size=64,
+        query_max_length=64,
+        document_max_length=64,
+        torch_dtype="bfloat16",
         mixed_precision=True,
         lora_r=16,
         gradient_checkpointing=True,
@@ -193,11 +195,11 @@ def test_whole_batch_fitting_turns_gradcache_off():
     "kw, key",
     [
         (dict(strategy="zero4"), "plan.strategy"),
-        (dict(gpus=3, global_batch=8), "plan.global_batch"),
+        (dict(gpus=3, global_batch_size=8), "plan.global_batch_size"),
         (dict(headroom=1.0), "plan.headroom"),
         (dict(offload_params=True), "plan.offload_params"),
         (dict(offload_optimizer=True), "plan.offload_optimizer"),
-        (dict(param_dtype="int8"), "plan.param_dtype"),
+        (dict(torch_dtype="int8"), "plan.torch_dtype"),
         (dict(hidden=0), "plan.hidden"),
         (dict(chunk=-1), "plan.chunk"),
     ],
@@ -215,9 +217,9 @@ def test_unreadable_model_names_the_missing_shape_keys():
 def test_e5_mistral_preset_composes():
     from hydra import compose, initialize_config_dir
 
-    from embedscale.cli import conf_dir
     from embedscale.config import PlanJobConfig, register_configs, to_config
-    from embedscale.plan import resolve_plan
+    from embedscale.jobs.launch import conf_dir
+    from embedscale.strategy.memory import resolve_plan
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -237,7 +239,7 @@ def test_cli_plans_the_packaged_minilm(tmp_path):
     env["HF_HUB_OFFLINE"] = "1"
     args = [
         "plan.gpus=2",
-        "plan.global_batch=512",
+        "plan.global_batch_size=512",
         "plan.gpu_memory_gib=8",
         f"plan.output={out}",
         f"hydra.run.dir={tmp_path / 'run'}",

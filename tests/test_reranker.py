@@ -11,12 +11,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from embedscale.cli import conf_dir
 from embedscale.config import RerankerJobConfig, register_configs, to_config
 from embedscale.contrastive.losses import listwise_loss
 from embedscale.data.batch import PairExample
 from embedscale.data.shards import FORMAT_VERSION, MANIFEST, write_records
 from embedscale.encoder.crossencoder import load_cross_encoder, save_cross_encoder, score_pairs
+from embedscale.jobs.launch import conf_dir
 from embedscale.retrieval.rerank import interpolate_runs, rerank_run
 
 QUERIES = ["what about protein folding", "galaxy", "a river in spring", "violin", "engine oil pressure", "x"]
@@ -174,7 +174,7 @@ def _overrides(tiny_bert, tiny_data, tmp_path, data: Path, run_dir: Path) -> lis
 
 
 def test_reranker_job_trains_saves_and_reranks(tiny_bert, tiny_data, tmp_path):
-    from embedscale.reranker import run
+    from embedscale.jobs.reranker import run
 
     shards = _write_shards(tmp_path / "shards", _groups(16, 4))
     result = run(_cfg(_overrides(tiny_bert, tiny_data, tmp_path, shards, tmp_path / "run")))
@@ -203,7 +203,7 @@ def test_reranker_job_trains_saves_and_reranks(tiny_bert, tiny_data, tmp_path):
 
 
 def test_jsonl_groups_and_too_few_negatives(tiny_bert, tiny_data, tmp_path):
-    from embedscale.reranker import run
+    from embedscale.jobs.reranker import run
 
     path = tmp_path / "groups.jsonl"
     rows = [

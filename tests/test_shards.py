@@ -12,7 +12,7 @@ import pytest
 from embedscale.config import ShardConfig, ShardFormat, ShardJobConfig
 from embedscale.data.shards import ShardedDataset
 from embedscale.data.stream import MixtureStream, Source
-from embedscale.shard import run as shard_run
+from embedscale.jobs.shard import run as shard_run
 
 
 def write_jsonl(path: Path, n: int, *, prefix: str = "", negatives: int = 1) -> Path:
@@ -88,9 +88,9 @@ def test_target_size_and_tsv_csv_beir(tmp_path, tiny_data):
     assert all_samples(shard(tmp_path, [csv_path], "csv", format=ShardFormat.csv))[0]["query"] == "a, comma"
 
     beir = shard(tmp_path, [tiny_beir], "beir", format=ShardFormat.beir, split="train")
-    from embedscale.data.readers import read_beir_pairs
+    from embedscale.data.records import beir_pairs
 
-    pairs = read_beir_pairs(tiny_beir, "train")
+    pairs = list(beir_pairs(tiny_beir, "train"))
     assert [(s["query"], s["positive"]) for s in all_samples(beir)] == [(p.query, p.positive) for p in pairs]
 
 
@@ -122,7 +122,7 @@ def test_stream_is_one_order_whatever_the_ranks_and_workers(tmp_path):
     from torch.utils.data import DataLoader
 
     ds = shard(tmp_path, [write_jsonl(tmp_path / "a.jsonl", 96)], "a", samples_per_shard=7, target_mb=0)
-    src = [Source("a", ds)]
+    src = [Source.of("a", ds)]
     one = keys_of(MixtureStream(src, global_batch_size=8, seed=3, shuffle_window=3))
     assert len(one) == 12 and sorted(k for b in one for k in b) == sorted(s["key"] for s in all_samples(ds))
     assert one != sorted(one)  # shuffled
@@ -142,7 +142,7 @@ def test_stream_is_one_order_whatever_the_ranks_and_workers(tmp_path):
 
 def test_resume_mid_epoch_with_other_ranks_and_batch_size(tmp_path):
     ds = shard(tmp_path, [write_jsonl(tmp_path / "a.jsonl", 96)], "a", samples_per_shard=10, target_mb=0)
-    src = [Source("a", ds)]
+    src = [Source.of("a", ds)]
     full = [k for b in keys_of(MixtureStream(src, global_batch_size=8, seed=1)) for k in b]
     first = MixtureStream(src, global_batch_size=8, world_size=2, rank=0, seed=1)
     state = first.state_after(5).as_dict()  # 5 global batches consumed, then the job died
@@ -162,7 +162,7 @@ def test_mixture_homogeneous_batches_and_proportions(tmp_path):
     a = shard(tmp_path, [write_jsonl(tmp_path / "a.jsonl", 300, prefix="a ")], "a", samples_per_shard=50, target_mb=0)
     b = shard(tmp_path, [write_jsonl(tmp_path / "b.jsonl", 100, prefix="b ")], "b", samples_per_shard=50, target_mb=0)
     stream = MixtureStream(
-        [Source("a", a, 3.0), Source("b", b, 1.0)], global_batch_size=4, seed=0, steps_per_epoch=2000
+        [Source.of("a", a, 3.0), Source.of("b", b, 1.0)], global_batch_size=4, seed=0, steps_per_epoch=2000
     )
     sources = Counter()
     for batch in stream:
@@ -222,7 +222,7 @@ def test_kill_mid_epoch_and_resume(tiny_bert, tmp_path, resume_ranks):
         return [
             sys.executable,
             "-m",
-            "embedscale.train",
+            "embedscale.jobs.train",
             *common,
             *extra,
             f"run_dir={run_dir}",
@@ -256,7 +256,7 @@ def test_kill_mid_epoch_and_resume(tiny_bert, tmp_path, resume_ranks):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     ckpt = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    state = ckpt["StreamDataModule"]
+    state = ckpt["TrainingData"]
     consumed = state["step"]
     assert 0 < consumed < 30 and state["cursors"] == {"pairs": 8 * consumed}
     seen_before = [k for s, keys in sorted(_ledger(first).items()) if s < consumed for k in keys]
@@ -313,8 +313,8 @@ def test_bad_input_raises_with_shard_and_fix_or_is_skipped_and_counted(tmp_path,
         ds.manifest["shards"][1] = new
         want, bad = "empty or missing query", 1
     with pytest.raises(ValueError, match=rf"{want}.*data\.on_error=skip"):
-        keys_of(MixtureStream([Source("a", ds)], global_batch_size=8, seed=0, shuffle=False))
-    stream = MixtureStream([Source("a", ds)], global_batch_size=8, seed=0, shuffle=False, on_error="skip")
+        keys_of(MixtureStream([Source.of("a", ds)], global_batch_size=8, seed=0, shuffle=False))
+    stream = MixtureStream([Source.of("a", ds)], global_batch_size=8, seed=0, shuffle=False, on_error="skip")
     skipped, rows = Counter(), 0
     for step in range(5):
         _, examples, counts, _ = stream.rank_examples(step, stream.cursors_at(step))
@@ -348,15 +348,15 @@ def test_per_source_batch_size_templates_and_in_batch_switch(tmp_path, tiny_bert
     from transformers import AutoTokenizer
 
     from embedscale.config import ModelConfig
-    from embedscale.data.datamodule import PairCollator
+    from embedscale.data.collate import PairCollator
 
     a = shard(tmp_path, [write_jsonl(tmp_path / "a.jsonl", 64, prefix="a ")], "a", samples_per_shard=16, target_mb=0)
     b = shard(tmp_path, [write_jsonl(tmp_path / "b.jsonl", 64, prefix="b ")], "b", samples_per_shard=16, target_mb=0)
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     collate = PairCollator(tok, model_cfg=ModelConfig(query_prefix="query: "), num_hard_negatives=1)
     sources = [
-        Source("a", a, 1.0, global_batch_size=8, query_prefix="Instruct: find the doc\nQuery: "),
-        Source("b", b, 1.0, global_batch_size=4, in_batch_negatives=False),
+        Source.of("a", a, 1.0, global_batch_size=8, query_prefix="Instruct: find the doc\nQuery: "),
+        Source.of("b", b, 1.0, global_batch_size=4, in_batch_negatives=False),
     ]
     per_rank = []
     for rank in range(2):
@@ -384,7 +384,7 @@ def test_length_buckets_cut_padding_and_keep_the_order_exact(tmp_path):
         for i in range(256):
             f.write(json.dumps({"q": f"q{i}", "p": " ".join(["word"] * rng.randint(1, 200)) + f" {i}"}) + "\n")
     ds = shard(tmp_path, [path], "var", samples_per_shard=32, target_mb=0)
-    src = [Source("var", ds)]
+    src = [Source.of("var", ds)]
 
     def padded(stream) -> tuple[int, list[str]]:
         batches = list(stream)
@@ -412,8 +412,8 @@ def test_fsspec_urls_and_pipe_is_refused(tmp_path):
     remote = ShardedDataset.open("memory://remote/a")
     assert len(remote) == 30 and remote.verify() == []
     assert all_samples(remote) == all_samples(ds)
-    assert [b for b in MixtureStream([Source("a", remote)], global_batch_size=5, seed=2)] == [
-        b for b in MixtureStream([Source("a", ds)], global_batch_size=5, seed=2)
+    assert [b for b in MixtureStream([Source.of("a", remote)], global_batch_size=5, seed=2)] == [
+        b for b in MixtureStream([Source.of("a", ds)], global_batch_size=5, seed=2)
     ]
     with pytest.raises(ValueError, match="pipe: URLs can only be read front to back"):
         open_binary("pipe:curl -s https://example.com/a-000-000000.tar")
@@ -427,7 +427,9 @@ def test_cursors_are_the_running_sum_of_draws_across_blocks():
             self.shards, self.root, self.manifest = [{"samples": n}], "fake", {"name": "fake"}
 
     st = MixtureStream(
-        [Source("a", Fake(100), 1.0), Source("b", Fake(50), 2.0, global_batch_size=4)], global_batch_size=8, seed=5
+        [Source.of("a", Fake(100), 1.0), Source.of("b", Fake(50), 2.0, global_batch_size=4)],
+        global_batch_size=8,
+        seed=5,
     )
     cur, want = [0, 0], {}
     for i in range(12290):
@@ -442,7 +444,7 @@ def test_cursors_are_the_running_sum_of_draws_across_blocks():
 def test_mixed_batches_split_rows_by_weight_whatever_the_ranks(tmp_path):
     a = shard(tmp_path, [write_jsonl(tmp_path / "a.jsonl", 400, prefix="a ")], "a", samples_per_shard=50, target_mb=0)
     b = shard(tmp_path, [write_jsonl(tmp_path / "b.jsonl", 400, prefix="b ")], "b", samples_per_shard=50, target_mb=0)
-    src = [Source("a", a, 1.0, query_prefix="A: "), Source("b", b, 3.0)]
+    src = [Source.of("a", a, 1.0, query_prefix="A: "), Source.of("b", b, 3.0)]
     one = list(MixtureStream(src, global_batch_size=8, seed=4, homogeneous=False, steps_per_epoch=80))
     rows = Counter(e.key.split("-")[0] for batch in one for e in batch)
     assert abs(rows["b"] / 640 - 0.75) < 0.04 and any(len({e.key[0] for e in batch}) == 2 for batch in one)
@@ -457,4 +459,6 @@ def test_mixed_batches_split_rows_by_weight_whatever_the_ranks(tmp_path):
         keys = [e.key for batch in one for e in batch if e.key.startswith(name)]
         assert len(set(keys[:400])) == min(len(keys), 400)
     with pytest.raises(ValueError, match=r"homogeneous_batches=false.*\['b'\]"):
-        MixtureStream([src[0], Source("b", b, 1.0, in_batch_negatives=False)], global_batch_size=8, homogeneous=False)
+        MixtureStream(
+            [src[0], Source.of("b", b, 1.0, in_batch_negatives=False)], global_batch_size=8, homogeneous=False
+        )

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import clean_env
 
 from embedscale.data.batch import PairExample
 from embedscale.data.shards import write_records
-from tests.test_train_e2e import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDSCALE = str(Path(sys.executable).parent / "embedscale")
@@ -41,7 +41,7 @@ pytestmark = [
 
 
 def _shards(tmp_path: Path) -> Path:
-    from embedscale.data.shards import new_manifest, write_manifest
+    from embedscale.data.manifest import new_manifest, write_manifest
 
     out = tmp_path / "shards"
     out.mkdir()
@@ -150,7 +150,7 @@ def test_sbatch_templates_parse():
 
 
 def _tiny_train_args(tiny_bert, tiny_data, tmp_path) -> list[str]:
-    from tests.test_train_e2e import tiny_overrides
+    from helpers import tiny_overrides
 
     args = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith("trainer.max_steps")]
     return args + ["trainer.max_steps=2", "logger.loggers=[csv]", "trainer.progress=off", "export=false"]
@@ -185,7 +185,7 @@ def test_four_point_hydra_sweep(tiny_bert, tiny_data, tmp_path, where):
 
 def test_pipeline_stages_as_dependent_slurm_jobs(tiny_bert, tiny_data, tmp_path):
     """slurm/pipeline.sh: round1 -> mine1 -> round2 as three jobs chained with afterok; lineage as locally."""
-    from tests.test_pipeline import _tiny
+    from helpers import tiny_pipeline_overrides as _tiny
 
     overrides = [o for o in _tiny(tiny_bert, tiny_data, tmp_path) if not o.startswith("pipeline.output=")]
     out = tmp_path / "pipe"

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from embedscale.config import DataFormat
-from embedscale.pipeline import compose_stage, metrics_table, resolve_refs
+from embedscale.jobs.launch import compose as compose_stage
+from embedscale.lineage import metrics_table, resolve_refs
 
 
 def test_stages_are_small_diffs_over_the_defaults():
@@ -57,7 +58,7 @@ def test_stage_config_merges_nested_values_with_references(tmp_path):
 
 
 def test_init_from_takes_a_run_directory_or_an_export(tmp_path):
-    from embedscale.train import resolve_init_from
+    from embedscale.export import resolve_init_from
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
@@ -105,8 +106,8 @@ def test_eval_query_instruction_replaces_the_model_prefix(tiny_bert):
 def test_recipe_files_compose():
     from hydra import compose, initialize_config_dir
 
-    from embedscale.cli import conf_dir
     from embedscale.config import PipelineJobConfig, register_configs, to_config
+    from embedscale.jobs.launch import conf_dir
 
     register_configs()
     for recipe in sorted(p.stem for p in (Path(conf_dir()) / "recipe").glob("*.yaml")):

@@ -2,42 +2,14 @@
 asserting on the artifacts; in-process runs cover the other training options."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
-from embedscale.cli import conf_dir
-from embedscale.config import TrainConfig, register_configs, to_config
-
-
-def clean_env():
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    }
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    return env
-
-
-def tiny_overrides(tiny_bert, tiny_data, tmp_path):
-    return [
-        f"model.name_or_path={tiny_bert}",
-        "model.document_max_length=32",
-        "model.query_max_length=16",
-        f"data.root={tiny_data}",
-        "data.path=tiny",
-        "data.batch_size_per_rank=4",
-        "eval.beir.0.path=tiny",
-        f"eval.cache_dir={tmp_path / 'cache'}",
-        "trainer.max_steps=3",
-        "trainer.log_every_n_steps=1",
-    ]
+from helpers import clean_env, tiny_overrides
+from helpers import compose_train as _cfg
 
 
 def assert_readable_log(log: str, *, steps: int) -> None:
@@ -116,12 +88,6 @@ def test_cli_train_then_evaluate_the_export(tiny_bert, tiny_data, tmp_path):
         assert evaluated[key] == pytest.approx(value, abs=1e-5), key
 
 
-def _cfg(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return to_config(compose(config_name="train", overrides=overrides), TrainConfig)
-
-
 def _triplets(path: Path, n=16):
     topics = ["protein", "galaxy", "river", "violin"]
     with open(path, "w") as f:
@@ -148,7 +114,7 @@ def _triplets(path: Path, n=16):
 )
 @pytest.mark.slow  # DataLoader workers in one case
 def test_training_options_with_hard_negatives(tiny_bert, tiny_data, tmp_path, extra):
-    from embedscale.train import run
+    from embedscale.jobs.train import run
 
     data = _triplets(tmp_path / "triplets.jsonl")
     cfg = _cfg(
@@ -178,7 +144,7 @@ def test_training_options_with_hard_negatives(tiny_bert, tiny_data, tmp_path, ex
 
 
 def test_missing_data_names_both_settings(tmp_path, monkeypatch):
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.records import resolve_data_root
 
     monkeypatch.delenv("EMBEDSCALE_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -197,7 +163,7 @@ def test_torchrun_ranks_share_one_hydra_run_directory(tiny_bert, tiny_data, tmp_
     args += ["trainer.max_steps=2", "trainer=ddp_cpu", "logger.loggers=[csv]", "trainer.progress=off"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(
-        [*launcher, "-m", "embedscale.train", *args], capture_output=True, text=True, env=clean_env(), cwd=tmp_path
+        [*launcher, "-m", "embedscale.jobs.train", *args], capture_output=True, text=True, env=clean_env(), cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     dirs = list((tmp_path / "runs" / "train").iterdir())
@@ -212,7 +178,7 @@ def test_best_checkpoint_selection_and_export_best(tiny_bert, tiny_data, tmp_pat
     in metrics.json; eval.export_best=true exports those weights instead of the final ones."""
     from safetensors.torch import load_file
 
-    from embedscale.train import run
+    from embedscale.jobs.train import run
 
     cfg = _cfg(
         tiny_overrides(tiny_bert, tiny_data, tmp_path)
@@ -249,7 +215,7 @@ def test_resume_ends_with_the_weights_of_the_uninterrupted_run(tiny_bert, tiny_d
     (without: the epoch restarted, batches repeated and others never seen)."""
     from safetensors.torch import load_file
 
-    from embedscale.train import run
+    from embedscale.jobs.train import run
 
     def train(name: str, steps: int, *extra: str) -> dict:
         base = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith(("trainer.max", "eval."))]
@@ -299,7 +265,7 @@ def test_resume_on_two_ddp_ranks_ends_with_the_weights_of_the_uninterrupted_run(
 
     def train(name: str, steps: int, *extra: str) -> dict:
         run_dir = tmp_path / name
-        cmd = [sys.executable, "-m", "embedscale.train", *common, f"trainer.max_steps={steps}", *extra]
+        cmd = [sys.executable, "-m", "embedscale.jobs.train", *common, f"trainer.max_steps={steps}", *extra]
         cmd += [f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
         env = {**clean_env(), "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -46,6 +46,26 @@ class EvalCallback(L.Callback):
         self.history: list[dict] = []
         self._last_step = -1  # same on every rank, so that all of them reach the barrier together
 
+    @classmethod
+    def for_run(cls, cfg, encoder, tokenizer, *, root: Path, run_dir: Path) -> EvalCallback:
+        """The evaluation of a training run (eval.*): its sets, and the primary metric that selects the best
+        evaluation (eval.primary_metric of the first BEIR set, else the first STS set's spearman)."""
+        from embedscale.retrieval.evaluator import build_evaluators
+
+        evaluators = build_evaluators(cfg, root=root, default_max_length=encoder.cfg.document_max_length)
+        primary = None
+        if evaluators:
+            primary = f"{evaluators[0].name}/{'spearman' if not cfg.beir else cfg.primary_metric}"
+        return cls(
+            evaluators,
+            tokenizer,
+            before=cfg.before_training,
+            every_n_steps=cfg.every_n_steps,
+            run_dir=run_dir if cfg.save_runs else None,
+            primary=primary,
+            best_checkpoint=run_dir / "checkpoints" / "best.ckpt",
+        )
+
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule, tag: str) -> None:
         if not self.evaluators:
             return
@@ -102,6 +122,16 @@ class EvalCallback(L.Callback):
         self.history = list(state_dict.get("history", []))
         self._last_step = int(state_dict.get("last_step", -1))
         self.best = state_dict.get("best")
+
+
+def export_best_weights(module: L.LightningModule, eval_cb: EvalCallback) -> dict:
+    """Load the best evaluation's weights (checkpoints/best.ckpt) into `module` (eval.export_best); returns that
+    evaluation's metrics, for the model card."""
+    best = eval_cb.best
+    state = torch.load(best["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)  # the encoder inside the module is the one exported
+    log.info("exporting the best weights: %s = %.4f at step %d", best["metric"], best["value"], best["step"])
+    return next(h["metrics"] for h in eval_cb.history if h["step"] == best["step"])
 
 
 class RngResume(L.Callback):

@@ -12,11 +12,11 @@ Per step (Gao et al., 2021):
    dropout masks) and backward its surrogate. Gradients only accumulate
    locally here; the caller reduces them once per step. Under Lightning DDP the module switches
    DDP's reducer off for the step and averages the gradients in one explicit all-reduce
-   (contrastive/module.py): DDP's reducer expects exactly one backward per forward and a fixed set
+   (embedscale/strategy/): DDP's reducer expects exactly one backward per forward and a fixed set
    of used parameters, which GradCache's passes (the cache backward touches only the temperature,
-   a chunk only one tower) do not give it. Under DeepSpeed ZeRO the engine must run every backward, the
-   cache's too: the module passes the engine's backward for both, each pass a micro-step of the engine's
-   gradient accumulation, and learns from `before_backward(is_last)` where each step's passes begin.
+   a chunk only one tower) do not give it. Every backward goes through the strategy's step driver, which
+   knows how (under DeepSpeed ZeRO the engine runs each, a micro-step of its gradient accumulation) and
+   which pass is the step's last.
 
 Peak activation memory is one chunk's; the score matrix stays (local x global).
 Chunks are rows of the tokenised batch, by count or by a token budget, optionally grouped by length
@@ -27,13 +27,15 @@ Legend: B = queries, k = hard negatives per query, c = rows in a chunk, D = dim.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from embedscale.config import GradCacheConfig
 from embedscale.data.batch import PairBatch
+from embedscale.strategy.base import StepDriver
 
 
 @dataclass
@@ -114,51 +116,38 @@ def split_tokens(
 
 
 def gradcache_step(
-    module,
-    batch: PairBatch,
-    *,
-    chunk_size: int = 0,
-    token_budget: int = 0,
-    sort_by_length: bool = False,
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    cache_backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    before_backward: Callable[[bool], None] | None = None,
+    module, batch: PairBatch, *, plan: GradCacheConfig, driver: StepDriver | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Accumulate the exact gradient of `module.loss_from_embeddings` over `batch` into the parameters.
 
     Args:
         module: a ContrastiveModule (its `encoder` and `loss_from_embeddings` are used).
         batch: the rank's batch.
-        chunk_size, token_budget, sort_by_length: how texts are grouped into chunks (`split_tokens`);
-            queries and documents are chunked separately.
-        backward: how to backpropagate a surrogate (Lightning's `manual_backward` for precision plugins).
+        plan: how texts are grouped into chunks (gradcache.chunk_size / token_budget / sort_by_length,
+            `split_tokens`); queries and documents are chunked separately.
+        driver: the strategy's step driver (embedscale/strategy/): it runs each backward pass (the cache's, then
+            one per chunk, learning which is the step's last) and says whether parameters stay gathered between
+            passes (then pass 1 runs under no_grad instead of inference_mode). None: plain autograd.
             A loss-scaling plugin (fp16 GradScaler) would scale the surrogates but not the temperature's
             gradient, so the config rejects GradCache with 16-mixed; 32-true and bf16-mixed are exact.
-        cache_backward: how to backpropagate the loss to the cached embeddings (and the temperature); plain
-            autograd by default. Under DeepSpeed the engine must run every backward of the step, this one too.
-        before_backward: called with `is_last` before each of the step's backward passes (the cache's, then one
-            per chunk); under DeepSpeed ZeRO-3 the module resets the gradient partitions before the first.
     Returns:
         (loss, metrics) detached, as the uncached path returns them.
     """
+    driver = driver if driver is not None else StepDriver()
     encoder = module.encoder
     B, k = batch.batch_size, batch.num_negatives_per_query
     device = batch.queries["input_ids"].device
-    plan = dict(chunk_size=chunk_size, token_budget=token_budget, sort_by_length=sort_by_length)
-    jobs = [("query", c) for c in split_tokens(batch.queries, **plan)]
+    chunking = dict(token_budget=plan.token_budget, sort_by_length=plan.sort_by_length)
+    jobs = [("query", c) for c in split_tokens(batch.queries, plan.chunk_size, **chunking)]
     num_q = len(jobs)
-    jobs += [("document", c) for c in split_tokens(batch.documents, **plan)]
+    jobs += [("document", c) for c in split_tokens(batch.documents, plan.chunk_size, **chunking)]
 
     # The most expensive chunk keeps its graph from pass 1 and is not re-encoded: peak memory is one
     # chunk's activations either way, and the step saves that chunk's no-grad forward.
     cost = [c.tokens["input_ids"].numel() for _, c in jobs]
     kept = max(range(len(jobs)), key=cost.__getitem__)
     states, embeddings, kept_cD = [], [], None
-    # FSDP2 reuses its all-gather buffers across passes: ones made under inference mode cannot serve the grad
-    # passes, so sharded modules encode pass 1 under no_grad (same numbers, slightly more bookkeeping).
-    # DeepSpeed ZeRO-3 keeps small ("persistent") parameters gathered across passes too.
-    sharded = getattr(module, "fsdp2", False) or getattr(module, "zero_stage", None) is not None
-    no_grad = torch.no_grad if sharded else torch.inference_mode
+    no_grad = torch.no_grad if driver.keeps_params_across_passes else torch.inference_mode
     for i, (side, chunk) in enumerate(jobs):  # pass 1: no activations kept, except the kept chunk's
         if i == kept:
             states.append(None)
@@ -181,31 +170,21 @@ def gradcache_step(
     loss, metrics = module.loss_from_embeddings(
         q_BD, docs_XD[:B], neg_BkD, batch.ids, batch.in_batch_negatives, teacher_BG=batch.teacher_BG
     )
-    num_backward, done = 1 + len(jobs), 0  # the cache's backward, then one per chunk
-
-    def announce() -> None:
-        nonlocal done
-        done += 1
-        if before_backward is not None:
-            before_backward(done == num_backward)
-
-    announce()
-    cache_backward(loss)  # fills q_BD.grad, docs_XD.grad (the cache) and the temperature's gradient; unscaled
+    # the cache's backward: fills q_BD.grad, docs_XD.grad (the cache) and the temperature's gradient; unscaled
+    driver.backward(module, loss, is_last=False, cache=True)
 
     def surrogate(e_cD: torch.Tensor, grad_cD: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(e_cD.dtype, torch.float32)  # fp32 at least (bf16 autocast), fp64 kept
         return (e_cD.to(dtype) * grad_cD.to(dtype)).sum()
 
     cache = [q_BD.grad[c.rows_c] for c in q_chunks] + [docs_XD.grad[c.rows_c] for c in d_chunks]
-    announce()
-    backward(surrogate(kept_cD, cache[kept]))  # frees the kept graph before any re-encoding
+    last = len(jobs) - 1 if kept != len(jobs) - 1 else len(jobs) - 2  # the last chunk re-encoded below
+    driver.backward(module, surrogate(kept_cD, cache[kept]), is_last=len(jobs) == 1)  # frees the kept graph first
     del kept_cD
     for i, ((side, chunk), state, grad_cD) in enumerate(zip(jobs, states, cache, strict=True)):
         if i == kept:
             continue
         with state.replay():  # pass 2: same dropout masks
-            announce()
             e_cD = encoder.encode(chunk.tokens, side=side)
-            backward(surrogate(e_cD, grad_cD))
-    assert done == num_backward, (done, num_backward)
+            driver.backward(module, surrogate(e_cD, grad_cD), is_last=i == last)
     return loss.detach(), metrics

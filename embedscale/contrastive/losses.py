@@ -38,19 +38,23 @@ from embedscale.encoder.biencoder import truncate
 
 
 class Temperature(nn.Module):
-    """Holds 1/tau: a constant buffer, or a learnable log(1/tau) clamped to 1/tau <= max_inverse."""
+    """Holds 1/tau: a constant buffer, or a learnable log(1/tau) clamped to 1/tau <= max_inverse.
+
+    log(1/tau) is stored with shape (1,), not as a 0-dim tensor: DeepSpeed broadcasts every parameter at start-up
+    as bytes (`p.data.view(torch.uint8)`), which a 0-dim tensor cannot be viewed as. The optimizer's arithmetic is
+    elementwise, so the values are the same; forward returns a scalar."""
 
     def __init__(self, temperature: float, *, learnable: bool = False, max_inverse: float = 100.0) -> None:
         super().__init__()
         self.max_inverse = max_inverse
-        log_inv = torch.tensor(math.log(1.0 / temperature))
+        log_inv = torch.tensor([math.log(1.0 / temperature)])  # (1,)
         if learnable:
             self.log_inverse = nn.Parameter(log_inv)
         else:
             self.register_buffer("log_inverse", log_inv)
 
     def forward(self) -> torch.Tensor:
-        return self.log_inverse.exp().clamp(max=self.max_inverse)  # scalar 1/tau
+        return self.log_inverse.exp().clamp(max=self.max_inverse)[0]  # scalar 1/tau
 
 
 def duplicate_masks(ids: TextIds, local: slice) -> tuple[torch.Tensor, torch.Tensor]:

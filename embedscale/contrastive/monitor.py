@@ -3,8 +3,8 @@
 - `train/grad_norm`: L2 norm of all gradients, in `on_before_optimizer_step` -- after DDP's all-reduce
   (so every rank sees the global gradient) and, with automatic optimisation, before clipping: a norm
   pinned at `trainer.gradient_clip_val` means clipping is active. With GradCache, which clips inside
-  its own step, the logged norm is the clipped one. Under sharded strategies (FSDP, DeepSpeed) a rank
-  holds a shard of the gradient, or none, so nothing is logged there (said once in the log).
+  its own step, the logged norm is the clipped one. Where a rank holds a shard of the gradient, or none
+  (the step driver's `shards_gradients`), nothing is logged (said once in the log).
 - `train/samples_per_second`: queries per second over all ranks, timed from the start to the end of a
   training batch (forward, backward, optimizer step; data loading and the evaluations run by
   EvalCallback are not counted, so the curve stays comparable across eval settings).
@@ -38,10 +38,13 @@ class TrainingMonitor(L.Callback):
             module.log("train/samples_per_second", samples / seconds, batch_size=samples)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer) -> None:
-        name = type(trainer.strategy).__name__
-        if "FSDP" in name or "DeepSpeed" in name:
+        driver = getattr(module, "driver", None)
+        if driver is not None and driver.shards_gradients:
             if not self._warned:
-                log.info("train/grad_norm is not logged under %s (each rank holds a shard of the gradient)", name)
+                log.info(
+                    "train/grad_norm is not logged under %s (each rank holds a shard of the gradient)",
+                    type(trainer.strategy).__name__,
+                )
                 self._warned = True
             return
         grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]

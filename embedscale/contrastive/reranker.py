@@ -8,11 +8,11 @@ are the hard ones -- so nothing is gathered across ranks and the loss needs no d
 beyond one case: a "negative" with exactly the positive's text is masked (and counted), never scored
 against it.
 
-The data layer is reused as is: sharded directories stream through `StreamDataModule` and
-`MixtureStream` (exact, seeded order; several directories form a weighted mixture), with
-`GroupCollator` in place of the bi-encoder's `PairCollator`; JSONL files are read into memory. A
-sample with fewer than `reranker.num_negatives` negatives is an error naming the sample, never
-dropped.
+The data layer is the bi-encoder's: the one TrainingData with `GroupCollator` (data/collate.py) in place of the
+bi-encoder's `PairCollator`; sharded directories stream through `MixtureStream` (exact, seeded order; several
+directories form a weighted mixture), JSONL files are read into memory. A sample with fewer than
+`reranker.num_negatives` negatives is an error naming the sample, never dropped. Clipping, as for the
+bi-encoder, is the step driver's (embedscale/strategy/).
 
 Legend: B = groups (queries) in the batch, G = 1 + n candidates per group, L = tokens.
 """
@@ -20,125 +20,31 @@ Legend: B = groups (queries) in the batch, G = 1 + n candidates per group, L = t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
-from embedscale.config import OptimConfig
+from embedscale.config import OptimConfig, TrainerConfig
 from embedscale.contrastive.losses import listwise_loss
 from embedscale.contrastive.optim import build_optimizer
-from embedscale.data.batch import PairExample
-from embedscale.encoder.crossencoder import CrossEncoder, tokenize_pairs
+from embedscale.data.batch import GroupBatch, PairExample
+from embedscale.data.collate import GroupCollator
+from embedscale.encoder.crossencoder import CrossEncoder
+from embedscale.strategy import StepDriver, driver_for
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class GroupBatch:
-    """A tokenised batch of groups: pair g * G + j is (query g, candidate j); candidate 0 is the positive."""
-
-    pairs: dict[str, torch.Tensor]  # input_ids/attention_mask[/token_type_ids] (B * G, L)
-    mask_BG: torch.Tensor  # (B, G) bool: True = negative with the positive's exact text, excluded
-    group_size: int
-    keys: list[str]
-    source: str = ""
-    skipped: dict[str, int] = field(default_factory=dict)
-    """Set by `MixtureStream`, read by `StreamProgress` (always empty here: the stream runs with on_error=raise)."""
-    in_batch_negatives: bool = False
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.keys)
-
-
-class GroupCollator:
-    """PairExamples -> `GroupBatch`: the query paired with its positive and first `num_negatives` negatives."""
-
-    def __init__(self, tokenizer, *, num_negatives: int, max_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.num_negatives = num_negatives
-        self.max_length = max_length
-
-    def check(self, examples: list[PairExample]) -> None:
-        """Raise on the first example with fewer than `num_negatives` negatives, naming it and the key."""
-        n = self.num_negatives
-        for ex in examples:
-            if len(ex.negatives) < n:
-                raise ValueError(
-                    f"sample {ex.key or '?'} has {len(ex.negatives)} negatives < reranker.num_negatives={n}: "
-                    "lower reranker.num_negatives or mine more negatives per query"
-                )
-
-    def __call__(self, examples: list[PairExample], *, query_prefix=None, document_prefix=None) -> GroupBatch:
-        # The prefixes are the bi-encoder stream's per-source templates; the reranker's sources carry none.
-        self.check(examples)
-        n = self.num_negatives
-        queries = [ex.query for ex in examples for _ in range(1 + n)]
-        documents = [doc for ex in examples for doc in [ex.positive, *ex.negatives[:n]]]
-        mask_BG = torch.tensor([[False] + [neg == ex.positive for neg in ex.negatives[:n]] for ex in examples])
-        return GroupBatch(
-            pairs=tokenize_pairs(self.tokenizer, queries, documents, max_length=self.max_length),
-            mask_BG=mask_BG,
-            group_size=1 + n,
-            keys=[ex.key for ex in examples],
-        )
-
-
-def read_group_jsonl(path: Path) -> list[PairExample]:
-    """Groups from JSONL with `query`, `positive` and `negatives` (a list) fields; other fields are ignored."""
-    from embedscale.data.readers import iter_jsonl
-
-    examples = []
-    for line_no, row in iter_jsonl(path):
-        for name in ("query", "positive"):
-            if not isinstance(row.get(name), str) or not row[name].strip():
-                raise ValueError(f"{path}:{line_no}: field {name!r} is missing or empty (reranker.data)")
-        negatives = row.get("negatives") or []
-        if not isinstance(negatives, list) or not all(isinstance(t, str) for t in negatives):
-            raise ValueError(f"{path}:{line_no}: field 'negatives' must be a list of strings (reranker.data)")
-        examples.append(PairExample(row["query"], row["positive"], negatives, key=f"{path.name}:{line_no}"))
-    return examples
-
-
-class GroupListDataModule(L.LightningDataModule):
-    """In-memory groups (JSONL): a seeded shuffle per epoch, full batches only (the remainder is logged)."""
-
-    def __init__(self, examples: list[PairExample], *, collator: GroupCollator, global_batch_size: int, seed: int):
-        super().__init__()
-        if len(examples) < global_batch_size:
-            raise ValueError(
-                f"{len(examples)} training groups are fewer than reranker.global_batch_size={global_batch_size}: "
-                "lower it or add data"
-            )
-        self.examples, self.collator, self.G, self.seed = examples, collator, global_batch_size, seed
-
-    def train_dataloader(self) -> DataLoader:
-        log.info(
-            "training on %d groups, %d per step; the last %d of each epoch's order are left out (incomplete batch)",
-            len(self.examples),
-            self.G,
-            len(self.examples) % self.G,
-        )
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.examples,
-            batch_size=self.G,
-            shuffle=True,
-            drop_last=True,
-            collate_fn=self.collator,
-            generator=generator,
-        )
-
-
-def group_datamodule(
-    paths: list[Path], *, collator: GroupCollator, global_batch_size: int, seed: int
-) -> L.LightningDataModule:
-    """Sharded directories -> a streamed mixture; JSONL files -> in-memory groups. Not both at once."""
-    from embedscale.config import DataConfig, DataFormat, ModelConfig, SourceConfig
-    from embedscale.data.datamodule import StreamDataModule
+def reranker_datamodule(paths: list[Path], *, collator: GroupCollator, global_batch_size: int, seed: int):
+    """Training groups as the one TrainingData: shard directories streamed as a mixture, JSONL files in memory
+    (a seeded shuffle per epoch, full batches only). Not both kinds at once."""
+    from embedscale.config import SourceConfig
+    from embedscale.data.datamodule import ExampleBatches, StreamBatches, TrainingData
+    from embedscale.data.records import Fields, jsonl_pairs
+    from embedscale.data.shards import ShardedDataset
+    from embedscale.data.stream import Source
 
     for p in paths:
         if not p.exists():
@@ -146,32 +52,57 @@ def group_datamodule(
     sharded = [p.is_dir() for p in paths]
     if any(sharded) and not all(sharded):
         raise ValueError(f"reranker.data mixes shard directories and files ({[str(p) for p in paths]}): use one kind")
-    if not all(sharded):
-        examples = [ex for p in paths for ex in read_group_jsonl(p)]
-        collator.check(examples)  # in memory: fail now, not at the batch that holds the bad sample
-        return GroupListDataModule(examples, collator=collator, global_batch_size=global_batch_size, seed=seed)
-    data_cfg = DataConfig(
-        format=DataFormat.shards,
-        sources=[SourceConfig(path=str(p)) for p in paths],
-        batch_size_per_rank=global_batch_size,
-        num_hard_negatives=0,  # counted by GroupCollator, whose error names reranker.num_negatives
-        on_error="raise",
-    )
-    dm = StreamDataModule(data_cfg, tokenizer=collator.tokenizer, model_cfg=ModelConfig(), root=Path("/"), seed=seed)
-    dm.collator = collator  # the stream calls whatever collator its datamodule holds: groups, not pairs
-    return dm
+    if all(sharded):
+
+        def open_sources() -> list[Source]:
+            datasets = [ShardedDataset.open(p) for p in paths]
+            return [
+                Source(SourceConfig(path=str(p)), ds, ds.manifest["name"], float(len(ds)))
+                for p, ds in zip(paths, datasets, strict=True)
+            ]
+
+        engine = StreamBatches(open_sources, global_batch_size=global_batch_size, seed=seed)
+    else:
+
+        def load() -> list[PairExample]:
+            examples = [ex for p in paths for ex in jsonl_pairs(p, Fields(section="reranker"))]
+            collator.check(examples)  # in memory: fail now, not at the batch that holds the bad sample
+            if len(examples) < global_batch_size:
+                raise ValueError(
+                    f"{len(examples)} training groups are fewer than reranker.global_batch_size={global_batch_size}: "
+                    "lower it or add data"
+                )
+            return examples
+
+        engine = ExampleBatches(load, global_batch_size=global_batch_size, seed=seed, no_duplicates=False)
+    return TrainingData(engine, collator, seed=seed)
 
 
 class RerankerModule(L.LightningModule):
-    def __init__(self, model: CrossEncoder, *, optim_cfg: OptimConfig, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: CrossEncoder,
+        *,
+        optim_cfg: OptimConfig,
+        temperature: float = 1.0,
+        trainer_cfg: TrainerConfig | None = None,
+    ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode: dropout must be on while training
         self.optim_cfg = optim_cfg
         self.temperature = temperature
+        self.trainer_cfg = trainer_cfg
+        self.driver = StepDriver()
         self.losses: list[float] = []
         """Training loss of every batch, for metrics.json."""
         self.masked_negatives = 0
         """Negatives with their positive's exact text, excluded from the loss (counted, never silent)."""
+
+    def setup(self, stage: str) -> None:
+        self.driver = driver_for(self.trainer.strategy, self.trainer_cfg)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.driver.clip(self, optimizer)
 
     def compute_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scores_BG = self.model(batch.pairs).view(-1, batch.group_size)  # (B * G,) -> (B, G)
@@ -190,3 +121,34 @@ class RerankerModule(L.LightningModule):
             self.model, self.optim_cfg, num_training_steps=int(self.trainer.estimated_stepping_batches)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def fit_reranker(cfg, model: CrossEncoder, tokenizer, run_dir: Path) -> dict:
+    """Train `model` in place on reranker.data (RerankerJobConfig `cfg`); returns the summary for metrics.json."""
+    from embedscale.contrastive.trainer import build_trainer
+    from embedscale.data.datamodule import DataProgress
+    from embedscale.data.records import resolve_data_root, resolve_path
+
+    r = cfg.reranker
+    needs_root = any(not Path(p).expanduser().is_absolute() for p in r.data)
+    root = resolve_data_root(cfg.data_root) if needs_root else Path("/")
+    collator = GroupCollator(tokenizer, num_negatives=r.num_negatives, max_length=r.max_length)
+    datamodule = reranker_datamodule(
+        [resolve_path(p, root) for p in r.data], collator=collator, global_batch_size=r.global_batch_size, seed=cfg.seed
+    )
+    trainer = build_trainer(cfg.trainer, cfg.logger, run_dir, [DataProgress()], checkpoints=False)
+    module = RerankerModule(model, optim_cfg=cfg.optim, temperature=r.temperature, trainer_cfg=cfg.trainer)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    losses = module.losses
+    n = max(1, min(10, len(losses) // 2))
+    return {
+        "optimizer_steps": trainer.global_step,
+        "groups_per_step": r.global_batch_size,
+        "pairs_per_step": r.global_batch_size * (1 + r.num_negatives),
+        "fit_seconds": round(seconds, 1),
+        "loss_first": sum(losses[:n]) / n if losses else None,
+        "loss_last": sum(losses[-n:]) / n if losses else None,
+        "masked_negatives": module.masked_negatives,
+    }

@@ -56,12 +56,31 @@ class PairBatch:
     source: str = ""
     """The data source of this global batch (streamed data); empty for in-memory data."""
     skipped: dict[str, int] = field(default_factory=dict)
+    """Bad samples of this rank's slice replaced under data.on_error=skip, by reason."""
     in_batch_negatives: bool = True
     """False: each query is scored against its own positive and hard negatives only (a per-source switch)."""
     teacher_BG: torch.Tensor | None = None
     """(B, 1 + k) teacher scores of each row's positive and hard negatives (data.teacher_scores), or None."""
-    """Bad samples of this rank's slice replaced under data.on_error=skip, by reason."""
 
     @property
     def batch_size(self) -> int:
         return int(self.ids.query_B.shape[0])
+
+
+@dataclass
+class GroupBatch:
+    """A re-ranker's tokenised batch of groups: pair g * G + j is (query g, candidate j); candidate 0 is the
+    positive. Legend: B = groups, G = 1 + n candidates per group, L = tokens."""
+
+    pairs: dict[str, torch.Tensor]  # input_ids/attention_mask[/token_type_ids] (B * G, L)
+    mask_BG: torch.Tensor  # (B, G) bool: True = negative with the positive's exact text, excluded
+    group_size: int
+    keys: list[str]
+    source: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Set by the stream (always empty here: the re-ranker's stream runs with on_error=raise)."""
+    in_batch_negatives: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.keys)

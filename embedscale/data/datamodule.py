@@ -1,94 +1,241 @@
-"""Collate (prefixes + tokenisation) and the LightningDataModules: in-memory pairs, and sharded streams.
+"""The one LightningDataModule: a batching engine and a collator, injected; the checkpointed cursor.
 
-Both produce the same `PairBatch`, so nothing downstream differs. `StreamDataModule`
-(data.format=shards) streams WebDataset shards through `MixtureStream` (data/stream.py): exact,
-resumable, rank- and worker-independent order; its cursor lives in the Lightning checkpoint.
-In `PairDataModule` a list of `PairExample` is read once and cut into
-global batches by our own `GlobalBatchSampler` (data/sampler.py; the Trainer runs with
-`use_distributed_sampler=False`): one seeded composition per epoch, without repeated texts in a
-global batch where the data allows, each rank taking its slice, so that a step's global batch is the
-same set of examples whatever the number of ranks. The last incomplete global batch is dropped
-(every rank must take the same number of equal-shaped steps); how many samples that dropped is logged.
-data.format=corpus reads documents instead and makes fresh pairs each epoch (`PretrainPairs`,
-data/pretrain.py), through the same sampler and collator.
+    TrainingData(engine, collator)      engine: how global batches are composed and sliced by rank
+        ExampleBatches                  in memory: a list of examples (JSONL, BEIR, groups) or per-epoch
+                                        pre-training pairs, cut by `GlobalBatchSampler` (data/sampler.py)
+        StreamBatches                   sharded sources streamed by `MixtureStream` (data/stream.py)
+    collator: PairCollator (bi-encoder) or GroupCollator (re-ranker), data/collate.py
+
+Both engines give every rank the same number of equal-shaped steps, and a step's global batch is the same set of
+examples whatever the number of ranks (the Trainer runs with `use_distributed_sampler=False`). The module's
+state is the number of global batches the *model* consumed (`DataProgress` counts them at each batch's end,
+before Lightning's checkpoint callbacks run), so a resumed run continues with exactly the next unseen batch:
+the in-memory engine skips the epoch's consumed batches, the stream restarts from its cursors.
+
+`build_datamodule` makes the training run's from `data.*` and the run's `BatchSizes` (config/batch.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from embedscale.config import DataConfig, DataFormat, ModelConfig
-from embedscale.data.batch import PairBatch, PairExample, TextIds, text_id
+from embedscale.config import BatchSizes, DataConfig, DataFormat, ModelConfig, SourceConfig
+from embedscale.data.batch import PairExample
+from embedscale.data.collate import PairCollator
 from embedscale.data.pretrain import PretrainPairs
-from embedscale.data.readers import read_beir_pairs, read_corpus_documents, read_jsonl_pairs, resolve_path
+from embedscale.data.records import Fields, pairs, read_corpus_documents, resolve_path
 from embedscale.data.sampler import GlobalBatchSampler
-from embedscale.encoder.tokenize import tokenize
 
 log = logging.getLogger(__name__)
 
 
-class PairCollator:
-    """Turns a list of examples into a `PairBatch`: applies prefixes, tokenises, computes content ids."""
+class ExampleBatches:
+    """In-memory examples (read by `load` at setup) in seeded global batches, each rank taking its slice."""
 
-    def __init__(self, tokenizer, *, model_cfg: ModelConfig, num_hard_negatives: int) -> None:
-        self.tokenizer = tokenizer
-        self.model_cfg = model_cfg
-        self.num_hard_negatives = num_hard_negatives
-
-    def _tokenize(self, texts: list[str], prefixes: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        # The same function as encoding at evaluation (EOS, prefix exclusion): the two cannot diverge.
-        return tokenize(self.tokenizer, texts, prefixes=prefixes, max_length=max_length, cfg=self.model_cfg)
-
-    def __call__(
+    def __init__(
         self,
-        examples: list[PairExample],
+        load: Callable[[], list[PairExample] | PretrainPairs],
         *,
-        query_prefix: str | None | list[str | None] = None,
-        document_prefix: str | None | list[str | None] = None,
-    ) -> PairBatch:
-        """Prefixes (the model's, or a source's instruction templates: one for the batch or one per
-        example, None meaning the model's), tokenisation, ids."""
-        k = self.num_hard_negatives
-        cfg = self.model_cfg
+        global_batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        no_duplicates: bool = True,
+        num_hard_negatives: int = 0,
+    ) -> None:
+        self.load, self.global_batch_size, self.seed = load, global_batch_size, seed
+        self.shuffle, self.no_duplicates, self.k = shuffle, no_duplicates, num_hard_negatives
+        self.examples: list[PairExample] | PretrainPairs | None = None
 
-        def per_example(given, default: str) -> list[str]:
-            given = given if isinstance(given, list) else [given] * len(examples)
-            return [default if p is None else p for p in given]
+    def setup(self, rank: int, world: int) -> None:
+        if self.examples is None:
+            self.examples = self.load()
+        self.rank, self.world = rank, world
 
-        q_prefix = per_example(query_prefix, cfg.query_prefix)
-        d_prefix = per_example(document_prefix, cfg.document_prefix)
-        negatives = [neg for ex in examples for neg in ex.negatives[:k]]  # (B * k,) row-major
-        if len(negatives) != k * len(examples):
-            raise ValueError(f"a batch needs {k} negatives per example (data.num_hard_negatives); some have fewer")
-        with_teacher = [ex.teacher_scores is not None for ex in examples]
-        if any(with_teacher) and not all(with_teacher):
-            raise ValueError("a batch mixes samples with and without teacher scores (data.teacher_scores)")
-        ids = TextIds(
-            query_B=torch.tensor([text_id(ex.query) for ex in examples], dtype=torch.long),
-            positive_B=torch.tensor([text_id(ex.positive) for ex in examples], dtype=torch.long),
-            negatives_Bk=torch.tensor([text_id(n) for n in negatives], dtype=torch.long).view(len(examples), k)
-            if k
-            else None,
+    def dataloader(self, collator, *, consumed: int, num_workers: int, generator) -> DataLoader:
+        sampler = GlobalBatchSampler(
+            self.examples,
+            global_batch_size=self.global_batch_size,
+            world_size=self.world,
+            rank=self.rank,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            no_duplicates=self.no_duplicates,
+            num_hard_negatives=self.k,
         )
-        return PairBatch(
-            queries=self._tokenize([ex.query for ex in examples], q_prefix, cfg.query_max_length),
-            documents=self._tokenize(
-                [ex.positive for ex in examples] + negatives,
-                d_prefix + [d_prefix[i] for i, ex in enumerate(examples) for _ in ex.negatives[:k]],
-                cfg.document_max_length,
-            ),
-            ids=ids,
-            num_negatives_per_query=k,
-            keys=[ex.key for ex in examples],
-            teacher_BG=torch.tensor([ex.teacher_scores[: 1 + k] for ex in examples], dtype=torch.float32)
-            if examples and all(with_teacher)
-            else None,
+        if consumed:  # resumed: skip what the checkpointed run consumed of its last epoch
+            epoch, done = divmod(consumed, len(sampler))
+            sampler.skip = (epoch, done)
+            log.info("resuming at global batch %d: epoch %d goes on after its first %d", consumed, epoch, done)
+        log.info(
+            "training on %d examples, global batch %d (%d per rank), %d steps per epoch; the last %d examples "
+            "of each epoch's order fall in the dropped incomplete batch",
+            len(self.examples),
+            self.global_batch_size,
+            self.global_batch_size // self.world,
+            len(sampler),
+            len(self.examples) % self.global_batch_size,
         )
+        return DataLoader(
+            self.examples,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=collator,
+            persistent_workers=num_workers > 0,
+            generator=generator,
+        )
+
+    def state(self, consumed: int) -> dict:
+        return {"consumed": consumed}
+
+    def consumed_in(self, state: dict) -> int:
+        return int(state.get("consumed", 0))
+
+    def load_state(self, state: dict) -> None:
+        """Nothing beyond the cursor: the epoch's consumed batches are skipped (dataloader)."""
+
+    def at_epoch_start(self, consumed: int) -> None:
+        """Nothing: the sampler knows the epoch."""
+
+    def summary(self) -> dict:
+        return {"examples": len(self.examples) if self.examples is not None else None}
+
+
+class StreamBatches:
+    """Sharded sources -> `MixtureStream` -> this rank's slices (collated in the DataLoader's workers)."""
+
+    def __init__(self, open_sources: Callable[[], list], *, global_batch_size: int, seed: int, **stream) -> None:
+        self.open_sources, self.global_batch_size, self.seed, self.options = (
+            open_sources,
+            global_batch_size,
+            seed,
+            stream,
+        )
+        self.stream = None
+        self._loaded: dict | None = None
+
+    def setup(self, rank: int, world: int) -> None:
+        if self.stream is not None:
+            return
+        from embedscale.data.stream import MixtureStream
+
+        self.stream = MixtureStream(
+            self.open_sources(),
+            global_batch_size=self.global_batch_size,
+            world_size=world,
+            rank=rank,
+            seed=self.seed,
+            **self.options,
+        )
+        if self._loaded is not None:
+            self.stream.load_state(self._loaded)
+
+    def dataloader(self, collator, *, consumed: int, num_workers: int, generator) -> DataLoader:
+        self.stream.collate = collator
+        self.stream.state = self.stream.state_after(consumed)  # workers get a copy made now
+        return DataLoader(self.stream, batch_size=None, num_workers=num_workers, generator=generator)
+
+    def state(self, consumed: int) -> dict:
+        return {} if self.stream is None else self.stream.state_after(consumed).as_dict()
+
+    def consumed_in(self, state: dict) -> int:
+        return int(state["step"]) if state else 0
+
+    def load_state(self, state: dict) -> None:
+        self._loaded = state
+        if self.stream is not None:
+            self.stream.load_state(state)
+
+    def at_epoch_start(self, consumed: int) -> None:
+        self.stream.state = self.stream.state_after(consumed)  # later epochs' iterators are made after this
+
+    def summary(self) -> dict:
+        return {"examples": None}
+
+
+class TrainingData(L.LightningDataModule):
+    """Batches from an engine, collated by a collator; the consumed-batch cursor lives in every checkpoint."""
+
+    def __init__(
+        self, engine, collator, *, num_workers: int = 0, seed: int = 0, record_dir: Path | None = None
+    ) -> None:
+        super().__init__()
+        self.engine, self.collator, self.num_workers, self.seed = engine, collator, num_workers, seed
+        self.record_dir = record_dir
+        self.consumed = 0  # global batches the model consumed (DataProgress), checkpointed: resume skips them
+        self.skipped: dict[str, int] = {}  # bad samples replaced under data.on_error=skip (all ranks after fit)
+
+    def setup(self, stage: str | None = None) -> None:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self.engine.setup(rank, world)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)  # not the global one: see contrastive RngResume
+        return self.engine.dataloader(
+            self.collator, consumed=self.consumed, num_workers=self.num_workers, generator=generator
+        )
+
+    def state_dict(self) -> dict:
+        return self.engine.state(self.consumed)
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: the batches consumed before the checkpoint are skipped, not seen again (a mid-epoch checkpoint
+        would otherwise restart the epoch's order: repeated and never-seen batches)."""
+        if not state:
+            return
+        self.consumed = self.engine.consumed_in(state)
+        self.engine.load_state(state)
+
+    # -- called by DataProgress -----------------------------------------------------------------------------------
+    def epoch_started(self) -> None:
+        self.engine.at_epoch_start(self.consumed)
+
+    def batch_consumed(self, trainer: L.Trainer, module: L.LightningModule, batch) -> None:
+        for reason, count in batch.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+            module.log(f"data/skipped/{reason.replace(' ', '_')}", float(self.skipped[reason]), reduce_fx="max")
+        if self.record_dir is not None:  # the sample ledger: what the model consumed, step by step
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.record_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.consumed, "source": batch.source, "keys": batch.keys}) + "\n")
+        self.consumed += 1
+
+    def training_ended(self, trainer: L.Trainer) -> None:
+        from embedscale.data.stream import SKIP_REASONS
+
+        if trainer.world_size > 1:  # the total over ranks, for metrics.json: one collective, on every rank
+            counts = torch.tensor([float(self.skipped.get(r, 0)) for r in SKIP_REASONS])
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            self.skipped = {r: int(c) for r, c in zip(SKIP_REASONS, counts.tolist(), strict=True) if c}
+
+    def summary(self) -> dict:
+        """What metrics.json records of the data: example count (in memory), the stream's cursor, skips."""
+        stream = self.state_dict() if isinstance(self.engine, StreamBatches) else None
+        return {**self.engine.summary(), "stream": stream, "skipped_samples": self.skipped}
+
+
+class DataProgress(L.Callback):
+    """Tells the run's TrainingData which global batches the model consumed (its checkpointed cursor). Lightning
+    runs checkpoint callbacks after the others, so a checkpoint taken at a batch's end counts that batch."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        trainer.datamodule.epoch_started()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trainer.datamodule.batch_consumed(trainer, pl_module, batch)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.datamodule.training_ended(trainer)
+
+
+# -- the training run's data (data.*) ----------------------------------------------------------------------------
 
 
 def load_pretrain_pairs(cfg: DataConfig, root: Path, *, seed: int = 0) -> PretrainPairs:
@@ -106,9 +253,9 @@ def load_pretrain_pairs(cfg: DataConfig, root: Path, *, seed: int = 0) -> Pretra
     if cfg.max_samples is not None:
         documents = documents[: cfg.max_samples]
     name = path.name.removesuffix(".gz").removesuffix(".jsonl")
-    pairs = PretrainPairs(documents, p, seed=seed, name=name)
-    pairs.examples(0)  # fills the epoch's counts by task, for the log
-    stats = pairs.stats
+    pretrain = PretrainPairs(documents, p, seed=seed, name=name)
+    pretrain.examples(0)  # fills the epoch's counts by task, for the log
+    stats = pretrain.stats
     log.info(
         "pre-training pairs (data.pretrain.task=%s) from %d of %d documents of %s; epoch 0: %d ICT, %d spans, "
         "%d ICT fallen back to spans (fewer than 2 sentences or none of data.pretrain.min_query_words=%d words)",
@@ -121,7 +268,7 @@ def load_pretrain_pairs(cfg: DataConfig, root: Path, *, seed: int = 0) -> Pretra
         stats["ict_fallback"],
         p.min_query_words,
     )
-    return pairs
+    return pretrain
 
 
 def load_examples(cfg: DataConfig, root: Path, *, seed: int = 0) -> list[PairExample] | PretrainPairs:
@@ -129,88 +276,25 @@ def load_examples(cfg: DataConfig, root: Path, *, seed: int = 0) -> list[PairExa
     path = resolve_path(cfg.path, root)
     if cfg.format is DataFormat.corpus:
         return load_pretrain_pairs(cfg, root, seed=seed)
-    if cfg.format is DataFormat.beir:
-        if cfg.num_hard_negatives:
-            raise ValueError("data.format=beir yields (query, positive) pairs only: set data.num_hard_negatives=0")
-        examples = read_beir_pairs(path, cfg.split)
-    else:
-        examples = read_jsonl_pairs(
-            path,
-            query_field=cfg.query_field,
-            positive_field=cfg.positive_field,
-            negatives_field=cfg.negatives_field,
-            num_hard_negatives=cfg.num_hard_negatives,
-        )
-    if cfg.max_samples is not None:
-        examples = examples[: cfg.max_samples]
+    if cfg.format is DataFormat.beir and cfg.num_hard_negatives:
+        raise ValueError("data.format=beir yields (query, positive) pairs only: set data.num_hard_negatives=0")
+    fields = Fields(cfg.query_field, cfg.positive_field, cfg.negatives_field, section="data")
+    examples = []
+    for ex in pairs(str(cfg.format), path, fields, split=cfg.split, min_negatives=cfg.num_hard_negatives):
+        if cfg.format is DataFormat.beir:
+            ex.key = f"{path.name}:{ex.key}"
+        ex.negatives = ex.negatives[: cfg.num_hard_negatives]
+        examples.append(ex)
+        if cfg.max_samples is not None and len(examples) >= cfg.max_samples:
+            break
     if not examples:
         raise ValueError(f"no training examples in {path} (data.path={cfg.path!r}, data.split={cfg.split!r})")
     return examples
 
 
-class PairDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, *, tokenizer, model_cfg: ModelConfig, root: Path, seed: int = 0) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.seed = seed
-        self.root = root
-        self.collator = PairCollator(tokenizer, model_cfg=model_cfg, num_hard_negatives=cfg.num_hard_negatives)
-        self.examples: list[PairExample] | PretrainPairs | None = None
-        self.consumed = 0  # global batches the model consumed (PairProgress), checkpointed: resume skips them
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.examples is None:
-            self.examples = load_examples(self.cfg, self.root, seed=self.seed)
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        """On resume: the epoch's batches consumed before the checkpoint are skipped, not seen again (a
-        mid-epoch checkpoint would otherwise restart the epoch's order: repeated and never-seen batches)."""
-        self.consumed = int(state.get("consumed", 0))
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.examples is not None, "setup() first"
-        world = self.trainer.world_size if self.trainer is not None else 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        global_batch = self.cfg.batch_size_per_rank * world
-        sampler = GlobalBatchSampler(
-            self.examples,
-            global_batch_size=global_batch,
-            world_size=world,
-            rank=rank,
-            seed=self.seed,
-            shuffle=self.cfg.shuffle,
-            no_duplicates=self.cfg.no_duplicates,
-            num_hard_negatives=self.cfg.num_hard_negatives,
-        )
-        if self.consumed:  # resumed: skip what the checkpointed run consumed of its last epoch
-            epoch, done = divmod(self.consumed, len(sampler))
-            sampler.skip = (epoch, done)
-            log.info("resuming at global batch %d: epoch %d goes on after its first %d", self.consumed, epoch, done)
-        log.info(
-            "training on %d examples, global batch %d (%d per rank), %d steps per epoch; the last %d examples "
-            "of each epoch's order fall in the dropped incomplete batch",
-            len(self.examples),
-            global_batch,
-            self.cfg.batch_size_per_rank,
-            len(sampler),
-            len(self.examples) % global_batch,
-        )
-        return DataLoader(
-            self.examples,
-            batch_sampler=sampler,
-            num_workers=self.cfg.num_workers,
-            collate_fn=self.collator,
-            persistent_workers=self.cfg.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),  # not the global one: see RngResume
-        )
-
-
-def source_specs(cfg: DataConfig, root: Path) -> list:
-    """The mixture's sources, opened, with their weights (explicit, or samples ** data.mixture_alpha)."""
-    from embedscale.config import SourceConfig
+def open_sources(cfg: DataConfig, root: Path) -> list:
+    """The mixture's sources (data.sources, or one at data.path), opened, with their weights (explicit, or
+    samples ** data.mixture_alpha)."""
     from embedscale.data.shards import ShardedDataset
     from embedscale.data.stream import Source
 
@@ -223,125 +307,38 @@ def source_specs(cfg: DataConfig, root: Path) -> list:
             raise ValueError(f"data.sources[{i}]: a second source named {name!r}; give it data.sources[{i}].name")
         names.add(name)
         weight = spec.weight if spec.weight is not None else float(len(ds)) ** cfg.mixture_alpha
-        sources.append(
-            Source(
-                name,
-                ds,
-                weight,
-                global_batch_size=spec.global_batch_size,
-                in_batch_negatives=spec.in_batch_negatives,
-                query_prefix=spec.query_prefix,
-                document_prefix=spec.document_prefix,
-            )
-        )
+        sources.append(Source(spec, ds, name, weight))
     return sources
 
 
-class StreamDataModule(L.LightningDataModule):
-    """Sharded sources -> `MixtureStream` -> this rank's `PairBatch`es; the stream cursor is checkpointed.
-
-    Lightning stores `state_dict()` in every checkpoint and hands it back to `load_state_dict()` on
-    resume; the cursor counts the global batches the *model* has consumed (`on_train_batch_end`),
-    not what the workers have prefetched, so a resumed run starts at exactly the next unseen batch.
-    """
-
-    def __init__(self, cfg: DataConfig, *, tokenizer, model_cfg: ModelConfig, root: Path, seed: int = 0) -> None:
-        super().__init__()
-        self.cfg, self.root, self.seed = cfg, root, seed
-        self.collator = PairCollator(tokenizer, model_cfg=model_cfg, num_hard_negatives=cfg.num_hard_negatives)
-        self.stream = None
-        self.consumed = 0
-        self.skipped: dict[str, int] = {}  # bad samples replaced under data.on_error=skip (all ranks after fit)
-        self._loaded_state: dict | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.stream is not None:
-            return
-        from embedscale.data.stream import MixtureStream
-
-        world = self.trainer.world_size if self.trainer is not None else 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        self.stream = MixtureStream(
-            source_specs(self.cfg, self.root),
-            global_batch_size=self.cfg.batch_size_per_rank * world,
-            world_size=world,
-            rank=rank,
-            seed=self.seed,
-            shuffle=self.cfg.shuffle,
-            shuffle_window=self.cfg.shuffle_window,
-            length_bucket=self.cfg.length_bucket,
-            steps_per_epoch=self.cfg.steps_per_epoch,
-            collate=self.collator,
-            num_hard_negatives=self.cfg.num_hard_negatives,
-            on_error=self.cfg.on_error,
-            homogeneous=self.cfg.homogeneous_batches,
-            teacher=self.cfg.teacher_scores,
+def build_datamodule(
+    cfg: DataConfig, sizes: BatchSizes, *, tokenizer, model_cfg: ModelConfig, root: Path, seed: int, run_dir: Path
+) -> TrainingData:
+    """The training run's data (data.*): in-memory examples or sharded streams, collated into PairBatches."""
+    collator = PairCollator(tokenizer, model_cfg=model_cfg, num_hard_negatives=cfg.num_hard_negatives)
+    if cfg.format is DataFormat.shards:
+        engine = StreamBatches(
+            lambda: open_sources(cfg, root),
+            global_batch_size=sizes.global_batch_size,
+            seed=seed,
+            shuffle=cfg.shuffle,
+            shuffle_window=cfg.shuffle_window,
+            length_bucket=cfg.length_bucket,
+            steps_per_epoch=cfg.steps_per_epoch,
+            num_hard_negatives=cfg.num_hard_negatives,
+            on_error=str(cfg.on_error),
+            homogeneous=cfg.homogeneous_batches,
+            teacher=None if cfg.teacher_scores is None else str(cfg.teacher_scores),
         )
-        if self._loaded_state is not None:
-            self.stream.load_state(self._loaded_state)  # load_state_dict already set self.consumed
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.stream is not None, "setup() first"
-        self.stream.state = self.stream.state_after(self.consumed)  # workers get a copy made now
-        generator = torch.Generator().manual_seed(self.seed)  # not the global one: see contrastive RngResume
-        return DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers, generator=generator)
-
-    def state_dict(self) -> dict:
-        if self.stream is None:
-            return {}
-        return self.stream.state_after(self.consumed).as_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        self._loaded_state = state
-        self.consumed = int(state["step"])
-        if self.stream is not None:
-            self.stream.load_state(state)
-
-
-class PairProgress(L.Callback):
-    """Counts the global batches the model consumed, for `PairDataModule`'s checkpointed cursor (Lightning runs
-    checkpoint callbacks after the others, so a checkpoint taken at a batch's end counts that batch)."""
-
-    def __init__(self, datamodule: PairDataModule) -> None:
-        self.datamodule = datamodule
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.datamodule.consumed += 1
-
-
-class StreamProgress(L.Callback):
-    """Counts the global batches the model consumed, for `StreamDataModule`'s checkpointed cursor."""
-
-    def __init__(self, datamodule: StreamDataModule, *, record_dir: Path | None = None) -> None:
-        self.datamodule = datamodule
-        self.record_dir = record_dir
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        stream = self.datamodule.stream  # later epochs' iterators (and worker copies) are made after this hook
-        stream.state = stream.state_after(self.datamodule.consumed)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        dm = self.datamodule
-        for reason, count in batch.skipped.items():
-            dm.skipped[reason] = dm.skipped.get(reason, 0) + count
-            pl_module.log(f"data/skipped/{reason.replace(' ', '_')}", float(dm.skipped[reason]), reduce_fx="max")
-        if self.record_dir is not None:  # the sample ledger: what the model consumed, step by step
-            import json
-
-            self.record_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.record_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
-                f.write(json.dumps({"step": dm.consumed, "source": batch.source, "keys": batch.keys}) + "\n")
-        dm.consumed += 1
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        import torch
-
-        from embedscale.data.stream import SKIP_REASONS
-
-        dm = self.datamodule  # the total over ranks, for metrics.json: one collective, at the end, on every rank
-        if trainer.world_size > 1:
-            counts = torch.tensor([float(dm.skipped.get(r, 0)) for r in SKIP_REASONS])
-            counts = trainer.strategy.reduce(counts, reduce_op="sum")
-            dm.skipped = {r: int(c) for r, c in zip(SKIP_REASONS, counts.tolist(), strict=True) if c}
+        record_dir = run_dir / "samples" if cfg.record_keys else None
+    else:
+        engine = ExampleBatches(
+            lambda: load_examples(cfg, root, seed=seed),
+            global_batch_size=sizes.global_batch_size,
+            seed=seed,
+            shuffle=cfg.shuffle,
+            no_duplicates=cfg.no_duplicates,
+            num_hard_negatives=cfg.num_hard_negatives,
+        )
+        record_dir = None
+    return TrainingData(engine, collator, num_workers=cfg.num_workers, seed=seed, record_dir=record_dir)

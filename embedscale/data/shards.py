@@ -141,48 +141,6 @@ SAMPLE_FIELDS = {
 }
 
 
-def new_manifest(
-    name: str, shards: list[dict], *, samples: int, negatives: tuple[int, int], created_by: str, extra_fields=None
-) -> dict:
-    """The manifest fields every sharded dataset has (`embedscale shard` and `embedscale mine` add their own)."""
-    from embedscale import __version__
-
-    return {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "created_by": f"embedscale {__version__} {created_by}",
-        "num_samples": samples,
-        "num_shards": len(shards),
-        "total_bytes": sum(s["bytes"] for s in shards),
-        "schema": {
-            "member": "<key>.json",
-            "fields": {**SAMPLE_FIELDS, **(extra_fields or {})},
-            "negatives_per_sample": list(negatives),
-        },
-        "shards": shards,
-    }
-
-
-def fresh_output(out: Path, *, overwrite: bool, job: str) -> Path:
-    """An empty output directory for a new dataset: an existing one is an error unless `<job>.overwrite`."""
-    import shutil
-
-    out = out.resolve()
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise ValueError(f"{out / MANIFEST} exists: choose another {job}.output or set {job}.overwrite=true")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def write_manifest(out: Path, manifest: dict) -> None:
-    """Written last and atomically: a manifest exists only for a complete dataset."""
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.rename(out / MANIFEST)
-
-
 @dataclass
 class BadSample:
     """A sample that could not be read: why (the reason counted under data.on_error=skip), where, the fix."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from embedscale.config import SourceConfig
 from embedscale.data.batch import PairExample
 from embedscale.data.shards import BadSample, ShardedDataset
 
@@ -162,13 +163,38 @@ def to_example(row: dict | BadSample, num_hard_negatives: int, teacher: str | No
 
 @dataclass
 class Source:
-    name: str
+    """A source of the mixture, opened: its config (data.sources[i]), its dataset, its name and weight resolved."""
+
+    spec: SourceConfig
     dataset: ShardedDataset
+    name: str
     weight: float = 1.0
-    global_batch_size: int | None = None  # None: the stream's
-    in_batch_negatives: bool = True
-    query_prefix: str | None = None  # None: the model's
-    document_prefix: str | None = None
+
+    @classmethod
+    def of(cls, name: str, dataset: ShardedDataset, weight: float = 1.0, **spec) -> Source:
+        """A source built in code (tests, benchmarks): `spec` holds SourceConfig's other fields."""
+        return cls(
+            SourceConfig(path=str(getattr(dataset, "root", "")), name=name, weight=weight, **spec),
+            dataset,
+            name,
+            weight,
+        )
+
+    @property
+    def global_batch_size(self) -> int | None:
+        return self.spec.global_batch_size  # None: the stream's
+
+    @property
+    def in_batch_negatives(self) -> bool:
+        return self.spec.in_batch_negatives
+
+    @property
+    def query_prefix(self) -> str | None:
+        return self.spec.query_prefix  # None: the model's
+
+    @property
+    def document_prefix(self) -> str | None:
+        return self.spec.document_prefix
 
 
 @dataclass

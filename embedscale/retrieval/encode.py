@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from embedscale.distributed import broadcast_object, gather_rows, world
 from embedscale.encoder.biencoder import BiEncoder, encode_texts, length_batches
-from embedscale.retrieval.index import broadcast_object, gather_rows, rank_world
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,14 @@ def encode_sharded(
     prefix: str | None = None,
 ) -> torch.Tensor:
     """`encode_texts` with the texts split over the ranks of the process group: (N, D) on every rank."""
-    rank, world = rank_world()
+    rank, size = world()
     kwargs = dict(side=side, batch_size=batch_size, max_length=max_length, prefix=prefix)
-    if world == 1:
+    if size == 1:
         return encode_texts(encoder, tokenizer, texts, progress=progress, **kwargs)
     # Whole batches of the length-sorted order go round-robin to the ranks, so every batch has the
     # same texts and padding as in one process: the rows are the single-process rows, bit for bit.
     batches = length_batches(texts, batch_size)
-    mine_n = torch.tensor([i for batch in batches[rank::world] for i in batch], dtype=torch.int64)
+    mine_n = torch.tensor([i for batch in batches[rank::size] for i in batch], dtype=torch.int64)
     local_nD = encode_texts(
         encoder,
         tokenizer,
@@ -90,7 +90,7 @@ def encode_corpus(
     path = None
     if cache_dir is not None:
         path = cache_dir / f"{name}-{corpus_key(encoder, ids, texts, max_length=max_length, side=side)}.pt"
-    rank, _ = rank_world()
+    rank, _ = world()
     if path is not None and broadcast_object(path.exists() if rank == 0 else None):
         if not path.exists():
             raise ValueError(f"{path} exists on rank 0 but not on rank {rank}: put the cache on a shared filesystem")

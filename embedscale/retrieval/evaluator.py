@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from embedscale.data.readers import read_corpus, read_qrels, read_queries, read_sts
+from embedscale.data.records import read_corpus, read_qrels, read_queries, read_sts
+from embedscale.distributed import broadcast_object, world
 from embedscale.encoder.biencoder import BiEncoder
 from embedscale.retrieval.encode import default_cache_dir, encode_corpus, encode_sharded
-from embedscale.retrieval.index import broadcast_object, rank_world
 from embedscale.retrieval.metrics import retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class RetrievalEvaluator:
         metrics are computed once, on rank 0, and broadcast; rank 0 writes the run file."""
         q_QD, docs_ND = self.embeddings(encoder, tokenizer)  # every rank: the encoding is sharded
         metrics = None
-        if rank_world()[0] == 0:  # the search and the metrics once
+        if world()[0] == 0:  # the search and the metrics once
             run = self.rank(q_QD, docs_ND, normalize=encoder.cfg.normalize)
             if run_path is not None:
                 run_path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,14 +149,14 @@ class STSEvaluator:
         b_ND = torch.nn.functional.normalize(encode_sharded(encoder, tokenizer, self.right, **kwargs), dim=-1)
         cosine = (a_ND * b_ND).sum(-1).tolist()
         metrics = None
-        if rank_world()[0] == 0:
+        if world()[0] == 0:
             metrics = {f"{self.name}/spearman": float(spearmanr(cosine, self.scores).statistic)}
         return broadcast_object(metrics)
 
 
 def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[RetrievalEvaluator | STSEvaluator]:
     """Evaluators for every BEIR and STS set of an `EvalConfig`, paths relative to the data root."""
-    from embedscale.data.readers import resolve_path
+    from embedscale.data.records import resolve_path
 
     max_length = cfg.max_length or default_max_length
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()

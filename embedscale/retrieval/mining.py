@@ -1,7 +1,7 @@
 """Hard-negative mining: candidates (dense, BM25, hybrid) -> filters -> selection, as plain functions.
 
-The job (`embedscale mine`, mine.py) loads the data and the models; everything here takes arrays and
-lists, so each rule is testable on a five-document corpus with known answers.
+The mining run (retrieval/miner.py) loads the data and the models; everything here takes arrays and lists (and
+the `mine.*` settings), so each rule is testable on a five-document corpus with known answers.
 
 Why each filter exists:
 - a labelled positive of the query is never a negative (any split's qrels; for pair data, every
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from embedscale.config import MineConfig
+
 REASONS = (
     "positive",  # a labelled positive of the query
     "same_text",  # same text as a positive or as the query
@@ -34,36 +36,6 @@ REASONS = (
     "relative_margin",  # score >= (1 - relative_margin) x positive
     "cross_encoder",  # cross-encoder says relevant (threshold or ce_margin)
 )
-
-
-@dataclass
-class SelectSpec:
-    """How negatives are chosen from a query's ranked candidates (plain values; MineConfig mirrors them)."""
-
-    num_negatives: int = 7
-    window_start: int = 0
-    """First rank (0-based, counting every retrieved candidate, positives included) that may be a negative."""
-    window_end: int = 100
-    """One past the last rank that may be a negative."""
-    sample: str = "top"
-    """top: the best-ranked eligible candidates; random: a seeded uniform sample of the eligible ones."""
-    margin: float | None = None
-    relative_margin: float | None = None
-    ce_threshold: float | None = None
-    """Drop candidates with sigmoid(cross-encoder logit) >= this."""
-    ce_margin: float | None = None
-    """Drop candidates whose cross-encoder logit is >= the positive's logit - ce_margin."""
-    fill: bool = True
-    """Too few eligible negatives in the window: take the next eligible ranks after it (counted)."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.sample not in ("top", "random"):
-            raise ValueError(f"mine.sample={self.sample!r}: use top or random")
-        if not 0 <= self.window_start < self.window_end:
-            raise ValueError(
-                f"mine.window_start={self.window_start}, mine.window_end={self.window_end}: need 0 <= start < end"
-            )
 
 
 @dataclass
@@ -90,7 +62,7 @@ def eligible(
     positives: set[int],
     same_text: set[int],
     positive_score: float,
-    spec: SelectSpec,
+    spec: MineConfig,
 ) -> tuple[list[int], Counter]:
     """Ranks (positions in the candidate list) that pass the id, text and margin rules, in rank order.
 
@@ -120,7 +92,7 @@ def eligible(
     return keep, why
 
 
-def ce_rejects(ce_logit: float, ce_positive: float | None, spec: SelectSpec) -> bool:
+def ce_rejects(ce_logit: float, ce_positive: float | None, spec: MineConfig) -> bool:
     if spec.ce_threshold is not None and 1.0 / (1.0 + np.exp(-ce_logit)) >= spec.ce_threshold:
         return True
     return spec.ce_margin is not None and ce_positive is not None and ce_logit >= ce_positive - spec.ce_margin
@@ -131,7 +103,7 @@ def select(
     cand_scores: np.ndarray,
     ranks: list[int],
     *,
-    spec: SelectSpec,
+    spec: MineConfig,
     rng: np.random.Generator,
     ce_logits: dict[int, float] | None = None,
     ce_positive: float | None = None,

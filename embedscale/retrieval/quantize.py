@@ -36,8 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from embedscale.config import SWEEP_PRECISIONS as PRECISIONS
+from embedscale.config import SweepConfig, SweepPrecision
 from embedscale.retrieval.metrics import retrieval_metrics
+
+PRECISIONS = tuple(p.value for p in SweepPrecision)
 
 SWEEP_K = 100
 """Documents retrieved per query in the sweeps: enough for recall@100."""
@@ -239,3 +241,34 @@ def quantization_sweep(
                 | {"bytes_per_doc": size, "rescore_bytes_per_doc": rescore_bytes_per_doc(precision, dim)}
             )
     return rows
+
+
+SWEEP_COLUMNS = ("set", "dim", "precision", "ndcg@10", "recall@100", "bytes_per_doc", "rescore_bytes_per_doc")
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table of sweep rows (`embedscale sweep` and bench/sweeps.py print it)."""
+    cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in SWEEP_COLUMNS] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(SWEEP_COLUMNS)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(SWEEP_COLUMNS, widths)), "-|-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def sweep_rows(cfg: SweepConfig, evaluators: list, encoder, tokenizer) -> dict[str, list[dict]]:
+    """{"matryoshka": rows, "quantization": rows} over every evaluator (sweep.*), each set encoded once."""
+    out: dict[str, list[dict]] = {"matryoshka": [], "quantization": []}
+    for ev in evaluators:
+        embeddings = ev.embeddings(encoder, tokenizer)
+        out["matryoshka"] += matryoshka_sweep(ev, encoder, tokenizer, cfg.dims, embeddings=embeddings)
+        if cfg.precisions:
+            out["quantization"] += quantization_sweep(
+                ev,
+                encoder,
+                tokenizer,
+                [str(p) for p in cfg.precisions],
+                dims=cfg.quantization_dims,
+                rescore_multiplier=cfg.rescore_multiplier,
+                embeddings=embeddings,
+            )
+    return out

@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from embedscale.config import RerankerJobConfig
 
 from embedscale.encoder.crossencoder import score_pairs
 from embedscale.retrieval.metrics import rank
@@ -105,3 +110,57 @@ def interpolate_runs(
         z1, z2 = _z(docs), _z(other)
         out[qid] = {doc: alpha * z1[doc] + (1 - alpha) * z2[doc] for doc in docs}
     return out
+
+
+RUN_TAGS = {
+    "biencoder": "bi-encoder top-k (first stage alone)",
+    "reranked": "cross-encoder alone, re-ordering the bi-encoder's top-k",
+    "interpolated": "alpha x z(cross-encoder) + (1 - alpha) x z(bi-encoder), per query",
+}
+
+
+def evaluate_reranking(cfg: RerankerJobConfig, model, tokenizer, run_dir: Path) -> tuple[dict, dict]:
+    """(metrics by tag, seconds by step) of the bi-encoder's top-k, re-ranked and interpolated, on eval.beir."""
+    import dataclasses
+    import json
+    import time
+
+    from embedscale.config import ModelConfig
+    from embedscale.data.records import resolve_data_root, resolve_path
+    from embedscale.encoder.biencoder import load_encoder
+    from embedscale.retrieval.evaluator import build_evaluators
+    from embedscale.retrieval.metrics import retrieval_metrics
+
+    r = cfg.reranker
+    root = resolve_data_root(cfg.data_root)
+    biencoder = bi_tokenizer = None
+    if not r.biencoder_runs:
+        biencoder, bi_tokenizer = load_encoder(ModelConfig(name_or_path=r.biencoder))
+    max_length = biencoder.cfg.document_max_length if biencoder is not None else r.max_length
+    evaluators = build_evaluators(cfg.eval, root=root, default_max_length=max_length)
+    metrics: dict[str, dict[str, float]] = {tag: {} for tag in RUN_TAGS}
+    seconds: dict[str, float] = {}
+    for i, ev in enumerate(evaluators):
+        start = time.perf_counter()
+        if r.biencoder_runs:
+            first = json.loads(resolve_path(r.biencoder_runs[i], root).read_text())
+        else:  # search deep enough for top_k, whatever eval.k_values says
+            first = dataclasses.replace(ev, k_values=(*ev.k_values, r.top_k)).search(biencoder, bi_tokenizer)
+        first = top_k_run(first, r.top_k)
+        seconds[f"{ev.name}/first_stage"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        reranked = rerank_run(first, ev.queries, ev.corpus, model, tokenizer, top_k=r.top_k, batch_size=r.batch_size)
+        seconds[f"{ev.name}/rerank"] = round(time.perf_counter() - start, 1)
+        runs = {
+            "biencoder": first,
+            "reranked": reranked,
+            "interpolated": interpolate_runs(reranked, first, alpha=r.alpha),
+        }
+        for tag, run in runs.items():
+            values = retrieval_metrics(run, ev.qrels, ev.k_values)
+            metrics[tag].update({f"{ev.name}/{k}": v for k, v in values.items()})
+            if cfg.eval.save_runs:
+                path = run_dir / "runs" / f"{ev.name}-{tag}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(run))
+    return metrics, seconds

@@ -1,4 +1,5 @@
-"""Job `embedscale report RUN_DIR`: an HTML page with the run's training curves, evaluations and sweeps.
+"""The report of a run directory: an HTML page with its training curves, evaluations and sweeps
+(`embedscale report RUN_DIR`, embedscale/jobs/report.py).
 
     embedscale report runs/train/<ts>                 # writes runs/train/<ts>/report/index.html + PNGs
     embedscale report runs/train/<ts> --wandb         # also logs the figures to the run's wandb page
@@ -10,13 +11,12 @@ works on a finished run, on one still training (from the CSV alone) and on a cop
 the model, a GPU or network. The page references its PNGs relatively: the report/ folder is portable.
 
 A plain argparse entry point rather than a Hydra job: the one argument is a path, and a report must not
-create a Hydra output directory of its own. When training logs to wandb, `train.run` calls
+create a Hydra output directory of its own. When training logs to wandb, the train job calls
 `write_report` and `log_report_to_wandb` at the end, so the same figures land on the wandb run.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import html
 import json
@@ -393,24 +393,3 @@ def log_report_to_wandb(run_dir: Path, *, resume: bool = False) -> bool:
     if own:
         wandb.finish()
     return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="embedscale report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="directory of an `embedscale train` run")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR/report)")
-    parser.add_argument("--wandb", action="store_true", help="also log the figures to the run's wandb run")
-    args = parser.parse_args(argv)
-    if not args.run_dir.is_dir():
-        parser.error(f"{args.run_dir} is not a directory")
-    if args.wandb and args.out is not None:
-        parser.error("--wandb logs RUN_DIR/report: drop --out")
-    page = write_report(args.run_dir, args.out)
-    print(f"wrote {page}")
-    if args.wandb and log_report_to_wandb(args.run_dir, resume=True):
-        print(f"logged {len(list(page.parent.glob('*.png')))} figures to the wandb run of {args.run_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    main()

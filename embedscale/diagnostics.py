@@ -1,8 +1,5 @@
-"""Job `embedscale doctor`: check, on the real launcher and backend, that large-batch training is exact.
-
-    embedscale doctor                                      # one process (spawns nothing)
-    torchrun --nproc_per_node=2 -m embedscale.doctor       # every rank of the real launcher
-    srun python -m embedscale.doctor --json                # same under SLURM, machine-readable
+"""The checks behind `embedscale doctor` (embedscale/jobs/doctor.py): on the real launcher and backend, is
+large-batch training exact here?
 
 On a tiny random BERT built in memory (no download), with dropout on, hard negatives, the symmetric
 term and a learnable temperature, it compares
@@ -17,30 +14,26 @@ Legend: b = rows per rank, W = world size, N = W * b.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
 import torch
-import torch.distributed as dist
+
+from embedscale.distributed import allgather_bandwidth, barrier, init_from_env, world
 
 ROWS_PER_RANK, NEGATIVES, SEQ, VOCAB = 4, 1, 12, 500
 TOLERANCE = 1e-5
 
 
 def _init() -> tuple[int, int, torch.device]:
-    from embedscale.retrieval.index import init_distributed_from_env
-
-    init_distributed_from_env()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    init_from_env()
+    rank, size = world()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
+        return rank, size, torch.device("cuda", local)
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
-    return rank, world, torch.device("cpu")
+    return rank, size, torch.device("cpu")
 
 
 def _module(device: torch.device):
@@ -89,13 +82,14 @@ def _grads(module) -> torch.Tensor:
 
 
 def _distributed_grad(rank: int, device: torch.device, chunk: int) -> torch.Tensor:
-    from embedscale.contrastive.gather import all_reduce_gradients_
+    from embedscale.config import GradCacheConfig
     from embedscale.contrastive.gradcache import gradcache_step
+    from embedscale.distributed import all_reduce_gradients_
 
     module = _module(device)
     torch.manual_seed(77 + rank)
     if chunk:
-        gradcache_step(module, _rows(rank, device), chunk_size=chunk)
+        gradcache_step(module, _rows(rank, device), plan=GradCacheConfig(chunk_size=chunk, sort_by_length=False))
     else:
         module.compute_loss(_rows(rank, device))[0].backward()
     all_reduce_gradients_(module.parameters())
@@ -136,24 +130,6 @@ def _reference_grad(world: int, device: torch.device, chunk: int) -> torch.Tenso
     return _grads(module)
 
 
-def _bandwidth(device: torch.device, world: int, megabytes: int = 16, iters: int = 5) -> float:
-    """All-gather bus bandwidth in GB/s ((W-1)/W x gathered bytes / time), 0 for one process."""
-    if world == 1:
-        return 0.0
-    x = torch.ones(megabytes * 2**20 // 4, device=device)
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        dist.all_gather(out, x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / iters
-    return (world - 1) / world * world * x.numel() * 4 / seconds / 1e9
-
-
 def _throughput(rank: int, device: torch.device, world: int, steps: int = 5) -> float:
     """Global (query, positive, negatives) rows per second of forward + gather + loss + backward."""
     module = _module(device)
@@ -161,63 +137,25 @@ def _throughput(rank: int, device: torch.device, world: int, steps: int = 5) -> 
     start = time.perf_counter()
     for _ in range(steps):
         module.compute_loss(batch)[0].backward()
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return steps * ROWS_PER_RANK * world / (time.perf_counter() - start)
 
 
-def run(as_json: bool = False) -> dict:
+def run_checks() -> dict:
+    """Join the launcher's process group, run the checks on every rank; the report (complete on rank 0)."""
+    from embedscale.distributed import backend
+
     rank, world, device = _init()
-    report: dict = {
-        "world_size": world,
-        "backend": dist.get_backend() if dist.is_initialized() else "none",
-        "device": str(device),
-        "checks": [],
-    }
+    report: dict = {"world_size": world, "backend": backend(), "device": str(device), "checks": []}
     for name, chunk in (("gather + local loss", 0), ("gather + local loss + GradCache(chunk 2)", 2)):
         got = _distributed_grad(rank, device, chunk)
         if rank == 0:
             want = _reference_grad(world, device, chunk)
             rel = ((got - want).abs().max() / want.abs().max()).item()
             report["checks"].append({"check": f"{name} vs one process", "max_rel_diff": rel, "ok": rel < TOLERANCE})
-    report["allgather_GBps"] = _bandwidth(device, world)
+    report["allgather_GBps"] = allgather_bandwidth(device)
     report["rows_per_s"] = _throughput(rank, device, world)
+    report["rank"] = rank
     if rank == 0:
         report["ok"] = all(c["ok"] for c in report["checks"])
-        _print(report, as_json)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
     return report
-
-
-def _print(report: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"embedscale doctor: {report['world_size']} rank(s), {report['backend']}, {report['device']}")
-    for col in ("check", "value", "verdict"):
-        table.add_column(col)
-    for c in report["checks"]:
-        table.add_row(c["check"], f"max rel diff {c['max_rel_diff']:.1e}", "[green]OK" if c["ok"] else "[red]WRONG")
-    table.add_row("all-gather bandwidth", f"{report['allgather_GBps']:.2f} GB/s", "-")
-    table.add_row("step throughput (tiny model)", f"{report['rows_per_s']:.0f} rows/s", "-")
-    Console().print(table)
-    print("verdict:", "exact" if report["ok"] else "GRADIENTS DIFFER: do not train at scale on this setup")
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="embedscale doctor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args()
-    report = run(as_json=args.json)
-    return 0 if report.get("ok", True) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

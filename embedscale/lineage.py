@@ -1,4 +1,5 @@
-"""Job `embedscale pipeline`: run stages (train, mine, evaluate, shard, reranker) in order, each from the last.
+"""Pipelines of stages (train, mine, evaluate, shard, reranker), each from the last, with lineage per stage
+(`embedscale pipeline`, embedscale/jobs/pipeline.py).
 
     embedscale pipeline                                  # recipe=iterative: train -> mine with it -> train
     embedscale pipeline recipe=iterative pipeline.output=runs/iter1
@@ -27,16 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embedscale.cli import conf_dir, hydra_job
-from embedscale.config import PipelineJobConfig
+from embedscale.config import PipelineConfig
+from embedscale.jobs import JOBS
 
-STAGE_JOBS = {
-    "train": ("embedscale.train", "train", "TrainConfig"),
-    "mine": ("embedscale.mine", "mine", "MineJobConfig"),
-    "evaluate": ("embedscale.evaluate", "evaluate", "EvaluateConfig"),
-    "shard": ("embedscale.shard", "shard", "ShardJobConfig"),
-    "reranker": ("embedscale.reranker", "reranker", "RerankerJobConfig"),
-}
 _REF = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 
 
@@ -72,36 +66,9 @@ def resolve_refs(value: Any, dirs: dict[str, Path], stage: str, parents: list[st
     return value
 
 
-def compose_stage(job: str, overrides: list[str], extra: dict | None = None):
-    """The typed config of `embedscale <job> <overrides>`, then `extra` merged over it as a config file would
-    be (compose-time errors name the stage's key)."""
-    import importlib
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError
-
-    from embedscale import config as schemas
-    from embedscale.config import register_configs, to_config
-
-    _, config_name, schema = STAGE_JOBS[job]
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        raw = compose(config_name=config_name, overrides=list(overrides))
-    if extra:
-        try:
-            raw = OmegaConf.merge(raw, OmegaConf.create(extra))
-        except ConfigKeyError as err:
-            raise ValueError(f"pipeline stage config: {err.msg} (full key: {err.full_key})") from err
-    importlib.import_module(STAGE_JOBS[job][0])
-    return to_config(raw, getattr(schemas, schema))
-
-
-def _manifests_read(cfg) -> list[dict]:
+def manifests_read(cfg) -> list[dict]:
     """Name, path and sha256 of the shard manifests a train stage reads (lineage of its data)."""
-    from embedscale.data.readers import resolve_data_root, resolve_path
+    from embedscale.data.records import resolve_data_root, resolve_path
 
     data = getattr(cfg, "data", None)
     if data is None or getattr(data.format, "value", None) != "shards":
@@ -126,7 +93,7 @@ def _manifests_read(cfg) -> list[dict]:
     return out
 
 
-def _produced(job: str, result: dict) -> dict:
+def produced(job: str, result: dict) -> dict:
     if job == "train":
         keys = ("eval", "export_dir", "train", "init_from")
         return {k: result.get(k) for k in keys}
@@ -160,27 +127,14 @@ def metrics_table(summary: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k == "stage" or k.rsplit("/", 1)[-1] in TABLE_METRICS} for row in rows]
 
 
-def print_metrics_table(rows: list[dict], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    columns = sorted({k for row in rows for k in row if k != "stage"})
-    table = Table(title=title)
-    table.add_column("stage")
-    for c in columns:
-        table.add_column(c, justify="right")
-    for row in rows:
-        table.add_row(row["stage"], *(f"{row[c]:.4f}" if c in row else "-" for c in columns))
-    Console().print(table)
-
-
-def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
+def run_stages(p: PipelineConfig, out: Path) -> dict[str, Any]:
+    """Run pipeline.stages in order under `out` (one directory per stage, lineage.json in each, pipeline.json at
+    the end); stages done before are skipped when pipeline.resume. Returns {output, stages, metrics}."""
     import importlib
 
     from embedscale.export import to_jsonable
+    from embedscale.jobs.launch import compose
 
-    p = cfg.pipeline
-    out = Path(p.output or run_dir or "runs/pipeline").resolve()
     out.mkdir(parents=True, exist_ok=True)
     dirs = {s.name: out / s.name for s in p.stages}
     # Several tasks may run one stage (srun, torchrun): each runs the job, only the first writes lineage.
@@ -201,7 +155,7 @@ def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any
             overrides.append("run_dir={self}")
         resolved, parents = resolve_overrides(overrides, dirs, stage.name)
         extra = resolve_refs(dict(stage.config), dirs, stage.name, parents)
-        stage_cfg = compose_stage(stage.job, resolved, extra)
+        stage_cfg = compose(stage.job, resolved, extra)
         dirs[stage.name].mkdir(parents=True, exist_ok=True)
         lineage = {
             "stage": stage.name,
@@ -212,15 +166,15 @@ def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any
             "stage_config": extra,
             "parents": {name: str(dirs[name]) for name in parents},
             "config": to_jsonable(stage_cfg),
-            "data_manifests": _manifests_read(stage_cfg),
+            "data_manifests": manifests_read(stage_cfg),
         }
         if lead:
             lineage_path.write_text(json.dumps(lineage, indent=2) + "\n")
         print(f"[pipeline] {stage.name}: embedscale {stage.job} " + " ".join(resolved), flush=True)
         start = time.perf_counter()
-        result = importlib.import_module(STAGE_JOBS[stage.job][0]).run(stage_cfg, run_dir=dirs[stage.name])
+        result = importlib.import_module(JOBS[stage.job].module).run(stage_cfg, run_dir=dirs[stage.name])
         lineage.update(
-            status="done", seconds=round(time.perf_counter() - start, 1), produced=_produced(stage.job, result)
+            status="done", seconds=round(time.perf_counter() - start, 1), produced=produced(stage.job, result)
         )
         if lead:
             lineage_path.write_text(json.dumps(to_jsonable(lineage), indent=2) + "\n")
@@ -233,13 +187,4 @@ def run(cfg: PipelineJobConfig, *, run_dir: Path | None = None) -> dict[str, Any
     if lead:
         record = {"name": p.name, "stages": to_jsonable(table), "metrics": rows}
         (out / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
-        if rows:
-            print_metrics_table(rows, f"embedscale pipeline {p.name}: metrics after each stage")
-    print(f"[pipeline] {p.name}: {len(summary)} stage(s) in {out}")
-    return {"output": str(out), "stages": summary, "metrics": rows}
-
-
-main = hydra_job("pipeline", PipelineJobConfig, run)
-
-if __name__ == "__main__":
-    main()
+    return {"output": str(out), "stages": summary, "metrics": rows, "lead": lead}

@@ -1,4 +1,11 @@
-"""The only place with explicit torch.distributed calls: all-gathers with and without gradient.
+"""The only place with explicit torch.distributed calls: process-group helpers and every collective.
+
+- process group: `world()` (rank, size), `init_from_env()` (join what torchrun/srun describe), `barrier()`,
+  `broadcast_object()`;
+- gathers: `all_gather_with_grad` (training: gradient flows back to each rank), `all_gather_no_grad` (ids,
+  metrics), `gather_rows` (rows of a sharded encoding, different counts per rank);
+- gradients: `all_reduce_gradients_` (one flat average per step) and `clip_grad_norm_sharded_` (the global norm
+  over sharded and replicated gradients), which the strategies of embedscale/strategy/ call.
 
 Why gather *with* gradient and score only local rows (docs/training.md, DESIGN.md): rank r's loss is
 the mean over its b queries; summed over ranks that is W x the global mean. The gather's backward is
@@ -23,6 +30,113 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun/srun describe in the environment (WORLD_SIZE > 1), once:
+    NCCL on GPUs (device = LOCAL_RANK), gloo on CPUs. A single process stays without one.
+
+    Two exit-time traps are avoided here. Importing torch.distributed.fsdp/.checkpoint (Lightning and
+    transformers' model classes do) while a gloo group exists takes C++ references to the group, so
+    destroy_process_group cannot free it; they are imported first. And the group is destroyed at exit
+    while the interpreter is alive: gloo worker threads still running during finalisation take the GIL
+    and abort the process ("terminate called without an active exception"), seen on CI.
+    """
+    import atexit
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+
+
+def backend() -> str:
+    """The process group's backend (gloo, nccl), or "none" without one."""
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+
+
+def destroy() -> None:
+    """Leave the process group (all ranks), if there is one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def allgather_bandwidth(device: torch.device, *, megabytes: int = 16, iters: int = 5) -> float:
+    """All-gather bus bandwidth in GB/s ((W-1)/W x gathered bytes / time), 0 for one process."""
+    import time
+
+    _, size = world()
+    if size == 1:
+        return 0.0
+    x = torch.ones(megabytes * 2**20 // 4, device=device)
+    out = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(out, x)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        dist.all_gather(out, x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / iters
+    return (size - 1) / size * size * x.numel() * 4 / seconds / 1e9
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (results computed once, e.g. metrics)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_rows(local_nD: torch.Tensor, positions_n: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows computed on every rank -> the full (total, D) matrix on every rank.
+
+    Rank r holds rows `positions_n` (its share of a corpus) in `local_nD`; ranks may hold different
+    counts. A gather of padded tensors (gloo and NCCL both need equal shapes), then a scatter by position.
+    No gradient: this serves encoding for search, not training (that is all_gather_with_grad).
+    """
+    rank, size = world()
+    if size == 1:
+        out = torch.empty(total, local_nD.shape[1], dtype=local_nD.dtype)
+        out[positions_n] = local_nD
+        return out
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(size)]
+    dist.all_gather(counts, torch.tensor([local_nD.shape[0]], dtype=torch.int64, device=dev))
+    widest = int(max(c.item() for c in counts))
+    dim = torch.tensor([local_nD.shape[1] if local_nD.numel() else 0], dtype=torch.int64, device=dev)
+    dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+    d = int(dim.item())
+    pad_nD = torch.zeros(widest, d, dtype=torch.float32, device=dev)
+    pad_n = torch.full((widest,), -1, dtype=torch.int64, device=dev)
+    if local_nD.shape[0]:  # a rank can have no rows (fewer batches than ranks): (0, 0) from encode_texts
+        pad_nD[: local_nD.shape[0]] = local_nD.float().to(dev)
+    pad_n[: positions_n.shape[0]] = positions_n.to(dev)
+    rows = [torch.empty_like(pad_nD) for _ in range(size)]
+    pos = [torch.empty_like(pad_n) for _ in range(size)]
+    dist.all_gather(rows, pad_nD)
+    dist.all_gather(pos, pad_n)
+    out = torch.empty(total, d, dtype=torch.float32)
+    for r_nD, p_n, c in zip(rows, pos, counts, strict=True):
+        c = int(c.item())
+        out[p_n[:c].cpu()] = r_nD[:c].cpu()
+    return out
 
 
 def check_same_shape(x: torch.Tensor, name: str = "tensor") -> None:

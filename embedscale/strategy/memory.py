@@ -1,7 +1,7 @@
-"""Job `embedscale plan`: per-GPU memory of a training setup, term by term, and the largest GradCache chunk
-that fits.
+"""The memory each strategy needs per GPU, term by term, and the largest GradCache chunk that fits (the model
+behind `embedscale plan`, embedscale/jobs/plan.py).
 
-    embedscale plan plan.gpus=8 plan.gpu_memory_gib=80 plan.global_batch=4096 plan.strategy=zero2
+    embedscale plan plan.gpus=8 plan.gpu_memory_gib=80 plan.global_batch_size=4096 plan.strategy=zero2
     embedscale plan model=e5_mistral +plan=e5_mistral_7b          # the 7B worked example of docs/plan.md
 
 Why a closed-form planner and not a dry run: the setups worth planning (a 7B decoder on 8 x 80 GiB) do not fit
@@ -23,13 +23,10 @@ k = hard negatives, d = embedding dim (= h), C = N * (1 + k) candidates, r = sco
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from embedscale.cli import hydra_job
 from embedscale.config import PLAN_SHAPE_KEYS, ModelConfig, PlanConfig, PlanJobConfig, Pooling
 
 GIB = 2**30
@@ -168,17 +165,17 @@ def _shape_from_config(name_or_path: str, given: dict, needed: tuple[str, ...]) 
 def resolve_plan(cfg: PlanJobConfig) -> PlanConfig:
     """plan.* with every null filled from model.* (lengths, LoRA rank, dtype, checkpointing)."""
     plan, model = cfg.plan, cfg.model
-    dtype = plan.param_dtype or model.torch_dtype
+    dtype = plan.torch_dtype or model.torch_dtype
     if dtype == "auto":
         raise ValueError(
-            "model.torch_dtype=auto: the planner needs the dtype, set plan.param_dtype=bfloat16 or float32"
+            "model.torch_dtype=auto: the planner needs the dtype, set plan.torch_dtype=bfloat16 or float32"
         )
     return dataclasses.replace(
         plan,
-        query_len=plan.query_len or model.query_max_length,
-        doc_len=plan.doc_len or model.document_max_length,
+        query_max_length=plan.query_max_length or model.query_max_length,
+        document_max_length=plan.document_max_length or model.document_max_length,
         lora_r=model.lora_r if plan.lora_r is None else plan.lora_r,
-        param_dtype=dtype,
+        torch_dtype=dtype,
         gradient_checkpointing=(
             model.gradient_checkpointing if plan.gradient_checkpointing is None else plan.gradient_checkpointing
         ),
@@ -193,7 +190,7 @@ class Term:
 
 
 def _param_bytes(plan: PlanConfig) -> int:
-    return 4 if plan.param_dtype == "float32" else 2
+    return 4 if plan.torch_dtype == "float32" else 2
 
 
 def _act_bytes(plan: PlanConfig) -> int:
@@ -320,7 +317,7 @@ def activation_bytes(
 
 def rank_texts(plan: PlanConfig) -> int:
     """Documents per rank, b (1 + k): the larger side GradCache chunks."""
-    return plan.global_batch // plan.gpus * (1 + plan.num_hard_negatives)
+    return plan.global_batch_size // plan.gpus * (1 + plan.num_hard_negatives)
 
 
 def step_terms(
@@ -330,15 +327,15 @@ def step_terms(
     rank batch at once), the embedding cache, the gathered embeddings, the loss block. mask_bytes: bytes per
     saved dropout-mask element (1 on CUDA; bench/plan_vs_measured.py passes 4 for CPU)."""
     W, k, d = plan.gpus, plan.num_hard_negatives, shape.hidden
-    b = plan.global_batch // W
-    N, C = plan.global_batch, plan.global_batch * (1 + k)
+    b = plan.global_batch_size // W
+    N, C = plan.global_batch_size, plan.global_batch_size * (1 + k)
     act = dict(
         act_bytes=_act_bytes(plan),
         checkpointing=plan.gradient_checkpointing,
         flash=plan.flash_attention,
         mask_bytes=mask_bytes,
     )
-    seq = max(plan.query_len, plan.doc_len)
+    seq = max(plan.query_max_length, plan.document_max_length)
     ckpt = ", checkpointed" if plan.gradient_checkpointing else ""
     if chunk:
         rows = min(chunk, rank_texts(plan))
@@ -346,8 +343,8 @@ def step_terms(
             Term("activations", f"{rows} texts x {seq} tok{ckpt}", activation_bytes(shape, rows=rows, seq=seq, **act))
         ]
     else:
-        a_q = activation_bytes(shape, rows=b, seq=plan.query_len, **act)
-        a_d = activation_bytes(shape, rows=rank_texts(plan), seq=plan.doc_len, **act)
+        a_q = activation_bytes(shape, rows=b, seq=plan.query_max_length, **act)
+        a_d = activation_bytes(shape, rows=rank_texts(plan), seq=plan.document_max_length, **act)
         terms = [Term("activations", f"whole rank batch, no GradCache{ckpt}", a_q + a_d)]
     terms.append(Term("embedding cache", f"b(2+k) x d x 4 B x 2 (+grads), b={b}", b * (2 + k) * d * 4 * 2))
     gathered = N * (2 + k) * d * 4 * 2 if W > 1 else 0.0
@@ -427,7 +424,7 @@ def advice(shape: ModelShape, plan: PlanConfig, *, row_chunk_size: int) -> str:
         if fits(shape, dataclasses.replace(plan, **change), chunk=1, row_chunk_size=row_chunk_size):
             helps.append(label)
     for factor in (2, 4, 8):
-        more = dataclasses.replace(plan, gpus=plan.gpus * factor, global_batch=plan.global_batch * factor)
+        more = dataclasses.replace(plan, gpus=plan.gpus * factor, global_batch_size=plan.global_batch_size * factor)
         if plan.strategy != "ddp" and fits(shape, more, chunk=1, row_chunk_size=row_chunk_size):
             helps.append(f"plan.gpus={more.gpus} (same per-rank batch)")
             break
@@ -465,49 +462,3 @@ def plan_memory(shape: ModelShape, plan: PlanConfig, *, row_chunk_size: int) -> 
         "budget_gib": budget_bytes(plan) / GIB,
         "message": message,
     }
-
-
-def print_report(result: dict[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col, justify in (("term", "left"), ("formula / basis", "left"), ("GiB", "right")):
-        table.add_column(col, justify=justify)
-    for t in result["terms"]:
-        table.add_row(t["name"], t["basis"], f"{t['gib']:.3f}")
-    table.add_row("total", f"budget {result['budget_gib']:.1f} GiB", f"{result['total_gib']:.3f}", style="bold")
-    console = Console()
-    console.print(table)
-    chunk = result["chunk"]
-    if chunk is None:
-        console.print(f"[bold red]no chunk fits[/]: {result['message']}")
-    else:
-        extra = f" (largest integer: {result['max_chunk']})" if result["max_chunk"] and chunk else ""
-        console.print(f"chunk: [bold]{chunk}[/]{extra} -- {result['message']}")
-
-
-def run(cfg: PlanJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
-    plan = resolve_plan(cfg)
-    shape = resolve_shape(cfg.model, plan)
-    result = {"model": cfg.model.name_or_path, **plan_memory(shape, plan, row_chunk_size=cfg.loss.row_chunk_size)}
-    p = plan
-    title = (
-        f"{cfg.model.name_or_path}: {shape.params / 1e9:.3g}B params, "
-        f"{p.strategy} on {p.gpus} x {p.gpu_memory_gib:g} GiB, "
-        f"global batch {p.global_batch} (k={p.num_hard_negatives}), {p.query_len}/{p.doc_len} tok, "
-        f"{p.param_dtype}{' + bf16 autocast' if p.mixed_precision else ''}, LoRA r={p.lora_r}, "
-        f"checkpointing={p.gradient_checkpointing}"
-    )
-    print_report(result, title)
-    out = Path(p.output) if p.output else Path(run_dir or "runs/plan") / "plan.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    return result
-
-
-main = hydra_job("plan", PlanJobConfig, run)
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,8 @@
-"""Job `embedscale evaluate`: load any model or embedscale export -> BEIR/STS evaluators -> metrics.json."""
+"""Job `embedscale evaluate`: load any model or embedscale export -> BEIR/STS evaluators -> metrics.json.
+
+embedscale evaluate model.name_or_path=runs/train/<ts>/model eval=scifact_stsb
+torchrun --standalone --nproc_per_node=2 -m embedscale.jobs.evaluate ...   # encoding sharded, same metrics
+"""
 
 from __future__ import annotations
 
@@ -6,31 +10,32 @@ import json
 from pathlib import Path
 from typing import Any
 
-from embedscale.cli import hydra_job
 from embedscale.config import EvaluateConfig
+from embedscale.jobs.launch import hydra_job
 
 
 def run(cfg: EvaluateConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.records import resolve_data_root
+    from embedscale.distributed import init_from_env, world
     from embedscale.encoder.biencoder import load_encoder
     from embedscale.retrieval.evaluator import build_evaluators, evaluate_all
-    from embedscale.retrieval.index import init_distributed_from_env, rank_world
 
-    init_distributed_from_env()  # under torchrun: the encoding is split over the ranks, metrics computed once
+    init_from_env()  # under torchrun: the encoding is split over the ranks, metrics computed once
     run_dir = Path(run_dir or "runs/evaluate").resolve()
     encoder, tokenizer = load_encoder(cfg.model)
-    root = resolve_data_root(cfg.data_root)
-    evaluators = build_evaluators(cfg.eval, root=root, default_max_length=encoder.cfg.document_max_length)
+    evaluators = build_evaluators(
+        cfg.eval, root=resolve_data_root(cfg.data_root), default_max_length=encoder.cfg.document_max_length
+    )
     if not evaluators:
         raise ValueError("nothing to evaluate: add sets to eval.beir or eval.sts (e.g. eval=scifact_stsb)")
     metrics = evaluate_all(evaluators, encoder, tokenizer, run_dir=run_dir if cfg.eval.save_runs else None)
-    if rank_world()[0] != 0:
+    rank, size = world()
+    if rank != 0:
         return metrics
     out = Path(cfg.output) if cfg.output else run_dir / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    world = rank_world()[1]
     out.write_text(
-        json.dumps({"model": cfg.model.name_or_path, "world_size": world, "metrics": metrics}, indent=2) + "\n"
+        json.dumps({"model": cfg.model.name_or_path, "world_size": size, "metrics": metrics}, indent=2) + "\n"
     )
     width = max(map(len, metrics))
     for name, value in metrics.items():
@@ -46,7 +51,7 @@ def run(cfg: EvaluateConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     return metrics
 
 
-main = hydra_job("evaluate", EvaluateConfig, run)
+main = hydra_job("evaluate", run)
 
 if __name__ == "__main__":
     main()

@@ -6,58 +6,25 @@ precision -> sweep.json and a table.
 A job of its own rather than flags on `embedscale evaluate`: it answers another question (what a smaller
 index costs, not how good the model is), writes another artifact (rows of {set, dim, precision, metrics,
 bytes}, not evaluate's flat metrics dict), reads retrieval sets only, and its knobs (dims, precisions,
-rescoring depth) would otherwise sit in every evaluate config. The arithmetic lives in
-retrieval/quantize.py; this file only wires config, evaluators and output.
+rescoring depth) would otherwise sit in every evaluate config. The arithmetic lives in retrieval/quantize.py.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from embedscale.cli import hydra_job
 from embedscale.config import SweepJobConfig
-
-COLUMNS = ("set", "dim", "precision", "ndcg@10", "recall@100", "bytes_per_doc", "rescore_bytes_per_doc")
-
-
-def format_table(rows: list[dict]) -> str:
-    """Plain-text table of sweep rows (also what bench/sweeps.py prints)."""
-    cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)), "-|-".join("-" * w for w in widths)]
-    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
-def sweep_rows(cfg: SweepJobConfig, evaluators: list, encoder, tokenizer) -> dict[str, list[dict]]:
-    """{"matryoshka": rows, "quantization": rows} over every evaluator, each encoded once."""
-    from embedscale.retrieval.quantize import matryoshka_sweep, quantization_sweep
-
-    out: dict[str, list[dict]] = {"matryoshka": [], "quantization": []}
-    for ev in evaluators:
-        embeddings = ev.embeddings(encoder, tokenizer)
-        out["matryoshka"] += matryoshka_sweep(ev, encoder, tokenizer, cfg.sweep.dims, embeddings=embeddings)
-        if cfg.sweep.precisions:
-            out["quantization"] += quantization_sweep(
-                ev,
-                encoder,
-                tokenizer,
-                cfg.sweep.precisions,
-                dims=cfg.sweep.quantization_dims,
-                rescore_multiplier=cfg.sweep.rescore_multiplier,
-                embeddings=embeddings,
-            )
-    return out
+from embedscale.jobs.launch import hydra_job
 
 
 def run(cfg: SweepJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
-    import time
-
-    from embedscale.data.readers import resolve_data_root
+    from embedscale.data.records import resolve_data_root
     from embedscale.encoder.biencoder import load_encoder
     from embedscale.retrieval.evaluator import build_evaluators
+    from embedscale.retrieval.quantize import format_table, sweep_rows
 
     start = time.perf_counter()
     run_dir = Path(run_dir or "runs/sweep").resolve()
@@ -70,7 +37,7 @@ def run(cfg: SweepJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     result = {
         "model": cfg.model.name_or_path,
         "rescore_multiplier": cfg.sweep.rescore_multiplier,
-        **sweep_rows(cfg, evaluators, encoder, tokenizer),
+        **sweep_rows(cfg.sweep, evaluators, encoder, tokenizer),
     }
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(cfg.sweep.output) if cfg.sweep.output else run_dir / "sweep.json"
@@ -83,7 +50,7 @@ def run(cfg: SweepJobConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     return result
 
 
-main = hydra_job("sweep", SweepJobConfig, run)
+main = hydra_job("sweep", run)
 
 if __name__ == "__main__":
     main()

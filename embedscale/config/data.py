@@ -1,0 +1,199 @@
+"""`data.*`: what a training run reads and how it batches it (the global-batch contract, docs/data.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from embedscale.config.choices import DataFormat, OnError, PretrainTask, ShardFormat, TeacherScores, coerce_choices
+
+
+@dataclass
+class SourceConfig:
+    """One source of a sharded mixture (data.format=shards)."""
+
+    path: str = "???"
+    """Directory written by `embedscale shard` (holds manifest.json), relative to data.root unless absolute."""
+    name: str | None = None
+    """Source name in logs and the loader state; default: the manifest's name."""
+    weight: float | None = None
+    """Share of global batches drawn from this source; None: (samples) ** data.mixture_alpha."""
+    global_batch_size: int | None = None
+    """This source's global batch size; None: the run's (data.global_batch_size). Must split over the ranks."""
+    in_batch_negatives: bool = True
+    """False: queries of this source see only their own positive and hard negatives (other rows are not
+    true negatives here, e.g. sources with many near-duplicate texts)."""
+    query_prefix: str | None = None
+    """Instruction template prepended to this source's queries at collate time (e.g. "Instruct: Given a claim,
+    find evidence\\nQuery: "); None: the model's (model.query_prefix)."""
+    document_prefix: str | None = None
+    """The same for this source's documents; None: the model's (model.document_prefix)."""
+
+
+@dataclass
+class PretrainConfig:
+    """data.format=corpus: (query, positive) pairs made from unlabelled documents, fresh each epoch
+    (embedscale/data/pretrain.py). Deterministic from (seed, epoch, document id)."""
+
+    task: PretrainTask = PretrainTask.mixed
+    """ict: inverse cloze task (a sentence -> the rest of its document, ORQA); spans: two independent random word
+    spans of a document (Contriever's cropping); mixed: each document picks one per epoch with probability 0.5."""
+    ict_keep_prob: float = 0.1
+    """ICT: probability that the query sentence is left in its positive (ORQA keeps it 10% of the time, so the
+    model also learns that word overlap matters)."""
+    span_min_ratio: float = 0.1
+    """spans: each span's length, in words, is uniform in [span_min_ratio, span_max_ratio] x the document's
+    word count."""
+    span_max_ratio: float = 0.5
+    """spans: the upper end of that range."""
+    min_words: int = 16
+    """Documents with fewer words are not used (counted and logged)."""
+    min_query_words: int = 4
+    """ICT picks its query among sentences of at least this many words; spans are at least this long when the
+    document allows. A document without such a sentence, or with fewer than 2 sentences, uses spans (counted)."""
+    text_field: str = "text"
+    """Field of a JSONL corpus file holding the text (a BEIR directory always uses `text`)."""
+    title_field: str = "title"
+    """Field of a JSONL corpus file holding the title (a BEIR directory always uses `title`); a title is
+    prepended to the ICT positive, as ORQA does."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "data.pretrain")
+        if not 0 <= self.ict_keep_prob <= 1:
+            raise ValueError(f"data.pretrain.ict_keep_prob={self.ict_keep_prob}: use a probability in [0, 1]")
+        if not 0 < self.span_min_ratio <= 1:
+            raise ValueError(f"data.pretrain.span_min_ratio={self.span_min_ratio}: use a value in (0, 1]")
+        if not self.span_min_ratio <= self.span_max_ratio <= 1:
+            raise ValueError(
+                f"data.pretrain.span_max_ratio={self.span_max_ratio}: use a value in "
+                f"[data.pretrain.span_min_ratio={self.span_min_ratio}, 1]"
+            )
+        if self.min_words < 2:
+            raise ValueError(f"data.pretrain.min_words={self.min_words}: a pair needs at least 2 words, use >= 2")
+        if self.min_query_words < 1:
+            raise ValueError(f"data.pretrain.min_query_words={self.min_query_words}: use >= 1")
+        for key in ("text_field", "title_field"):
+            if not getattr(self, key):
+                raise ValueError(f"data.pretrain.{key} is empty: give the JSONL corpus's field name")
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    """Data root; None reads $EMBEDSCALE_DATA, then ../shared/data next to the working directory or repo."""
+    format: DataFormat = DataFormat.beir
+    """beir: corpus.jsonl(.gz) + queries.jsonl + qrels/<split>.tsv; jsonl: one pair/triplet per line;
+    shards: `embedscale shard` output; corpus: unlabelled documents (a BEIR directory's corpus or a JSONL file),
+    turned into pre-training pairs each epoch (data.pretrain)."""
+    path: str = "scifact"
+    """Dataset directory (beir, corpus) or file (jsonl, corpus), relative to data.root unless absolute."""
+    split: str = "train"
+    """qrels split for the beir format."""
+    query_field: str = "query"
+    """JSONL field holding the query."""
+    positive_field: str = "positive"
+    """JSONL field holding the positive document."""
+    negatives_field: str = "negatives"
+    """JSONL field holding the hard negatives: a string or a list of strings."""
+    num_hard_negatives: int = 0
+    """Hard negatives per query taken from each sample (k); samples with fewer are an error."""
+    batch_size_per_rank: int | None = 32
+    """Queries per rank per step. null: derived from global_batch_size / world size."""
+    global_batch_size: int | None = None
+    """Queries per optimizer step over all ranks: each query sees global_batch_size - 1 in-batch negatives
+    (plus hard negatives). The world size is trainer.devices x trainer.num_nodes. Give this or
+    batch_size_per_rank (the other null), or both when they agree; anything else fails at compose time."""
+    num_workers: int = 0
+    """DataLoader workers (tokenisation happens in them)."""
+    shuffle: bool = True
+    """Shuffle the examples (in memory) or the shards and samples (data.format=shards) every epoch, seeded."""
+    no_duplicates: bool = True
+    """Compose each global batch without repeated texts (query, positive or hard negative) where the data
+    allows, deferring a colliding example to the next batch; what cannot be avoided is masked by
+    loss.mask_duplicates. No example is dropped for being a duplicate."""
+    max_samples: int | None = None
+    """Use only the first N samples (smoke tests, debugging)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """data.format=shards: the mixture's sources; empty: one source at data.path."""
+    homogeneous_batches: bool = True
+    """data.format=shards: each global batch from one source (the same on every rank: in-batch negatives
+    of one kind); false: every global batch mixes the sources' rows by weight."""
+    mixture_alpha: float = 1.0
+    """Weight of a source without an explicit weight: samples ** alpha (1: proportional to size, 0: uniform)."""
+    shuffle_window: int = 8
+    """data.format=shards: samples are shuffled within windows of this many (shuffled) shards."""
+    length_bucket: int = 0
+    """data.format=shards: sort runs of this many shuffled samples by size so batches pad little (e.g. 16 x
+    the global batch); 0: off. In-batch negatives then share a length range; the order stays exact."""
+    steps_per_epoch: int | None = None
+    """data.format=shards: global batches per epoch; None: all samples of all sources // global batch."""
+    on_error: str = field(default="raise", metadata={"choices": OnError})
+    """data.format=shards, a sample that cannot be read or is invalid (truncated or missing shard, bad JSON
+    or UTF-8, empty text, too few negatives): `raise` (names the shard, the sample and the fix) or `skip`
+    (its row is refilled with a copy of a good row of the slice, which the loss masks; counted per reason
+    in the logs and metrics.json)."""
+    teacher_scores: TeacherScores | None = None
+    """data.format=shards from `embedscale mine`: distil from the scores stored with each sample's positive and
+    negatives -- `cross_encoder` (mined with mine.cross_encoder) or `retriever` (the mining model's); see
+    loss.distill_weight. None: no teacher."""
+    record_keys: bool = False
+    """Write every consumed batch's sample keys to <run_dir>/samples/rank<r>.jsonl (step, source, keys)."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """data.format=corpus: how pairs are made from the documents (ICT, spans); ignored by the other formats.
+    data.max_samples then limits documents."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "data")
+        if self.batch_size_per_rank is None and self.global_batch_size is None:
+            raise ValueError("data.batch_size_per_rank and data.global_batch_size are both null: set one of them")
+        for key in ("batch_size_per_rank", "global_batch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {value}")
+        if self.num_hard_negatives < 0:
+            raise ValueError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
+        if self.format is DataFormat.corpus and self.num_hard_negatives:
+            raise ValueError(
+                f"data.format=corpus makes (query, positive) pairs only, but data.num_hard_negatives="
+                f"{self.num_hard_negatives}: set data.num_hard_negatives=0"
+            )
+
+
+@dataclass
+class ShardConfig:
+    """`embedscale shard`: convert inputs into WebDataset tar shards with a manifest (docs/data.md)."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Input files (jsonl/tsv/csv, optionally .gz) or directories (beir layout, hf save_to_disk),
+    relative to data_root unless absolute; each is converted in parallel with the others."""
+    format: ShardFormat = ShardFormat.jsonl
+    """jsonl, beir, tsv, csv or hf (a `datasets` save_to_disk directory)."""
+    name: str | None = None
+    """Dataset name: shard file prefix, the samples' `source` and key prefix. Default: the first input's stem."""
+    output: str | None = None
+    """Output directory; None: shards/<name> under the working directory."""
+    split: str = "train"
+    """qrels split (beir) or DatasetDict split (hf)."""
+    query_field: str = "query"
+    """Field (jsonl, hf) or column (tsv, csv) holding the query."""
+    positive_field: str = "positive"
+    """Field or column holding the positive."""
+    negatives_field: str = "negatives"
+    """Field holding the negatives (jsonl, hf: a string or a list); for tsv/csv, every column whose name starts
+    with it."""
+    target_mb: float = 64.0
+    """Close a shard before it exceeds this size (MB = 2**20 bytes). 0: no byte limit."""
+    samples_per_shard: int = 0
+    """Close a shard at this many samples. 0: no count limit."""
+    workers: int = 1
+    """Inputs converted in parallel (processes)."""
+    overwrite: bool = False
+    """Replace an existing output dataset (its manifest's files); otherwise an existing manifest is an error."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "shard")
+        if self.target_mb <= 0 and self.samples_per_shard <= 0:
+            raise ValueError("shard.target_mb and shard.samples_per_shard are both 0: set a shard size")
+        if self.name is not None and (not self.name or any(c in self.name for c in "./ ")):
+            raise ValueError(f"shard.name={self.name!r} must be non-empty without '.', '/' or spaces")
+        if self.workers < 1:
+            raise ValueError(f"shard.workers must be >= 1, got {self.workers}")

