@@ -23,8 +23,9 @@ $(BIN)/uv:
 	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
 
 $(BIN)/.installed: $(LOCK) pyproject.toml | $(BIN)/uv
-	# exactly the lock (sync: nothing resolved on the day, nothing left over from an older lock), then the package
-	$(UV_PIP) sync --python $(BIN)/python $(TORCH_SOURCE) $(LOCK)
+	# exactly the lock (sync: nothing resolved on the day, nothing left over from an older lock), then the package;
+	# bytecode compiled now, as pip does: with PYTHONDONTWRITEBYTECODE set, every process would compile its imports
+	$(UV_PIP) sync --compile-bytecode --python $(BIN)/python $(TORCH_SOURCE) $(LOCK)
 	$(UV_PIP) install --python $(BIN)/python --no-deps -e .
 	$(UV_PIP) check --python $(BIN)/python
 	touch $@
