@@ -90,7 +90,7 @@ def test_typos_and_wrong_types_fail_naming_the_full_key(override, key):
         (["trainer=ddp_cpu", "data.global_batch_size=32"], r"set data\.batch_size_per_rank=null"),
         (["trainer=ddp_cpu", "data.batch_size_per_rank=null", "data.global_batch_size=33"], r"multiple of 2"),
         (["data.batch_size_per_rank=null"], r"both null"),
-        (["data.global_batch_size=0"], r"data\.global_batch_size must be >= 1"),
+        (["data.global_batch_size=0"], r"data\.global_batch_size=0 is out of range: use >= 1"),
         (["gradcache.chunk_size=32"], r"lower gradcache\.chunk_size"),
         (["gradcache.token_budget=100"], r"raise gradcache\.token_budget to at least 256"),
     ],

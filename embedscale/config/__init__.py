@@ -40,6 +40,7 @@ from embedscale.config.choices import (
     TeacherScores,
     TorchDtype,
     TriState,
+    Verify,
     WandbMode,
     parse_choice,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "TrainConfig",
     "TrainerConfig",
     "TriState",
+    "Verify",
     "WandbMode",
     "parse_choice",
     "register_configs",

@@ -101,6 +101,21 @@ class OnError(enum.StrEnum):
     skip = "skip"
 
 
+class Verify(enum.StrEnum):
+    """data.verify: how a sharded dataset is checked against its manifest when opened (data/integrity.py)."""
+
+    full = "full"
+    size = "size"
+    off = "off"
+
+
+class MissingDocuments(enum.StrEnum):
+    """eval.missing_documents: qrels judging documents the corpus lacks."""
+
+    raise_ = "raise"
+    warn = "warn"
+
+
 class TeacherScores(enum.StrEnum):
     cross_encoder = "cross_encoder"
     retriever = "retriever"

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from embedscale.config.choices import DataFormat, OnError, PretrainTask, ShardFormat, TeacherScores, coerce_choices
+from embedscale.config.choices import (
+    DataFormat,
+    OnError,
+    PretrainTask,
+    ShardFormat,
+    TeacherScores,
+    Verify,
+)
+from embedscale.config.fields import bounded, check_fields
 
 
 @dataclass
@@ -15,9 +23,9 @@ class SourceConfig:
     """Directory written by `embedscale shard` (holds manifest.json), relative to data.root unless absolute."""
     name: str | None = None
     """Source name in logs and the loader state; default: the manifest's name."""
-    weight: float | None = None
+    weight: float | None = bounded(None, ge=0)
     """Share of global batches drawn from this source; None: (samples) ** data.mixture_alpha."""
-    global_batch_size: int | None = None
+    global_batch_size: int | None = bounded(None, ge=1)
     """This source's global batch size; None: the run's (data.global_batch_size). Must split over the ranks."""
     in_batch_negatives: bool = True
     """False: queries of this source see only their own positive and hard negatives (other rows are not
@@ -28,6 +36,9 @@ class SourceConfig:
     document_prefix: str | None = None
     """The same for this source's documents; None: the model's (model.document_prefix)."""
 
+    def __post_init__(self) -> None:
+        check_fields(self, "data.sources[]")
+
 
 @dataclass
 class PretrainConfig:
@@ -37,17 +48,17 @@ class PretrainConfig:
     task: PretrainTask = PretrainTask.mixed
     """ict: inverse cloze task (a sentence -> the rest of its document, ORQA); spans: two independent random word
     spans of a document (Contriever's cropping); mixed: each document picks one per epoch with probability 0.5."""
-    ict_keep_prob: float = 0.1
+    ict_keep_prob: float = bounded(0.1, ge=0, le=1)
     """ICT: probability that the query sentence is left in its positive (ORQA keeps it 10% of the time, so the
     model also learns that word overlap matters)."""
-    span_min_ratio: float = 0.1
+    span_min_ratio: float = bounded(0.1, gt=0, le=1)
     """spans: each span's length, in words, is uniform in [span_min_ratio, span_max_ratio] x the document's
     word count."""
-    span_max_ratio: float = 0.5
+    span_max_ratio: float = bounded(0.5, gt=0, le=1)
     """spans: the upper end of that range."""
-    min_words: int = 16
+    min_words: int = bounded(16, ge=2)
     """Documents with fewer words are not used (counted and logged)."""
-    min_query_words: int = 4
+    min_query_words: int = bounded(4, ge=1)
     """ICT picks its query among sentences of at least this many words; spans are at least this long when the
     document allows. A document without such a sentence, or with fewer than 2 sentences, uses spans (counted)."""
     text_field: str = "text"
@@ -57,20 +68,12 @@ class PretrainConfig:
     prepended to the ICT positive, as ORQA does."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "data.pretrain")
-        if not 0 <= self.ict_keep_prob <= 1:
-            raise ValueError(f"data.pretrain.ict_keep_prob={self.ict_keep_prob}: use a probability in [0, 1]")
-        if not 0 < self.span_min_ratio <= 1:
-            raise ValueError(f"data.pretrain.span_min_ratio={self.span_min_ratio}: use a value in (0, 1]")
+        check_fields(self, "data.pretrain")
         if not self.span_min_ratio <= self.span_max_ratio <= 1:
             raise ValueError(
                 f"data.pretrain.span_max_ratio={self.span_max_ratio}: use a value in "
                 f"[data.pretrain.span_min_ratio={self.span_min_ratio}, 1]"
             )
-        if self.min_words < 2:
-            raise ValueError(f"data.pretrain.min_words={self.min_words}: a pair needs at least 2 words, use >= 2")
-        if self.min_query_words < 1:
-            raise ValueError(f"data.pretrain.min_query_words={self.min_query_words}: use >= 1")
         for key in ("text_field", "title_field"):
             if not getattr(self, key):
                 raise ValueError(f"data.pretrain.{key} is empty: give the JSONL corpus's field name")
@@ -94,15 +97,15 @@ class DataConfig:
     """JSONL field holding the positive document."""
     negatives_field: str = "negatives"
     """JSONL field holding the hard negatives: a string or a list of strings."""
-    num_hard_negatives: int = 0
+    num_hard_negatives: int = bounded(0, ge=0)
     """Hard negatives per query taken from each sample (k); samples with fewer are an error."""
-    batch_size_per_rank: int | None = 32
+    batch_size_per_rank: int | None = bounded(32, ge=1)
     """Queries per rank per step. null: derived from global_batch_size / world size."""
-    global_batch_size: int | None = None
+    global_batch_size: int | None = bounded(None, ge=1)
     """Queries per optimizer step over all ranks: each query sees global_batch_size - 1 in-batch negatives
     (plus hard negatives). The world size is trainer.devices x trainer.num_nodes. Give this or
     batch_size_per_rank (the other null), or both when they agree; anything else fails at compose time."""
-    num_workers: int = 0
+    num_workers: int = bounded(0, ge=0)
     """DataLoader workers (tokenisation happens in them)."""
     shuffle: bool = True
     """Shuffle the examples (in memory) or the shards and samples (data.format=shards) every epoch, seeded."""
@@ -110,27 +113,34 @@ class DataConfig:
     """Compose each global batch without repeated texts (query, positive or hard negative) where the data
     allows, deferring a colliding example to the next batch; what cannot be avoided is masked by
     loss.mask_duplicates. No example is dropped for being a duplicate."""
-    max_samples: int | None = None
+    max_samples: int | None = bounded(None, ge=1)
     """Use only the first N samples (smoke tests, debugging)."""
     sources: list[SourceConfig] = field(default_factory=list)
     """data.format=shards: the mixture's sources; empty: one source at data.path."""
     homogeneous_batches: bool = True
     """data.format=shards: each global batch from one source (the same on every rank: in-batch negatives
     of one kind); false: every global batch mixes the sources' rows by weight."""
-    mixture_alpha: float = 1.0
+    mixture_alpha: float = bounded(1.0, ge=0)
     """Weight of a source without an explicit weight: samples ** alpha (1: proportional to size, 0: uniform)."""
-    shuffle_window: int = 8
+    shuffle_window: int = bounded(8, ge=1)
     """data.format=shards: samples are shuffled within windows of this many (shuffled) shards."""
-    length_bucket: int = 0
+    length_bucket: int = bounded(0, ge=0)
     """data.format=shards: sort runs of this many shuffled samples by size so batches pad little (e.g. 16 x
     the global batch); 0: off. In-batch negatives then share a length range; the order stays exact."""
-    steps_per_epoch: int | None = None
+    steps_per_epoch: int | None = bounded(None, ge=1)
     """data.format=shards: global batches per epoch; None: all samples of all sources // global batch."""
     on_error: str = field(default="raise", metadata={"choices": OnError})
     """data.format=shards, a sample that cannot be read or is invalid (truncated or missing shard, bad JSON
     or UTF-8, empty text, too few negatives): `raise` (names the shard, the sample and the fix) or `skip`
     (its row is refilled with a copy of a good row of the slice, which the loss masks; counted per reason
     in the logs and metrics.json)."""
+    verify: Verify = Verify.full
+    """data.format=shards: check each source's files against its manifest when it opens -- full: sizes and sha256
+    (cached by size and mtime: a dataset is hashed once, not every run), size: sizes only, off: nothing (see
+    docs/reliability.md)."""
+    max_skipped_fraction: float = bounded(0.001, ge=0, le=1)
+    """data.on_error=skip: the run fails once more than this fraction of the dataset's samples were skipped (each
+    rank its share); every skip reason is logged once with an example, and counted."""
     teacher_scores: TeacherScores | None = None
     """data.format=shards from `embedscale mine`: distil from the scores stored with each sample's positive and
     negatives -- `cross_encoder` (mined with mine.cross_encoder) or `retriever` (the mining model's); see
@@ -142,15 +152,9 @@ class DataConfig:
     data.max_samples then limits documents."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "data")
+        check_fields(self, "data")
         if self.batch_size_per_rank is None and self.global_batch_size is None:
             raise ValueError("data.batch_size_per_rank and data.global_batch_size are both null: set one of them")
-        for key in ("batch_size_per_rank", "global_batch_size"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"data.{key} must be >= 1, got {value}")
-        if self.num_hard_negatives < 0:
-            raise ValueError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
         if self.format is DataFormat.corpus and self.num_hard_negatives:
             raise ValueError(
                 f"data.format=corpus makes (query, positive) pairs only, but data.num_hard_negatives="
@@ -180,20 +184,18 @@ class ShardConfig:
     negatives_field: str = "negatives"
     """Field holding the negatives (jsonl, hf: a string or a list); for tsv/csv, every column whose name starts
     with it."""
-    target_mb: float = 64.0
+    target_mb: float = bounded(64.0, ge=0)
     """Close a shard before it exceeds this size (MB = 2**20 bytes). 0: no byte limit."""
-    samples_per_shard: int = 0
+    samples_per_shard: int = bounded(0, ge=0)
     """Close a shard at this many samples. 0: no count limit."""
-    workers: int = 1
+    workers: int = bounded(1, ge=1)
     """Inputs converted in parallel (processes)."""
     overwrite: bool = False
     """Replace an existing output dataset (its manifest's files); otherwise an existing manifest is an error."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "shard")
+        check_fields(self, "shard")
         if self.target_mb <= 0 and self.samples_per_shard <= 0:
             raise ValueError("shard.target_mb and shard.samples_per_shard are both 0: set a shard size")
         if self.name is not None and (not self.name or any(c in self.name for c in "./ ")):
             raise ValueError(f"shard.name={self.name!r} must be non-empty without '.', '/' or spaces")
-        if self.workers < 1:
-            raise ValueError(f"shard.workers must be >= 1, got {self.workers}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from embedscale.config.choices import MissingDocuments
+from embedscale.config.fields import bounded, check_fields
+
 
 @dataclass
 class BeirSet:
@@ -37,13 +40,13 @@ class EvalConfig:
     """Sentence-similarity sets (Spearman correlation of cosine scores with the gold scores)."""
     k_values: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 100])
     """Cutoffs of the retrieval metrics."""
-    batch_size: int = 64
+    batch_size: int = bounded(64, ge=1)
     """Texts per encoding batch at evaluation."""
-    max_length: int | None = None
+    max_length: int | None = bounded(None, ge=1)
     """Token budget at evaluation; None uses model.document_max_length (the model's own length)."""
     before_training: bool = True
     """Evaluate the initial model before the first step (the 'before' column)."""
-    every_n_steps: int = 0
+    every_n_steps: int = bounded(0, ge=0)
     """Also evaluate every N optimizer steps; 0 evaluates only before and after training."""
     cache_dir: str | None = None
     """Embedding cache keyed by model weights and corpus hash; None uses $EMBEDSCALE_CACHE or ~/.cache/embedscale."""
@@ -52,11 +55,13 @@ class EvalConfig:
     `spearman`); each new best is saved to checkpoints/best.ckpt and recorded in metrics.json (`best`)."""
     export_best: bool = False
     """Export the best evaluated weights (checkpoints/best.ckpt) instead of the final ones."""
+    missing_documents: str = field(default="raise", metadata={"choices": MissingDocuments})
+    """qrels that judge a document the corpus lacks: raise (an error naming the file and the ids) or warn (logged
+    with the count; the judgments stay, as trec_eval counts them: such a document can never be retrieved)."""
     save_runs: bool = True
     """Write each BEIR set's ranked run (top max(k_values) per query) under <run_dir>/runs/."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "eval")
         if not self.k_values or min(self.k_values) < 1:
             raise ValueError(f"eval.k_values must be positive cutoffs, got {list(self.k_values)}")
-        if self.every_n_steps < 0:
-            raise ValueError("eval.every_n_steps must be >= 0")

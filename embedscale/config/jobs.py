@@ -12,6 +12,7 @@ from embedscale.config.batch import resolve_batch_sizes
 from embedscale.config.choices import DataFormat, Precision, Strategy
 from embedscale.config.data import DataConfig, ShardConfig
 from embedscale.config.evaluation import EvalConfig
+from embedscale.config.fields import bounded, check_fields
 from embedscale.config.model import ModelConfig
 from embedscale.config.pipeline import PipelineConfig
 from embedscale.config.plan import PlanConfig
@@ -45,18 +46,22 @@ class TrainConfig:
     """What is evaluated before, during and after training (eval.*)."""
     gradcache: GradCacheConfig = field(default_factory=GradCacheConfig)
     """GradCache: exact gradients with one chunk of activation memory (gradcache.*)."""
-    seed: int = 42
+    seed: int = bounded(42, ge=0, le=2**32 - 1)
     """Seeds Python, numpy and torch on every rank (and DataLoader workers), and the data order."""
     run_dir: str | None = None
     """Where checkpoints, logs, metrics.json and the export go; None uses Hydra's run directory."""
     export: bool = True
     """Export a sentence-transformers/HF model to <run_dir>/model after training."""
+    overwrite: bool = False
+    """Train into a run directory that already holds a run (checkpoints, model/, metrics.json), replacing its
+    checkpoints and export. Without it such a run_dir is refused, unless trainer.resume continues that run."""
     init_from: str | None = None
     """Start from an earlier stage: its run directory (its export, <dir>/model, is used) or an export
     directory. Replaces model.name_or_path; the export restores its pooling, prefixes and towers. The parent
     (path, weights fingerprint, its final metrics) is recorded in metrics.json under `init_from`."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "")
         world = self.trainer.world_size()
         if world is not None:
             sizes = resolve_batch_sizes(self, world)  # checked now; the train job resolves again with the launcher's
@@ -146,12 +151,13 @@ class RerankerJobConfig(DataRoot):
     """Where the training curves go (logger.*)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """The BEIR sets to re-rank on (eval.beir), cutoffs (eval.k_values), bi-encoder settings and cache."""
-    seed: int = 42
+    seed: int = bounded(42, ge=0, le=2**32 - 1)
     """Seeds Python, numpy and torch, and the data order."""
     run_dir: str | None = None
     """Where model/, logs/, runs/ and metrics.json go; None uses Hydra's run directory."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "")
         if self.trainer.world_size() != 1:  # the bi-encoder search after training would wait on absent ranks
             raise ValueError(
                 f"the reranker job trains on one process (trainer.devices={self.trainer.devices}, "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from embedscale.config.choices import PaddingSide, Pooling, TorchDtype, coerce_choices
+from embedscale.config.choices import PaddingSide, Pooling, TorchDtype
+from embedscale.config.fields import bounded, check_fields
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -20,9 +21,9 @@ class ModelConfig:
     """L2-normalise embeddings (cosine similarity)."""
     shared_towers: bool = True
     """One backbone for queries and documents; False trains a separate document tower (initialised identically)."""
-    query_max_length: int = 64
+    query_max_length: int = bounded(64, ge=1)
     """Token budget of a query (after its prefix)."""
-    document_max_length: int = 256
+    document_max_length: int = bounded(256, ge=1)
     """Token budget of a document; also the length evaluation uses by default."""
     query_prefix: str = ""
     """Prepended to every query, e.g. `query: ` (E5) or `Instruct: {task}\\nQuery: ` (decoders)."""
@@ -52,11 +53,11 @@ class ModelConfig:
     """Non-causal attention in a decoder backbone (LLM2Vec, NV-Embed): every token attends to every other.
     Supported where transformers builds the decoder's mask with masking_utils (Mistral, Llama, Qwen2, ...);
     other architectures fail at load time naming this key."""
-    lora_r: int = 0
+    lora_r: int = bounded(0, ge=0)
     """LoRA rank (peft); 0 trains every weight. With LoRA only the adapters train; export merges them."""
-    lora_alpha: float = 16.0
+    lora_alpha: float = bounded(16.0, gt=0)
     """LoRA scaling numerator: the update is (lora_alpha / lora_r) x B A."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = bounded(0.0, ge=0, lt=1)
     """Dropout on the LoRA branch's input."""
     lora_target_modules: list[str] = field(default_factory=list)
     """Module names that get adapters; empty: q_proj/k_proj/v_proj/o_proj where the backbone has them
@@ -69,26 +70,22 @@ class ModelConfig:
     None: transformers' default for the architecture (sdpa where supported). Not saved in the export."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "model")
+        check_fields(self, "model")
         if self.attn_implementation == "":
             raise ValueError("model.attn_implementation is empty: use null, eager, sdpa or flash_attention_2")
-        if self.query_max_length < 1 or self.document_max_length < 1:
-            raise ValueError("model.query_max_length and model.document_max_length must be >= 1")
         if self.pool_exclude_prefix and self.pooling not in (Pooling.mean, Pooling.weighted_mean):
             raise ValueError(
                 f"model.pool_exclude_prefix=true needs model.pooling=mean or weighted_mean, got {self.pooling}: "
                 "set model.pool_exclude_prefix=false"
             )
-        if self.lora_r < 0:
-            raise ValueError(f"model.lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"model.lora_alpha must be > 0, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if any(not name for name in self.lora_target_modules):
             raise ValueError(f"model.lora_target_modules has an empty name: {list(self.lora_target_modules)}")
         if any(d < 1 for d in self.matryoshka_dims):
             raise ValueError(f"model.matryoshka_dims must be positive, got {list(self.matryoshka_dims)}")
+        if any(not (w > 0 and w < float("inf")) for w in self.matryoshka_weights):
+            raise ValueError(
+                f"model.matryoshka_weights must be positive and finite, got {list(self.matryoshka_weights)}"
+            )
         if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
             raise ValueError(
                 f"model.matryoshka_weights has {len(self.matryoshka_weights)} values but model.matryoshka_dims has "

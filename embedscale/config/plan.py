@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from embedscale.config.choices import ParamDtype, PlanStrategy, coerce_choices
+from embedscale.config.choices import ParamDtype, PlanStrategy
+from embedscale.config.fields import bounded, check_fields
 
 PLAN_SHAPE_KEYS = ("params", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
 
@@ -21,19 +22,19 @@ class PlanConfig:
     """ddp (everything replicated), zero1 (optimizer states sharded), zero2 (+ gradients), zero3 (+ weights) or
     fsdp (full sharding: zero3 memory-wise). trainer.strategy=deepspeed with trainer.zero_stage=N is zeroN,
     trainer.strategy=fsdp2 is fsdp."""
-    gpus: int = 1
+    gpus: int = bounded(1, ge=1)
     """Data-parallel ranks (all nodes)."""
-    gpu_memory_gib: float = 80.0
+    gpu_memory_gib: float = bounded(80.0, gt=0)
     """Memory of one GPU in GiB (80 for an H100/A100-80GB)."""
-    global_batch_size: int = 1024
+    global_batch_size: int = bounded(1024, ge=1)
     """Queries per step over all ranks (as data.global_batch_size); must split over plan.gpus."""
-    num_hard_negatives: int = 0
+    num_hard_negatives: int = bounded(0, ge=0)
     """Hard negatives per query (as data.num_hard_negatives)."""
-    query_max_length: int | None = None
+    query_max_length: int | None = bounded(None, ge=1)
     """Tokens per query; null: model.query_max_length."""
-    document_max_length: int | None = None
+    document_max_length: int | None = bounded(None, ge=1)
     """Tokens per document; null: model.document_max_length."""
-    lora_r: int | None = None
+    lora_r: int | None = bounded(None, ge=0)
     """LoRA rank; 0 = full fine-tuning; null: model.lora_r."""
     torch_dtype: ParamDtype | None = None
     """float32, bfloat16 or float16: bytes per stored weight; null: model.torch_dtype (auto is not allowed here)."""
@@ -46,52 +47,38 @@ class PlanConfig:
     """Adam states and fp32 master weights live in CPU memory (DeepSpeed offload_optimizer; needs zero1-3/fsdp)."""
     offload_params: bool = False
     """Sharded weights live in CPU memory, gathered layer by layer (DeepSpeed offload_param; needs zero3/fsdp)."""
-    chunk: int = 0
+    chunk: int = bounded(0, ge=0)
     """GradCache rows per chunk to evaluate; 0 picks the largest that fits."""
-    headroom: float = 0.1
+    headroom: float = bounded(0.1, ge=0, lt=1)
     """Fraction of plan.gpu_memory_gib kept free (fragmentation, spikes the model does not see)."""
-    cuda_context_gib: float = 0.75
+    cuda_context_gib: float = bounded(0.75, ge=0)
     """Fixed per-process cost: CUDA context, cuBLAS/cuDNN workspaces, allocator slack (0.5-1 GiB); 0 on CPU."""
     flash_attention: bool = False
     """Fused attention (SDPA flash / memory-efficient kernels) that stores no heads x s x s score matrix."""
-    params: float | None = None
+    params: float | None = bounded(None, ge=1)
     """Total parameters (e.g. 7.11e9); null: computed from the model's config.json (plan.hidden ... plan.vocab)."""
-    hidden: int | None = None
+    hidden: int | None = bounded(None, ge=1)
     """Hidden size; null: the model's config.json."""
-    layers: int | None = None
+    layers: int | None = bounded(None, ge=1)
     """Transformer layers; null: the model's config.json."""
-    heads: int | None = None
+    heads: int | None = bounded(None, ge=1)
     """Attention heads; null: the model's config.json."""
-    kv_heads: int | None = None
+    kv_heads: int | None = bounded(None, ge=1)
     """Key/value heads (grouped-query attention); null: the config's, else plan.heads."""
-    intermediate: int | None = None
+    intermediate: int | None = bounded(None, ge=1)
     """MLP width; null: the model's config.json."""
-    vocab: int | None = None
+    vocab: int | None = bounded(None, ge=1)
     """Vocabulary size; null: the model's config.json. The shape keys plan a model that is not on disk."""
     output: str | None = None
     """plan.json path; null: <run dir>/plan.json."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "plan")
-        for key in ("gpus", "global_batch_size", "query_max_length", "document_max_length", *PLAN_SHAPE_KEYS):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"plan.{key} must be >= 1, got {value}")
+        check_fields(self, "plan")
         if self.global_batch_size % self.gpus:
             raise ValueError(
                 f"plan.global_batch_size={self.global_batch_size} does not split over plan.gpus={self.gpus}: use a "
                 f"multiple of {self.gpus}"
             )
-        for key in ("num_hard_negatives", "chunk", "lora_r"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ValueError(f"plan.{key} must be >= 0, got {value}")
-        if not self.gpu_memory_gib > 0:
-            raise ValueError(f"plan.gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
-        if not 0 <= self.headroom < 1:
-            raise ValueError(f"plan.headroom must be in [0, 1), got {self.headroom}")
-        if self.cuda_context_gib < 0:
-            raise ValueError(f"plan.cuda_context_gib must be >= 0, got {self.cuda_context_gib}")
         if self.offload_optimizer and self.strategy == PlanStrategy.ddp:
             raise ValueError("plan.offload_optimizer=true needs plan.strategy=zero1, zero2, zero3 or fsdp")
         if self.offload_params and self.strategy not in (PlanStrategy.zero3, PlanStrategy.fsdp):

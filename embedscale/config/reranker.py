@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from embedscale.config.fields import bounded, check_fields
 from embedscale.config.model import PACKAGED_MINILM
 
 
@@ -19,38 +20,30 @@ class RerankerConfig:
     data: list[str] = field(default_factory=list)
     """Training groups: directories written by `embedscale shard` / `embedscale mine` (manifest.json), or JSONL
     files with query / positive / negatives fields; relative to data_root unless absolute. All of one kind."""
-    num_negatives: int = 7
+    num_negatives: int = bounded(7, ge=1)
     """Negatives per group: each query is scored with its positive and the first num_negatives of its negatives
     (listwise cross-entropy over 1 + num_negatives pairs). A sample with fewer is an error."""
-    global_batch_size: int = 16
+    global_batch_size: int = bounded(16, ge=1)
     """Groups (queries) per batch, so per optimizer step unless trainer.accumulate_grad_batches > 1; a batch
     scores global_batch_size x (1 + num_negatives) pairs in one forward."""
-    max_length: int = 256
+    max_length: int = bounded(256, ge=1)
     """Token budget of a (query, document) pair, for training and re-ranking."""
-    temperature: float = 1.0
+    temperature: float = bounded(1.0, gt=0)
     """Logits are divided by it in the listwise softmax."""
     biencoder: str = PACKAGED_MINILM
     """Bi-encoder whose top-k is re-ranked: HF id / directory, or an embedscale export (restores its settings)."""
     biencoder_runs: list[str] = field(default_factory=list)
     """Instead of searching with reranker.biencoder: run JSONs ({qid: {docid: score}}, as `embedscale evaluate`
     writes under runs/), one per eval.beir set, in the same order."""
-    top_k: int = 100
+    top_k: int = bounded(100, ge=1)
     """Documents re-ranked per query (the bi-encoder's best top_k)."""
-    alpha: float = 0.5
+    alpha: float = bounded(0.5, ge=0, le=1)
     """Interpolated run: alpha x z(cross-encoder) + (1 - alpha) x z(bi-encoder), z-scored per query."""
-    batch_size: int = 64
+    batch_size: int = bounded(64, ge=1)
     """Pairs per forward when re-ranking."""
 
     def __post_init__(self) -> None:
-        if self.num_negatives < 1:
-            raise ValueError(f"reranker.num_negatives must be >= 1 (groups need negatives), got {self.num_negatives}")
-        for key in ("global_batch_size", "max_length", "top_k", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"reranker.{key} must be >= 1, got {getattr(self, key)}")
-        if not self.temperature > 0:
-            raise ValueError(f"reranker.temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"reranker.alpha must be in [0, 1], got {self.alpha}")
+        check_fields(self, "reranker")
 
     def validate(self) -> None:
         """Checks of values the user must give (ConfigStore builds the defaults, so __post_init__ cannot

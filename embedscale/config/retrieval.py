@@ -11,8 +11,8 @@ from embedscale.config.choices import (
     MineSample,
     SweepPrecision,
     TriState,
-    coerce_choices,
 )
+from embedscale.config.fields import bounded, check_fields
 
 
 @dataclass
@@ -21,25 +21,23 @@ class IndexConfig:
 
     kind: IndexKind = IndexKind.flat
     """flat (exact inner product), ivf, hnsw or ivfpq (approximate; for millions of documents)."""
-    nlist: int = 0
+    nlist: int = bounded(0, ge=0)
     """IVF cells; 0: about 4 x sqrt(N), at most N // 39 (faiss wants >= 39 training points per cell)."""
-    nprobe: int = 32
+    nprobe: int = bounded(32, ge=1)
     """IVF cells searched per query (recall vs speed)."""
-    hnsw_m: int = 32
+    hnsw_m: int = bounded(32, ge=2)
     """HNSW: links per node (recall and memory vs speed)."""
-    ef_search: int = 128
+    ef_search: int = bounded(128, ge=1)
     """HNSW: candidates kept during a search (recall vs speed)."""
-    pq_m: int = 0
+    pq_m: int = bounded(0, ge=0)
     """PQ sub-vectors (must divide the dim); 0: dim // 8."""
     gpu: str = field(default="auto", metadata={"choices": TriState})
     """auto: a GPU index when faiss-gpu and CUDA are present; true: require one; false: CPU."""
-    train_size: int = 262_144
+    train_size: int = bounded(262_144, ge=1)
     """At most this many vectors (a seeded sample) train IVF/PQ."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "index")
-        if self.nlist < 0 or self.nprobe < 1 or self.pq_m < 0:
-            raise ValueError("index.nlist and index.pq_m must be >= 0 and index.nprobe >= 1")
+        check_fields(self, "index")
 
 
 @dataclass
@@ -64,29 +62,29 @@ class MineConfig:
     with a `text` field (optional `_id`, `title`). A BEIR input mines from its own corpus."""
     method: MineMethod = MineMethod.dense
     """dense (the model + a faiss index), bm25 (bm25s) or hybrid (reciprocal-rank fusion of both)."""
-    depth: int = 0
+    depth: int = bounded(0, ge=0)
     """Candidates retrieved per query; 0: window_end + 50 (room for fill and filters)."""
-    num_negatives: int = 7
+    num_negatives: int = bounded(7, ge=1)
     """Negatives written per sample."""
-    window_start: int = 0
+    window_start: int = bounded(0, ge=0)
     """First candidate rank (0-based, positives included in the count) that may become a negative."""
-    window_end: int = 50
+    window_end: int = bounded(50, ge=1)
     """One past the last rank of the window."""
     sample: MineSample = MineSample.top
     """top: the best-ranked eligible candidates of the window; random: a seeded sample of them."""
-    margin: float | None = None
+    margin: float | None = bounded(None, ge=0)
     """Drop candidates scoring >= positive's score - margin (retriever scores). None: off."""
-    relative_margin: float | None = None
+    relative_margin: float | None = bounded(None, ge=0, le=1)
     """Drop candidates scoring >= (1 - relative_margin) x positive's score (0.05: NV-Retriever's 95%). None: off."""
     cross_encoder: str | None = None
     """A cross-encoder (`embedscale reranker` output or HF model) scoring the window's candidates. None: off."""
-    ce_threshold: float | None = None
+    ce_threshold: float | None = bounded(None, gt=0, le=1)
     """With cross_encoder: drop candidates with sigmoid(logit) >= this."""
     ce_margin: float | None = None
     """With cross_encoder: drop candidates whose logit >= the positive's logit - ce_margin."""
-    ce_batch_size: int = 64
+    ce_batch_size: int = bounded(64, ge=1)
     """With cross_encoder: (query, document) pairs per forward."""
-    ce_max_length: int = 256
+    ce_max_length: int = bounded(256, ge=1)
     """With cross_encoder: token budget of a pair."""
     fill: bool = True
     """Fewer eligible negatives than num_negatives in the window: continue past it (counted in the manifest);
@@ -106,21 +104,19 @@ class MineConfig:
     """Dataset name of the output (shard prefix, the samples' `source`). Default: <input stem>-<method>."""
     overwrite: bool = False
     """Replace an existing output dataset (its manifest's files); otherwise an existing manifest is an error."""
-    batch_size: int = 64
+    batch_size: int = bounded(64, ge=1)
     """Texts per encoding batch."""
-    max_length: int | None = None
+    max_length: int | None = bounded(None, ge=1)
     """Token budget of documents at encoding; None: model.document_max_length."""
     cache_dir: str | None = None
     """Corpus embedding cache; None: $EMBEDSCALE_CACHE or ~/.cache/embedscale."""
-    target_mb: float = 64.0
+    target_mb: float = bounded(64.0, gt=0)
     """Close an output shard before it exceeds this size (MB = 2**20 bytes)."""
     seed: int = 0
     """Seeds random window sampling and random fill (per sample, from its key)."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "mine")
-        if self.num_negatives < 1:
-            raise ValueError(f"mine.num_negatives must be >= 1, got {self.num_negatives}")
+        check_fields(self, "mine")
         if not 0 <= self.window_start < self.window_end:
             raise ValueError(
                 f"mine.window_start={self.window_start} and mine.window_end={self.window_end}: need 0 <= start < end"
@@ -129,12 +125,6 @@ class MineConfig:
             raise ValueError(f"mine.depth={self.depth} < mine.window_end={self.window_end}: raise mine.depth or use 0")
         if (self.ce_threshold is not None or self.ce_margin is not None) and not self.cross_encoder:
             raise ValueError("mine.ce_threshold/mine.ce_margin need mine.cross_encoder (a model path)")
-        if self.ce_threshold is not None and not 0 < self.ce_threshold <= 1:
-            raise ValueError(f"mine.ce_threshold={self.ce_threshold} is a probability: use a value in (0, 1]")
-        for key in ("margin", "relative_margin"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ValueError(f"mine.{key} must be >= 0 (or null), got {value}")
 
     @property
     def candidates(self) -> int:
@@ -151,15 +141,13 @@ class SweepConfig:
     """Index precisions (docs/evaluation.md): fp32, int8, binary, binary_rescore, binary_rescore_int8; [] skips them."""
     quantization_dims: list[int] = field(default_factory=list)
     """Dims at which every precision is measured; empty: the model's full dim only."""
-    rescore_multiplier: int = 4
+    rescore_multiplier: int = bounded(4, ge=1)
     """binary_rescore*: candidates re-scored per query = rescore_multiplier x 100 (the depth of recall@100)."""
     output: str | None = None
     """sweep.json path; None: <run dir>/sweep.json. RUN_DIR/sweep.json adds the sweep to `embedscale report RUN_DIR`."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "sweep")
+        check_fields(self, "sweep")
         for key in ("dims", "quantization_dims"):
             if any(d < 1 for d in getattr(self, key)):
                 raise ValueError(f"sweep.{key} must be positive dims, got {list(getattr(self, key))}")
-        if self.rescore_multiplier < 1:
-            raise ValueError(f"sweep.rescore_multiplier must be >= 1, got {self.rescore_multiplier}")

@@ -15,82 +15,79 @@ from embedscale.config.choices import (
     Strategy,
     TriState,
     WandbMode,
-    coerce_choices,
 )
+from embedscale.config.fields import bounded, check_fields
 
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.05
+    temperature: float = bounded(0.05, gt=0)
     """Softmax temperature tau (scores are cosine / tau); 0.05 equals sentence-transformers' scale 20."""
     learnable_temperature: bool = False
     """Learn log(1/tau), clamped to 1/tau <= max_inverse_temperature."""
-    max_inverse_temperature: float = 100.0
-    """Upper bound of 1/tau (the learnable temperature is clamped there; a fixed one must not exceed it)."""
-    symmetric_weight: float = 0.0
+    max_inverse_temperature: float = bounded(100.0, gt=0, le=1e4)
+    """Upper bound of 1/tau (the learnable temperature is clamped there; a fixed one must not exceed it); at most
+    1e4 (scores of cosine x 1e4 already saturate float32's softmax)."""
+    symmetric_weight: float = bounded(0.0, ge=0)
     """Weight of the document -> query term; 0 disables it."""
     mask_duplicates: bool = True
     """Never count as a negative a candidate with the same text as the query's positive, or the positive
     of a row whose query is the same text."""
-    distill_weight: float = 0.0
+    distill_weight: float = bounded(0.0, ge=0)
     """Weight of the distillation term: KL(teacher || student) over each query's own [positive, hard negatives]
     (teacher scores from data.teacher_scores, softmax at distill_temperature; student at loss.temperature)."""
-    distill_temperature: float = 1.0
+    distill_temperature: float = bounded(1.0, gt=0)
     """Temperature of the teacher's softmax (cross-encoder logits: ~1; cosine scores: ~0.05)."""
-    row_chunk_size: int = 1024
+    row_chunk_size: int = bounded(1024, ge=0)
     """Score at most this many of a rank's query rows at once (checkpointed): peak score memory is
     row_chunk_size x global candidates instead of local x global. 0 scores all local rows at once."""
 
     def __post_init__(self) -> None:
-        if self.row_chunk_size < 0:
-            raise ValueError(f"loss.row_chunk_size must be >= 0 (0 = no chunking), got {self.row_chunk_size}")
-        if not self.temperature > 0:
-            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+        check_fields(self, "loss")
         if 1.0 / self.temperature > self.max_inverse_temperature:
             raise ValueError(
                 f"loss.temperature={self.temperature} is below 1/loss.max_inverse_temperature="
                 f"{1 / self.max_inverse_temperature:g}: raise one of them"
             )
-        if self.symmetric_weight < 0:
-            raise ValueError(f"loss.symmetric_weight must be >= 0, got {self.symmetric_weight}")
-        if self.distill_weight < 0 or not self.distill_temperature > 0:
-            raise ValueError("loss.distill_weight must be >= 0 and loss.distill_temperature > 0")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-5
-    """Peak learning rate of AdamW (reached after the warmup)."""
-    weight_decay: float = 0.01
+    lr: float = bounded(2e-5, gt=0, le=1)
+    """Peak learning rate of AdamW (reached after the warmup); at most 1 (AdamW moves each weight by up to lr per
+    step: fine-tuning uses 1e-6 to 1e-3)."""
+    weight_decay: float = bounded(0.01, ge=0)
     """Applied to matrices only; biases, norm weights and the temperature get none."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW's (beta1, beta2)."""
-    eps: float = 1e-8
+    eps: float = bounded(1e-8, gt=0)
     """AdamW's epsilon."""
     scheduler: Scheduler = Scheduler.linear
     """Learning-rate schedule after the warmup: linear (to 0), cosine (to 0) or constant."""
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = bounded(0.1, ge=0, lt=1)
     """Fraction of the optimizer steps spent warming up linearly from 0 (ignored when warmup_steps is set)."""
-    warmup_steps: int | None = None
+    warmup_steps: int | None = bounded(None, ge=0)
     """Warmup length in optimizer steps; None: derived from optim.warmup_ratio (rounded up, as transformers)."""
-    temperature_lr: float | None = None
+    temperature_lr: float | None = bounded(None, gt=0, le=1)
     """Learning rate of the learnable temperature; None uses optim.lr."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "optim")
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if len(self.betas) != 2:
-            raise ValueError(f"optim.betas needs two values, got {list(self.betas)}")
+        check_fields(self, "optim")
+        if len(self.betas) != 2 or any(not 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas needs two values in [0, 1), got {list(self.betas)}")
+        if self.lr * self.weight_decay >= 1:  # AdamW's decoupled decay: w <- w * (1 - lr * weight_decay) per step
+            raise ValueError(
+                f"optim.weight_decay={self.weight_decay} with optim.lr={self.lr}: AdamW multiplies every weight by "
+                f"1 - lr x weight_decay = {1 - self.lr * self.weight_decay:.3g} at each step; keep lr x weight_decay "
+                "< 1 (usual weight decay: 0.01 to 0.1)"
+            )
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 3
+    max_epochs: int = bounded(3, ge=-1)
     """Stop after this many epochs (unless trainer.max_steps stops first)."""
-    max_steps: int = -1
+    max_steps: int = bounded(-1, ge=-1)
     """Stop after this many optimizer steps (-1: run max_epochs)."""
     accelerator: Accelerator = Accelerator.auto
     """auto (a GPU when there is one), cpu, gpu or cuda."""
@@ -112,28 +109,39 @@ class TrainerConfig:
     backward: with GradCache that is one extra parameter all-gather per chunk per pass. False keeps them gathered
     from the forward to the backward (GradCache: between the embedding pass and the chunk backward passes):
     faster, more memory (a full copy of the gathered layers)."""
-    num_nodes: int = 1
+    num_nodes: int = bounded(1, ge=1)
     """Nodes of the run (SLURM: $SLURM_NNODES); the world size is trainer.devices x trainer.num_nodes."""
     precision: str = field(default="32-true", metadata={"choices": Precision})
     """32-true, bf16-mixed (autocast, GPUs and recent CPUs), 16-mixed (GPUs), bf16-true or 64-true."""
-    gradient_clip_val: float | None = 1.0
+    gradient_clip_val: float | None = bounded(1.0, ge=0)
     """Clip the gradient's global L2 norm to this value before each optimizer step; None or 0: no clipping."""
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = bounded(1, ge=1)
     """Enlarges the optimizer batch, not the negatives each query sees (see docs/training.md)."""
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = bounded(10, ge=1)
     """Log the training curves every N optimizer steps; also the interval of trainer.progress=lines."""
-    num_threads: int | None = None
+    num_threads: int | None = bounded(None, ge=1)
     """torch.set_num_threads per process; None keeps torch's default."""
     progress: Progress = Progress.auto
     """How training shows its progress: bar (a live progress bar), lines (a plain line every
     trainer.log_every_n_steps steps or trainer.progress_every_seconds seconds: step/total, epoch, loss, lr, pairs/s,
     tokens/s, ETA, peak memory; readable in SLURM output files and `> train.log`), off, or auto: bar when stdout
     and stderr are terminals, lines otherwise."""
-    progress_every_seconds: float = 60.0
+    progress_every_seconds: float = bounded(60.0, gt=0)
     """trainer.progress=lines: also print a line when this many seconds passed since the last one."""
+    skip_nonfinite_steps: int = bounded(0, ge=0)
+    """Skip up to this many optimizer steps whose loss or gradient norm is NaN or infinite (counted and named in
+    metrics.json under train.nonfinite); the next one stops the run. 0: the first one stops it, with an error naming
+    the step, the last finite loss, the learning rate and what to change (contrastive/guard.py)."""
+    nonfinite_check: bool = True
+    """Check every optimizer step's loss and gradient norm for NaN/inf on every rank (one small all-reduce per step;
+    bench/nonfinite_cost.py measures it). Turning it off lets a diverging run train on and export NaN weights."""
+    collective_timeout: float = bounded(1800.0, gt=0, le=604800)
+    """Seconds a rank waits in a collective (all-gather, all-reduce, barrier) before the run stops with an error
+    naming the rank that stopped responding (a stalled rank, not a dead one: a dead rank ends the job at once).
+    torch's default is the same 1800 s; lower it to learn sooner. At most a week (604800)."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (Lightning's `deterministic`; slower on GPUs)."""
-    checkpoint_every_n_steps: int | None = None
+    checkpoint_every_n_steps: int | None = bounded(None, ge=1)
     """Also write checkpoints/last.ckpt every N optimizer steps (mid-epoch), not only at epoch ends."""
     resume: str | None = None
     """Resume from a Lightning checkpoint: a path, or `last` for <run_dir>/checkpoints/last.ckpt (when it
@@ -157,13 +165,12 @@ class TrainerConfig:
         return None
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "trainer")
-        if self.accumulate_grad_batches < 1:
-            raise ValueError("trainer.accumulate_grad_batches must be >= 1")
-        if self.log_every_n_steps < 1:
-            raise ValueError(f"trainer.log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
-        if not self.progress_every_seconds > 0:
-            raise ValueError(f"trainer.progress_every_seconds must be > 0, got {self.progress_every_seconds}")
+        check_fields(self, "trainer")
+        for key in ("max_epochs", "max_steps"):
+            if getattr(self, key) == 0:
+                raise ValueError(
+                    f"trainer.{key}=0 trains nothing (and would export the untrained model): use -1 or >= 1"
+                )
         self._check_deepspeed()
 
     def _check_deepspeed(self) -> None:
@@ -200,11 +207,11 @@ class TrainerConfig:
 
 @dataclass
 class GradCacheConfig:
-    chunk_size: int = 0
+    chunk_size: int = bounded(0, ge=0)
     """At most this many rows encoded at once with GradCache (queries and documents chunked separately).
     GradCache is on when chunk_size or token_budget is > 0. The gradient is exact either way; GradCache
     trades a second forward for activation memory (one chunk's instead of the batch's)."""
-    token_budget: int = 0
+    token_budget: int = bounded(0, ge=0)
     """At most this many padded tokens (rows x the chunk's longest text) per chunk; texts are sorted by
     length first. On variable-length data this keeps activation memory flat and padding low."""
     sort_by_length: bool = True
@@ -216,10 +223,7 @@ class GradCacheConfig:
         return self.chunk_size > 0 or self.token_budget > 0
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 0:
-            raise ValueError(f"gradcache.chunk_size must be >= 0 (0 = off), got {self.chunk_size}")
-        if self.token_budget < 0:
-            raise ValueError(f"gradcache.token_budget must be >= 0 (0 = chunk by rows), got {self.token_budget}")
+        check_fields(self, "gradcache")
 
 
 @dataclass
@@ -232,4 +236,4 @@ class LoggerConfig:
     """online, offline or disabled; None leaves it to $WANDB_MODE (wandb fails at once when online without a key)."""
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "logger")
+        check_fields(self, "logger")
