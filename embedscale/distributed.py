@@ -90,6 +90,82 @@ def allgather_bandwidth(device: torch.device, *, megabytes: int = 16, iters: int
     return (size - 1) / size * size * x.numel() * 4 / seconds / 1e9
 
 
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when `flag` is true on at least one (one small all-reduce; no collective on one rank)."""
+    _, size = world()
+    if size == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device or torch.device("cpu"))
+    if backend() == "nccl" and t.device.type != "cuda":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+HEARTBEAT = "embedscale/step/{rank}"
+
+
+def _store():
+    """The default process group's key-value store (torchrun's / Lightning's TCPStore), or None."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # no group, or a store this torch does not expose
+        return None
+
+
+def heartbeat(step: int) -> None:
+    """Record in the store that this rank finished `step` (one small write; read back by `explain_stall`)."""
+    rank, size = world()
+    store = _store() if size > 1 else None
+    if store is not None:
+        store.set(HEARTBEAT.format(rank=rank), str(step))
+
+
+def explain_stall(err: BaseException, *, timeout: float, grace: float = 3.0) -> BaseException:
+    """A collective that timed out -> a RuntimeError naming the rank(s) that stopped responding. Every rank whose
+    collective timed out marks so in the store and waits `grace` seconds for the others' marks: a rank that never
+    marks is not waiting in the collective -- it is the one that stalled. Any other error is returned unchanged."""
+    import time
+
+    text = str(err).lower()
+    if not any(word in text for word in ("timed out", "timeout", "time out")):
+        return err
+    rank, size = world()
+    store = _store()
+
+    def read(key: str) -> str | None:
+        try:
+            return store.get(key).decode() if store is not None and store.check([key]) else None
+        except Exception:  # the store itself is gone (its host rank died)
+            return None
+
+    if store is not None:
+        try:
+            store.set(f"embedscale/timedout/{rank}", "1")
+        except Exception:
+            store = None
+    deadline = time.monotonic() + grace
+    waiting = {rank}
+    while time.monotonic() < deadline and len(waiting) < size:
+        waiting = {r for r in range(size) if read(f"embedscale/timedout/{r}")} | {rank}
+        time.sleep(0.2)
+    stalled = sorted(set(range(size)) - waiting)
+    steps = {r: read(HEARTBEAT.format(rank=r)) for r in range(size)}
+    who = (
+        f"rank(s) {stalled} stopped responding (never reached the collective the others waited in; last finished "
+        f"step by rank: {steps})"
+        if stalled
+        else f"every rank waited: the process group itself broke (last finished step by rank: {steps})"
+    )
+    return RuntimeError(
+        f"rank {rank}: a collective waited trainer.collective_timeout={timeout:g} s and gave up: {who}. A stalled "
+        "rank (a hung data loader, a full disk, a debugger, an overloaded node) blocks the others; raise "
+        f"trainer.collective_timeout if its steps are just slow. The backend said: {str(err).splitlines()[0][:300]}"
+    )
+
+
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
@@ -212,7 +288,7 @@ def _is_dtensor(x: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def clip_grad_norm_sharded_(params, max_norm: float) -> torch.Tensor:
-    """Clip the gradients of `params` in place to a total 2-norm of `max_norm`; returns the total norm.
+    """Clip the gradients of `params` in place to a total 2-norm of `max_norm` (0: leave them); returns the norm.
 
     For a mix of FSDP2-sharded (DTensor) gradients and replicated plain ones (the temperature): the squares of
     the local shards are summed over ranks in one all-reduce, the replicated gradients counted once. Same
@@ -231,6 +307,8 @@ def clip_grad_norm_sharded_(params, max_norm: float) -> torch.Tensor:
         dist.all_reduce(sq_sharded)
     sq_plain = sum((g.double().pow(2).sum() for g in plain), torch.zeros((), dtype=torch.float64, device=device))
     total = (sq_sharded + sq_plain).sqrt()
+    if not max_norm:
+        return total
     coef = min(1.0, max_norm / (total.item() + 1e-6))
     if coef < 1.0:
         for g in grads:

@@ -17,9 +17,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from embedscale.config import ModelConfig, Pooling
 from embedscale.encoder.biencoder import EXPORT_META, POOLER_FOR_EXPORT, SIDES, BiEncoder
@@ -163,17 +167,45 @@ def export_model(
     LoRA adapters (model.lora_r) are merged into the encoder's weights first, in place: the export is a
     plain model that needs no peft, and the encoder computes the same embeddings as before."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     encoder.merge_adapters()
+    bad = [name for name, p in encoder.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise ValueError(
+            f"refusing to export {out}: {len(bad)} parameter tensor(s) hold NaN or inf (e.g. {bad[0]}); the training "
+            "diverged -- nothing non-finite is ever exported: lower optim.lr or optim.weight_decay, keep "
+            "trainer.gradient_clip_val > 0 (docs/reliability.md)"
+        )
     cfg = encoder.cfg
-    if encoder.shared:
-        _write_sentence_transformers_tree(out, encoder.query_backbone, tokenizer, cfg, None)
-    else:
-        for side in SIDES:
-            _write_sentence_transformers_tree(out / side, encoder.backbone(side), tokenizer, cfg, side)
-    _write_json(out / EXPORT_META, {"model": cfg, "metrics": metrics or {}})
-    (out / "README.md").write_text(_model_card(cfg, metrics, config))
+    with atomic_directory(out) as tmp:
+        if encoder.shared:
+            _write_sentence_transformers_tree(tmp, encoder.query_backbone, tokenizer, cfg, None)
+        else:
+            for side in SIDES:
+                _write_sentence_transformers_tree(tmp / side, encoder.backbone(side), tokenizer, cfg, side)
+        _write_json(tmp / EXPORT_META, {"model": cfg, "metrics": metrics or {}})
+        (tmp / "README.md").write_text(_model_card(cfg, metrics, config))
     return out
+
+
+@contextmanager
+def atomic_directory(out: Path):
+    """Write a directory under a temporary name beside `out`, then rename it into place: `out` is either the
+    previous complete directory or the new complete one, never a mix of two exports nor a half-written one (a full
+    disk or a kill mid-export leaves only `<out>.tmp-<pid>`, which nothing loads). A previous `out` is replaced."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_init_from(init_from: str) -> tuple[str, dict]:

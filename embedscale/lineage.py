@@ -153,6 +153,8 @@ def run_stages(p: PipelineConfig, out: Path) -> dict[str, Any]:
             overrides.append("mine.output={self}/shards")
         if stage.job in ("train", "reranker") and not any(o.startswith("run_dir=") for o in overrides):
             overrides.append("run_dir={self}")
+        if stage.job == "train" and not any(o.startswith(("overwrite=", "trainer.resume=")) for o in overrides):
+            overrides.append("overwrite=true")  # the pipeline owns its stage directories: a re-run replaces the stage
         resolved, parents = resolve_overrides(overrides, dirs, stage.name)
         extra = resolve_refs(dict(stage.config), dirs, stage.name, parents)
         stage_cfg = compose(stage.job, resolved, extra)

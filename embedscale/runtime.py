@@ -22,6 +22,7 @@ and Lightning's advertising tip.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -92,6 +93,33 @@ def route_lightning_to_root() -> None:
         logger.propagate = True
 
 
+def exit_with_parent() -> bool:
+    """Have the kernel end this process when its launcher dies: a torchrun worker, or a rank Lightning started,
+    must not keep training as an orphan. Linux only; True when armed.
+
+    SIGKILL, not SIGTERM: Lightning answers SIGTERM with a broadcast from inside its signal handler, which pairs
+    with whatever collective the other ranks are in and hangs (measured: workers still running 6 s after their
+    torchrun agent was killed). Nothing is lost that a graceful stop would keep: the run's last checkpoint is on
+    disk, and checkpoints and exports are written atomically."""
+    launched = bool(os.environ.get("TORCHELASTIC_RUN_ID")) or (
+        int(os.environ.get("LOCAL_RANK", "0") or 0) > 0 and not os.environ.get("SLURM_JOB_ID")
+    )
+    if not launched or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the launcher died before the guard was armed
+        raise SystemExit("the launcher of this rank is gone: exiting instead of training as an orphan")
+    return True
+
+
 def start_run(run_dir: Path, *, seed: int, num_threads: int | None) -> Path:
     """What every training job does first: create the run directory (resolved), set torch's threads, seed
     Python, numpy and torch (also in DataLoader workers), and quiet the third-party output."""
@@ -99,9 +127,53 @@ def start_run(run_dir: Path, *, seed: int, num_threads: int | None) -> Path:
     import torch
 
     quiet_third_party_output()  # after Hydra configured logging and Lightning was imported: each message once
+    exit_with_parent()
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if num_threads:
         torch.set_num_threads(num_threads)
     L.seed_everything(seed, workers=True)
     return run_dir
+
+
+def check_run_dir(run_dir: Path, *, resume: str | None, overwrite: bool) -> None:
+    """Refuse (ValueError) to train into a run directory that already holds a run -- its checkpoints/last.ckpt would
+    be overwritten without a word and model/ would mix two runs -- unless the run is being resumed or the user set
+    overwrite=true. With overwrite=true the previous run's outputs (checkpoints/*.ckpt, model/, metrics.json) are
+    removed first, named in the log, so that nothing of it mixes with the new run; other files are left alone."""
+    if resume is not None:
+        return
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    held = [
+        name
+        for name, present in (
+            ("checkpoints/", bool(checkpoints)),
+            ("model/", (run_dir / "model").exists()),
+            ("metrics.json", (run_dir / "metrics.json").exists()),
+        )
+        if present
+    ]
+    if not held:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"run_dir={run_dir} already holds a training run ({', '.join(held)}): continue it with "
+            "trainer.resume=last, choose another run_dir, or set overwrite=true to replace its checkpoints and export"
+        )
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) != 0:
+        return  # rank 0 clears; a relaunched rank finds nothing or the same
+    import shutil
+
+    logging.getLogger(__name__).warning(
+        "overwrite=true: removing the previous run's %s in %s", ", ".join(held), run_dir
+    )
+    for ckpt in checkpoints:
+        ckpt.unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "model", ignore_errors=True)
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+
+
+def default_cache_dir() -> Path:
+    """Where embedscale keeps its caches (embeddings, dataset verification): $EMBEDSCALE_CACHE or
+    ~/.cache/embedscale."""
+    return Path(os.environ.get("EMBEDSCALE_CACHE", "~/.cache/embedscale")).expanduser()

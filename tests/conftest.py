@@ -21,6 +21,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "EMBEDSCALE_CACHE" not in os.environ:  # the verification and embedding caches: never the user's ~/.cache
+    import tempfile
+
+    os.environ["EMBEDSCALE_CACHE"] = tempfile.mkdtemp(prefix="embedscale-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -80,7 +84,7 @@ def make_tiny_bert(path: Path, *, seed: int = 0, dropout: float = 0.1) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=128,
+        max_position_embeddings=512,  # as BERT: the default token budgets (256) fit
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )

@@ -132,14 +132,19 @@ def test_fsdp2_weights_equal_ddp_and_one_process(fsdp_runs, got, want):
 
 def test_build_strategy_passes_lightning_names_through_and_resume_across_strategies_raises(tiny_bert_nodrop):
     import pytest
+    from lightning.pytorch.strategies import DDPStrategy
 
     from embedscale.config import LossConfig, ModelConfig, OptimConfig, TrainerConfig
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.encoder.biencoder import load_encoder
     from embedscale.strategy import build_strategy
 
-    for name in ("auto", "ddp", "ddp_spawn"):
-        assert build_strategy(TrainerConfig(strategy=name)) == name
+    assert build_strategy(TrainerConfig(strategy="auto")) == "auto"  # one process: Lightning's single device
+    for name, start in (("ddp", "popen"), ("ddp_spawn", "spawn"), ("auto", "popen")):
+        devices = 2 if name == "auto" else 1
+        strategy = build_strategy(TrainerConfig(strategy=name, devices=devices, collective_timeout=42))
+        assert isinstance(strategy, DDPStrategy) and strategy._start_method == start
+        assert strategy._timeout.total_seconds() == 42  # trainer.collective_timeout reaches the process group
     fsdp2 = build_strategy(TrainerConfig(strategy="fsdp2", reshard_after_forward=False))
     assert type(fsdp2).__name__ == "FSDP2Strategy" and fsdp2.reshard_after_forward is False
     encoder, _ = load_encoder(ModelConfig(name_or_path=str(tiny_bert_nodrop)))

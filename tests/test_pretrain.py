@@ -164,7 +164,7 @@ def test_read_corpus_documents_from_jsonl_and_beir(tmp_path):
     with pytest.raises(ValueError, match=r"empty\.jsonl:2: .*data\.pretrain\.text_field"):
         read_corpus_documents(tmp_path / "empty.jsonl", text_field="text", title_field="title")
     write_jsonl(tmp_path / "dup.jsonl", [{"id": 1, "text": "a"}, {"id": 1, "text": "b"}])
-    with pytest.raises(ValueError, match=r"dup\.jsonl:2: document id '1' occurs twice"):
+    with pytest.raises(ValueError, match=r"dup\.jsonl:2: document id '1' occurs again \(first at line 1\)"):
         read_corpus_documents(tmp_path / "dup.jsonl", text_field="text", title_field="title")
     beir = tmp_path / "beir"
     beir.mkdir()

@@ -50,8 +50,10 @@ class EvalCallback(L.Callback):
     def for_run(cls, cfg, encoder, tokenizer, *, root: Path, run_dir: Path) -> EvalCallback:
         """The evaluation of a training run (eval.*): its sets, and the primary metric that selects the best
         evaluation (eval.primary_metric of the first BEIR set, else the first STS set's spearman)."""
+        from embedscale.encoder.biencoder import check_lengths
         from embedscale.retrieval.evaluator import build_evaluators
 
+        check_lengths(encoder.query_backbone, {"eval.max_length": cfg.max_length})
         evaluators = build_evaluators(cfg, root=root, default_max_length=encoder.cfg.document_max_length)
         primary = None
         if evaluators:
@@ -132,6 +134,16 @@ def export_best_weights(module: L.LightningModule, eval_cb: EvalCallback) -> dic
     module.load_state_dict(state)  # the encoder inside the module is the one exported
     log.info("exporting the best weights: %s = %.4f at step %d", best["metric"], best["value"], best["step"])
     return next(h["metrics"] for h in eval_cb.history if h["step"] == best["step"])
+
+
+class Heartbeat(L.Callback):
+    """Each rank records the last step it finished in the process group's store, so that a collective that times
+    out can name the rank that stopped responding (embedscale.distributed.explain_stall)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        from embedscale.distributed import heartbeat
+
+        heartbeat(trainer.global_step)
 
 
 class RngResume(L.Callback):

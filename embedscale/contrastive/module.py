@@ -22,6 +22,7 @@ import torch
 
 from embedscale.config import GradCacheConfig, LossConfig, OptimConfig, TrainerConfig
 from embedscale.contrastive.gradcache import gradcache_step
+from embedscale.contrastive.guard import FiniteGuard
 from embedscale.contrastive.losses import Temperature, contrastive_loss, distillation_loss
 from embedscale.contrastive.optim import build_optimizer
 from embedscale.data.batch import PairBatch, TextIds
@@ -54,10 +55,15 @@ class ContrastiveModule(L.LightningModule):
             loss_cfg.temperature, learnable=loss_cfg.learnable_temperature, max_inverse=loss_cfg.max_inverse_temperature
         )
         self.driver: StepDriver = StepDriver()  # outside a Trainer; replaced at setup
+        skip = trainer_cfg.skip_nonfinite_steps if trainer_cfg is not None else 0
+        self.guard = FiniteGuard(skip_budget=skip) if trainer_cfg is None or trainer_cfg.nonfinite_check else None
+        self._step_loss: torch.Tensor | None = None
 
     def setup(self, stage: str) -> None:
         self.driver = driver_for(self.trainer.strategy, self.trainer_cfg)
         self.driver.prepare(self)
+        if self.guard is not None:
+            self.guard.cannot_skip = self.driver.cannot_skip_steps
 
     def configure_model(self) -> None:
         self.driver.configure_model(self)
@@ -74,7 +80,22 @@ class ContrastiveModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.automatic_optimization:  # a GradCache step clips in _gradcache_training_step
-            self.driver.clip(self, optimizer)
+            grad_norm = self.driver.clip(self, optimizer)
+            if not self._finite_step(optimizer, grad_norm):
+                for p in self.parameters():  # AdamW skips parameters without a gradient: no update at all
+                    p.grad = None
+
+    def _finite_step(self, optimizer, grad_norm: torch.Tensor | None) -> bool:
+        """The non-finite guard (contrastive/guard.py): True when this step may update the weights."""
+        if self.guard is None:
+            return True
+        return self.guard.check(
+            step=self.trainer.global_step + 1,
+            loss=self._step_loss,
+            grad_norm=grad_norm,
+            lr=float(optimizer.param_groups[0]["lr"]),
+            temperature=float(1.0 / self.temperature().detach()),
+        )
 
     def compute_loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B, k = batch.batch_size, batch.num_negatives_per_query
@@ -148,8 +169,9 @@ class ContrastiveModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         loss, metrics = gradcache_step(self, batch, plan=self.gradcache, driver=self.driver)
         self.driver.sync_gradients(self)
-        self.driver.clip(self, optimizer)
-        optimizer.step()  # under DeepSpeed engine.step(): partitioned gradients finalised, clipped, AdamW, zeroed
+        self._step_loss = loss
+        if self._finite_step(optimizer, self.driver.clip(self, optimizer)):
+            optimizer.step()  # under DeepSpeed engine.step(): partitioned gradients finalised, clipped, AdamW, zeroed
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return loss, metrics
@@ -159,6 +181,7 @@ class ContrastiveModule(L.LightningModule):
             loss, metrics = self._gradcache_training_step(batch)
         else:
             loss, metrics = self.compute_loss(batch)
+            self._step_loss = loss.detach()
         metrics["temperature"] = 1.0 / self.temperature().detach()
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, prog_bar=False, batch_size=batch.batch_size)
         self.log("loss", metrics["loss"], prog_bar=True, logger=False, batch_size=batch.batch_size)

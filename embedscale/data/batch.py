@@ -57,6 +57,8 @@ class PairBatch:
     """The data source of this global batch (streamed data); empty for in-memory data."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Bad samples of this rank's slice replaced under data.on_error=skip, by reason."""
+    skip_notes: dict[str, str] = field(default_factory=dict)
+    """For each reason in `skipped`: the first such sample seen (where, what, the fix), for the log."""
     in_batch_negatives: bool = True
     """False: each query is scored against its own positive and hard negatives only (a per-source switch)."""
     teacher_BG: torch.Tensor | None = None
@@ -79,6 +81,7 @@ class GroupBatch:
     source: str = ""
     skipped: dict[str, int] = field(default_factory=dict)
     """Set by the stream (always empty here: the re-ranker's stream runs with on_error=raise)."""
+    skip_notes: dict[str, str] = field(default_factory=dict)
     in_batch_negatives: bool = False
 
     @property

@@ -106,6 +106,9 @@ class ExampleBatches:
     def summary(self) -> dict:
         return {"examples": len(self.examples) if self.examples is not None else None}
 
+    def num_samples(self) -> int:
+        return len(self.examples) if self.examples is not None else 0
+
 
 class StreamBatches:
     """Sharded sources -> `MixtureStream` -> this rank's slices (collated in the DataLoader's workers)."""
@@ -158,16 +161,27 @@ class StreamBatches:
     def summary(self) -> dict:
         return {"examples": None}
 
+    def num_samples(self) -> int:
+        return sum(o.n for o in self.stream.orders) if self.stream is not None else 0
+
 
 class TrainingData(L.LightningDataModule):
     """Batches from an engine, collated by a collator; the consumed-batch cursor lives in every checkpoint."""
 
     def __init__(
-        self, engine, collator, *, num_workers: int = 0, seed: int = 0, record_dir: Path | None = None
+        self,
+        engine,
+        collator,
+        *,
+        num_workers: int = 0,
+        seed: int = 0,
+        record_dir: Path | None = None,
+        max_skipped_fraction: float = 0.001,
     ) -> None:
         super().__init__()
         self.engine, self.collator, self.num_workers, self.seed = engine, collator, num_workers, seed
         self.record_dir = record_dir
+        self.max_skipped_fraction = max_skipped_fraction
         self.consumed = 0  # global batches the model consumed (DataProgress), checkpointed: resume skips them
         self.skipped: dict[str, int] = {}  # bad samples replaced under data.on_error=skip (all ranks after fit)
 
@@ -199,13 +213,34 @@ class TrainingData(L.LightningDataModule):
 
     def batch_consumed(self, trainer: L.Trainer, module: L.LightningModule, batch) -> None:
         for reason, count in batch.skipped.items():
+            if reason not in self.skipped:  # each reason once, with its first sample and the fix
+                log.warning(
+                    "data.on_error=skip: skipping samples (%s), e.g. %s",
+                    reason,
+                    batch.skip_notes.get(reason, "?"),
+                )
             self.skipped[reason] = self.skipped.get(reason, 0) + count
             module.log(f"data/skipped/{reason.replace(' ', '_')}", float(self.skipped[reason]), reduce_fx="max")
+        if batch.skipped:
+            self._check_skip_budget(trainer)
         if self.record_dir is not None:  # the sample ledger: what the model consumed, step by step
             self.record_dir.mkdir(parents=True, exist_ok=True)
             with open(self.record_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.consumed, "source": batch.source, "keys": batch.keys}) + "\n")
         self.consumed += 1
+
+    def _check_skip_budget(self, trainer: L.Trainer) -> None:
+        """Fail once this rank skipped more than its share of data.max_skipped_fraction of the dataset."""
+        total = self.engine.num_samples()
+        budget = self.max_skipped_fraction * total / max(trainer.world_size, 1)
+        skipped = sum(self.skipped.values())
+        if skipped > budget:
+            raise ValueError(
+                f"data.on_error=skip: {skipped} bad sample(s) skipped on rank {trainer.global_rank} "
+                f"({dict(self.skipped)}), more than data.max_skipped_fraction={self.max_skipped_fraction:g} of the "
+                f"dataset's {total} samples allows ({budget:.1f} per rank): repair the sources (the log names the "
+                "first bad sample of each reason) or raise data.max_skipped_fraction"
+            )
 
     def training_ended(self, trainer: L.Trainer) -> None:
         from embedscale.data.stream import SKIP_REASONS
@@ -301,7 +336,7 @@ def open_sources(cfg: DataConfig, root: Path) -> list:
     specs = cfg.sources or [SourceConfig(path=cfg.path)]
     sources, names = [], set()
     for i, spec in enumerate(specs):
-        ds = ShardedDataset.open(resolve_path(spec.path, root))
+        ds = ShardedDataset.open(resolve_path(spec.path, root), verify=str(cfg.verify))
         name = spec.name or ds.manifest["name"]
         if name in names:
             raise ValueError(f"data.sources[{i}]: a second source named {name!r}; give it data.sources[{i}].name")
@@ -341,4 +376,11 @@ def build_datamodule(
             num_hard_negatives=cfg.num_hard_negatives,
         )
         record_dir = None
-    return TrainingData(engine, collator, num_workers=cfg.num_workers, seed=seed, record_dir=record_dir)
+    return TrainingData(
+        engine,
+        collator,
+        num_workers=cfg.num_workers,
+        seed=seed,
+        record_dir=record_dir,
+        max_skipped_fraction=cfg.max_skipped_fraction,
+    )

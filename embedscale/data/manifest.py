@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +18,8 @@ from pathlib import Path
 from embedscale.config import ShardConfig
 from embedscale.data.records import Fields, pairs
 from embedscale.data.shards import FORMAT_VERSION, MANIFEST, SAMPLE_FIELDS, sha256_file, write_records
+
+log = logging.getLogger(__name__)
 
 
 def new_manifest(
@@ -42,16 +45,46 @@ def new_manifest(
 
 
 def fresh_output(out: Path, *, overwrite: bool, job: str) -> Path:
-    """An empty output directory for a new dataset: an existing one is an error unless `<job>.overwrite`."""
-    import shutil
-
+    """An output directory for a new dataset. An existing dataset there (a manifest.json) is an error unless
+    `<job>.overwrite`; then only the files its manifest lists (tars, index sidecars, the manifest) are removed --
+    never anything else in the directory -- and only when the manifest is one `embedscale` wrote."""
     out = out.resolve()
-    if (out / MANIFEST).exists():
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
         if not overwrite:
-            raise ValueError(f"{out / MANIFEST} exists: choose another {job}.output or set {job}.overwrite=true")
-        shutil.rmtree(out)
+            raise ValueError(f"{manifest_path} exists: choose another {job}.output or set {job}.overwrite=true")
+        for name in _owned_files(manifest_path, job):
+            (out / name).unlink(missing_ok=True)
+        manifest_path.unlink()
+        others = sorted(p.name for p in out.iterdir())
+        if others:
+            log.info(
+                "%s.overwrite: kept %d file(s) the old manifest did not list, e.g. %s", job, len(others), others[0]
+            )
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _owned_files(manifest_path: Path, job: str) -> list[str]:
+    """The files an embedscale manifest lists (plain names inside its directory); ValueError for any other file."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{manifest_path} is not a readable manifest: {job}.overwrite refuses to touch the directory"
+        ) from err
+    ours = (
+        isinstance(manifest, dict)
+        and str(manifest.get("created_by", "")).startswith("embedscale")
+        and isinstance(manifest.get("shards"), list)
+    )
+    names = [str(s.get("file", "")) for s in manifest.get("shards", [])] if ours else []
+    if not ours or any(not n or "/" in n or "\\" in n or n in (".", "..") for n in names):
+        raise ValueError(
+            f"{manifest_path} was not written by embedscale (no created_by/shards it recognises): {job}.overwrite "
+            "replaces only embedscale datasets; choose another output directory"
+        )
+    return [f for n in names for f in (n, n.removesuffix(".tar") + ".idx.npy")]
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
@@ -88,6 +121,11 @@ def _convert(job: tuple[ShardConfig, int, str, str, str]) -> dict:
     fields = Fields(cfg.query_field, cfg.positive_field, cfg.negatives_field, section="shard")
     records = pairs(str(cfg.format), Path(path), fields, split=cfg.split)
     result = write_records(records, Path(out_dir), name=name, file_index=index, **limits)
+    if not result["samples"]:
+        raise ValueError(
+            f"shard.inputs: {path} holds no records (format {cfg.format}, split {cfg.split!r}): an empty dataset is "
+            "never written; check the input and shard.format/shard.split"
+        )
     size, digest = input_digest(Path(path))
     result["source"] = {"path": path, "bytes": size, "sha256": digest, "samples": result["samples"]}
     result["seconds"] = time.perf_counter() - start

@@ -17,6 +17,7 @@ import csv
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,21 @@ def _existing(path: Path) -> Path:
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a text file, gzipped or not; invalid UTF-8 raises naming the line."""
     path = _existing(path)
+    line_no = 0
     with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, OSError, zlib.error) as err:  # a truncated or corrupt .gz
+                raise RecordError(
+                    f"{path}:{line_no + 1}",
+                    f"the compressed file ends or breaks here ({err})",
+                    "re-download or re-compress it (gzip -t tests a file)",
+                ) from err
+            line_no += 1
             try:
                 yield line_no, raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -177,21 +191,34 @@ def hf_pairs(path: Path, fields: Fields, *, split: str, min_negatives: int = 0) 
 
 def read_corpus(dataset_dir: Path) -> dict[str, str]:
     """BEIR corpus as {doc_id: "title text"} (joined with a space, as BEIR does)."""
-    corpus = {}
+    corpus, first_line = {}, {}
     path = dataset_dir / "corpus.jsonl"
     for line_no, row in iter_jsonl(path):
         if "_id" not in row:
             raise RecordError(f"{path}:{line_no}", "missing '_id'", "give every document an id")
-        corpus[str(row["_id"])] = (str(row.get("title") or "") + " " + str(row.get("text") or "")).strip()
+        doc_id = str(row["_id"])
+        _unique(doc_id, first_line, path, line_no, "document")
+        corpus[doc_id] = (str(row.get("title") or "") + " " + str(row.get("text") or "")).strip()
     return corpus
+
+
+def _unique(item_id: str, first_line: dict, path: Path, line_no: int, what: str) -> None:
+    if item_id in first_line:
+        raise RecordError(
+            f"{path}:{line_no}",
+            f"{what} id {item_id!r} occurs again (first at line {first_line[item_id]})",
+            "give every one its own id (one of the two would silently replace the other)",
+        )
+    first_line[item_id] = line_no
 
 
 def read_queries(dataset_dir: Path) -> dict[str, str]:
     path = dataset_dir / "queries.jsonl"
-    queries = {}
+    queries, first_line = {}, {}
     for line_no, row in iter_jsonl(path):
         if "_id" not in row or not isinstance(row.get("text"), str):
             raise RecordError(f"{path}:{line_no}", "a query needs '_id' and a string 'text'", "fix that line")
+        _unique(str(row["_id"]), first_line, path, line_no, "query")
         queries[str(row["_id"])] = row["text"]
     return queries
 
@@ -279,7 +306,7 @@ def read_corpus_documents(path: Path, *, text_field: str, title_field: str) -> l
     beir = path.is_dir()
     file = path / "corpus.jsonl" if beir else path
     text_key, title_key = ("text", "title") if beir else (text_field, title_field)
-    documents, seen = [], set()
+    documents, first_line = [], {}
     for line_no, row in iter_jsonl(file):
         text = row.get(text_key)
         if not isinstance(text, str) or (not beir and not text.strip()):
@@ -293,11 +320,7 @@ def read_corpus_documents(path: Path, *, text_field: str, title_field: str) -> l
         if doc_id is None:
             raise RecordError(f"{file}:{line_no}", "missing '_id'", "give every document an id")
         doc_id = str(doc_id)
-        if doc_id in seen:  # pairs are seeded and keyed by the id: two documents may not share one
-            raise RecordError(
-                f"{file}:{line_no}", f"document id {doc_id!r} occurs twice", "give every document its own id"
-            )
-        seen.add(doc_id)
+        _unique(doc_id, first_line, file, line_no, "document")  # pairs are seeded and keyed by the id
         documents.append((doc_id, str(row.get(title_key) or ""), text))
     return documents
 

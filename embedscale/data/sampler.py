@@ -52,7 +52,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if len(examples) < global_batch_size:
             raise ValueError(
                 f"{len(examples)} training examples are fewer than one global batch ({global_batch_size}): "
-                "lower data.global_batch_size or data.batch_size_per_rank"
+                "lower data.global_batch_size or data.batch_size_per_rank, or raise data.max_samples if set"
             )
         self.n = len(examples)
         self.global_batch_size = global_batch_size

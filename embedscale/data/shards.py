@@ -74,13 +74,16 @@ class ShardWriter:
             return
         path = Path(self._tar.name)
         self._tar.close()
-        np.save(path.with_suffix(".idx.npy"), np.asarray(self._index, dtype=np.int64).reshape(-1, 2))
+        index = path.with_suffix(".idx.npy")
+        np.save(index, np.asarray(self._index, dtype=np.int64).reshape(-1, 2))
         self.shards.append(
             {
                 "file": path.name,
                 "samples": len(self._index),
                 "bytes": path.stat().st_size,
                 "sha256": sha256_file(path),
+                "index_bytes": index.stat().st_size,
+                "index_sha256": sha256_file(index),
                 "first_key": self._keys[0],
                 "last_key": self._keys[-1],
             }
@@ -149,8 +152,10 @@ class BadSample:
     where: str
     fix: str
 
-    def message(self) -> str:
-        return f"{self.where}: {self.reason}: {self.fix} (or set data.on_error=skip to skip and count such samples)"
+    def message(self, *, skipping: bool = False) -> str:
+        """The error text; `skipping`: for the log under data.on_error=skip (no advice to set it)."""
+        text = f"{self.where}: {self.reason}: {self.fix}"
+        return text if skipping else f"{text} (or set data.on_error=skip to skip and count such samples)"
 
 
 def is_url(root: str | Path) -> bool:
@@ -183,7 +188,9 @@ class ShardedDataset:
         return f"{str(self.root).rstrip('/')}/{name}" if is_url(self.root) else Path(self.root) / name
 
     @classmethod
-    def open(cls, root: str | Path) -> ShardedDataset:
+    def open(cls, root: str | Path, *, verify: str = "full") -> ShardedDataset:
+        """Open a dataset through its manifest; `verify` (data.verify): full checks every file's size and sha256
+        (cached by size and mtime, data/integrity.py), size only the sizes, off nothing beyond the manifest."""
         root = str(root) if is_url(root) else Path(root)
         ds = cls(root, {})
         path = ds.location(MANIFEST)
@@ -194,7 +201,18 @@ class ShardedDataset:
             raise ValueError(f"{path} does not exist: point at a directory written by `embedscale shard`") from err
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+        for shard in manifest.get("shards", []):
+            name = str(shard.get("file", ""))
+            if not name or "/" in name or "\\" in name or name in (".", "..") or ":" in name:
+                raise ValueError(
+                    f"{path}: shard file {name!r} is not a plain file name inside the dataset directory; a manifest "
+                    "may only name files beside it (re-run `embedscale shard`)"
+                )
         ds.manifest = manifest
+        if verify != "off":
+            from embedscale.data.integrity import verify_dataset
+
+            verify_dataset(ds, mode=verify)
         return ds
 
     @property
@@ -209,9 +227,29 @@ class ShardedDataset:
             path = self.location(self.shards[shard]["file"].removesuffix(".tar") + ".idx.npy")
             try:
                 with open_binary(path) as f:
-                    self._index[shard] = np.load(io.BytesIO(f.read()))
+                    index = np.load(io.BytesIO(f.read()), allow_pickle=False)
             except (OSError, FileNotFoundError) as err:
                 raise ValueError(f"{path} is missing: re-run `embedscale shard` for {self.root}") from err
+            except ValueError as err:
+                raise ValueError(
+                    f"{path} is not a valid index ({err}): re-run `embedscale shard` for {self.root}"
+                ) from err
+            meta = self.shards[shard]
+            ok = index.ndim == 2 and index.shape == (int(meta["samples"]), 2) and index.dtype == np.int64
+            ends = index[:, 0] + index[:, 1] if ok else None
+            if (
+                ok
+                and len(index)
+                and (index.min() < 0 or int(ends.max()) > int(meta["bytes"]) or (np.diff(index[:, 0]) <= 0).any())
+            ):
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"{path} does not index {meta['file']}: the manifest says {meta['samples']} samples in "
+                    f"{meta['bytes']} bytes, the index holds {getattr(index, 'shape', '?')} (or offsets outside the "
+                    "tar); the dataset was modified after it was written: restore it or re-run `embedscale shard`"
+                )
+            self._index[shard] = index
         return self._index[shard]
 
     def read(self, shard: int, positions: Iterable[int], *, errors: str = "raise") -> Iterator[dict | BadSample]:
@@ -226,7 +264,10 @@ class ShardedDataset:
             idx = self.index(shard)
             f = open_binary(path)
         except (OSError, ValueError) as err:
-            bad = BadSample("missing shard", f"{path}", f"{err}; restore the file or re-run `embedscale shard`")
+            if isinstance(err, ValueError):  # the index does not fit the manifest: its message says what to do
+                bad = BadSample("bad index", f"{path}", str(err))
+            else:
+                bad = BadSample("missing shard", f"{path}", f"{err}; restore the file or re-run `embedscale shard`")
             if errors == "raise":
                 raise ValueError(bad.message()) from err
             return (bad for _ in positions)

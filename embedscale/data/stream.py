@@ -269,6 +269,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.collate = collate
         self.k, self.on_error, self.teacher = num_hard_negatives, on_error, teacher
         self.state = StreamState(0, {s.name: 0 for s in sources})
+        self.skip_notes: dict[str, str] = {}  # under on_error=skip: the first bad sample of each reason
         self._blocks: dict[int, np.ndarray] = {}
         self._block_cum: list[np.ndarray] = [np.zeros(len(self.sources), dtype=np.int64)]
 
@@ -357,6 +358,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         skipped: dict[str, int] = {}
         for r in bad:
             skipped[r.reason] = skipped.get(r.reason, 0) + 1
+            self.skip_notes.setdefault(r.reason, r.message(skipping=True))  # the first of each reason, for the log
         examples = [r if not isinstance(r, BadSample) else good[i % len(good)] for i, r in enumerate(rows)]
         name = self.sources[self.source_of(step)].name if self.homogeneous else "mixed"
         return name, examples, skipped, owners
@@ -380,6 +382,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
                         document_prefix=[src.document_prefix for src in srcs],
                     )
                     batch.source, batch.skipped = name, skipped
+                    batch.skip_notes = {reason: self.skip_notes[reason] for reason in skipped}
                     batch.in_batch_negatives = all(src.in_batch_negatives for src in srcs)
                     yield batch
             for s, n in enumerate(self.rows_of(step).tolist()):

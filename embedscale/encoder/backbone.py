@@ -97,6 +97,16 @@ def add_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     except ImportError as err:
         raise ValueError("model.lora_r > 0 needs peft: pip install peft (or set model.lora_r=0)") from err
     targets = list(cfg.lora_target_modules) or default_lora_targets(model)
+    dims = [
+        min(m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets or [])
+    ]
+    if dims and cfg.lora_r > min(dims):
+        raise ValueError(
+            f"model.lora_r={cfg.lora_r} is above the rank of the smallest adapted layer (min(in, out) = {min(dims)}): "
+            f"set model.lora_r <= {min(dims)} (LoRA ranks of 8 to 64 are usual)"
+        )
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
     try:
         wrapped = get_peft_model(model, lora)

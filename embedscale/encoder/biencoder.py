@@ -258,6 +258,28 @@ def _export_overrides(path: str) -> dict:
         return json.load(f).get("model", {})
 
 
+def max_positions(backbone: nn.Module) -> int | None:
+    """Tokens a backbone with learned absolute position embeddings can read (BERT's 512; RoBERTa's positions start
+    after its padding index); None for rotary and relative positions, which have no hard limit."""
+    embeddings = getattr(backbone, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        return None
+    padding = getattr(embeddings, "padding_idx", None)
+    return table.num_embeddings - (padding + 1 if isinstance(padding, int) else 0)
+
+
+def check_lengths(backbone: nn.Module, lengths: dict[str, int | None]) -> None:
+    """ValueError naming the key when a token budget exceeds what the backbone's position embeddings can read."""
+    limit = max_positions(backbone)
+    for key, length in lengths.items():
+        if limit is not None and length is not None and length > limit:
+            raise ValueError(
+                f"{key}={length} is above the {limit} positions {type(backbone).__name__} can read: "
+                f"set {key} <= {limit}"
+            )
+
+
 def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
     """Build (BiEncoder, tokenizer) from a config; an embedscale export restores its own settings."""
     path = resolve_model_path(cfg.name_or_path)
@@ -279,6 +301,9 @@ def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
     else:
         query, tokenizer_path = _load_backbone(path, cfg), path
         document = copy.deepcopy(query)
+    check_lengths(
+        query, {"model.query_max_length": cfg.query_max_length, "model.document_max_length": cfg.document_max_length}
+    )
     query = adapt_backbone(query, cfg)  # bidirectional attention, gradient checkpointing, LoRA
     document = adapt_backbone(document, cfg) if document is not None else None
     tokenizer = _load_tokenizer(tokenizer_path, cfg)

@@ -22,20 +22,22 @@ log = logging.getLogger(__name__)
 def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate before/after, export; returns what metrics.json holds (on rank 0; {} elsewhere)."""
     from embedscale.config import resolve_batch_sizes
-    from embedscale.contrastive.callbacks import EvalCallback, RngResume, export_best_weights
+    from embedscale.contrastive.callbacks import EvalCallback, Heartbeat, RngResume, export_best_weights
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.contrastive.trainer import build_trainer, resume_path
     from embedscale.data.datamodule import DataProgress, build_datamodule
     from embedscale.data.records import resolve_data_root
+    from embedscale.distributed import explain_stall
     from embedscale.encoder.biencoder import load_encoder
-    from embedscale.export import export_model, resolve_init_from, to_jsonable
-    from embedscale.runtime import start_run
+    from embedscale.export import export_model, resolve_init_from
+    from embedscale.runtime import check_run_dir, start_run
     from embedscale.strategy import after_fit_callbacks, build_strategy
 
     start = time.perf_counter()
     run_dir = start_run(
         Path(cfg.run_dir or run_dir or "runs/train"), seed=cfg.seed, num_threads=cfg.trainer.num_threads
     )
+    check_run_dir(run_dir, resume=cfg.trainer.resume, overwrite=cfg.overwrite)
     root = resolve_data_root(cfg.data.root)
     parent = None
     if cfg.init_from:
@@ -48,7 +50,7 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     module = ContrastiveModule(
         encoder, loss_cfg=cfg.loss, optim_cfg=cfg.optim, gradcache=cfg.gradcache, trainer_cfg=cfg.trainer
     )
-    callbacks = [eval_cb, RngResume(), DataProgress(), *after_fit_callbacks(cfg.trainer, cfg.model)]
+    callbacks = [eval_cb, RngResume(), DataProgress(), Heartbeat(), *after_fit_callbacks(cfg.trainer, cfg.model)]
     strategy = build_strategy(cfg.trainer, gradcache=cfg.gradcache.enabled)
     trainer = build_trainer(cfg.trainer, cfg.logger, run_dir, callbacks, strategy=strategy)
     sizes = resolve_batch_sizes(cfg, trainer.world_size)  # the launcher's real world size (devices=auto, SLURM)
@@ -56,27 +58,18 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         cfg.data, sizes, tokenizer=tokenizer, model_cfg=encoder.cfg, root=root, seed=cfg.seed, run_dir=run_dir
     )
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.trainer, run_dir), weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.trainer, run_dir), weights_only=True)
+    except Exception as err:  # a timed-out collective: name the rank that stopped responding
+        explained = explain_stall(err, timeout=cfg.trainer.collective_timeout)
+        if explained is err:
+            raise
+        raise explained from err
     fit_seconds = time.perf_counter() - fit_start
     if not trainer.is_global_zero:
         return {}
-    summary = {entry["tag"]: entry["metrics"] for entry in eval_cb.history}
-    result = {
-        "run_dir": str(run_dir),
-        "model": cfg.model.name_or_path,
-        "init_from": parent,
-        "config": to_jsonable(cfg),
-        "train": {
-            "optimizer_steps": trainer.global_step,
-            **datamodule.summary(),
-            "global_batch_size": sizes.global_batch_size,
-            "batch_size_per_rank": sizes.batch_size_per_rank,
-            "fit_seconds": round(fit_seconds, 1),
-        },
-        "eval": summary,
-        "eval_history": eval_cb.history,
-        "best": eval_cb.best,
-    }
+    result = run_record(cfg, run_dir, trainer, datamodule, sizes, eval_cb, parent=parent, fit_seconds=fit_seconds)
+    summary = result["eval"]
     card_metrics = summary.get("after")
     if cfg.eval.export_best and eval_cb.best is not None and eval_cb.best["step"] != trainer.global_step:
         card_metrics = export_best_weights(module, eval_cb)
@@ -95,6 +88,29 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     print_before_after(summary, eval_cb.evaluators)
     print(f"run directory: {run_dir}  (metrics.json, checkpoints/, model/)  wall {result['wall_seconds']:.0f} s")
     return result
+
+
+def run_record(cfg, run_dir: Path, trainer, datamodule, sizes, eval_cb, *, parent, fit_seconds: float) -> dict:
+    """What metrics.json holds of a finished fit (the export and the wall time are added after)."""
+    from embedscale.export import to_jsonable
+
+    return {
+        "run_dir": str(run_dir),
+        "model": cfg.model.name_or_path,
+        "init_from": parent,
+        "config": to_jsonable(cfg),
+        "train": {
+            "optimizer_steps": trainer.global_step,
+            **datamodule.summary(),
+            "global_batch_size": sizes.global_batch_size,
+            "batch_size_per_rank": sizes.batch_size_per_rank,
+            "fit_seconds": round(fit_seconds, 1),
+            "nonfinite": trainer.lightning_module.guard.summary() if trainer.lightning_module.guard else None,
+        },
+        "eval": {entry["tag"]: entry["metrics"] for entry in eval_cb.history},
+        "eval_history": eval_cb.history,
+        "best": eval_cb.best,
+    }
 
 
 def print_before_after(summary: dict[str, dict[str, float]], evaluators: list) -> None:

@@ -27,10 +27,6 @@ from embedscale.encoder.biencoder import BiEncoder, encode_texts, length_batches
 log = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EMBEDSCALE_CACHE", "~/.cache/embedscale")).expanduser()
-
-
 def corpus_key(encoder: BiEncoder, ids: list[str], texts: list[str], *, max_length: int | None, side: str) -> str:
     """Cache key of (model tower, settings, corpus)."""
     key = hashlib.sha256()
@@ -94,14 +90,48 @@ def encode_corpus(
     if path is not None and broadcast_object(path.exists() if rank == 0 else None):
         if not path.exists():
             raise ValueError(f"{path} exists on rank 0 but not on rank {rank}: put the cache on a shared filesystem")
-        log.info("%s: embeddings from cache %s", name, path)
-        return torch.load(path, weights_only=True)
+        cached_ND = read_cache(path, rows=len(ids))
+        if broadcast_object(cached_ND is not None if rank == 0 else None):  # every rank takes the same branch
+            log.info("%s: embeddings from cache %s", name, path)
+            return cached_ND if cached_ND is not None else read_cache(path, rows=len(ids))
     out_ND = encode_sharded(
         encoder, tokenizer, texts, side=side, batch_size=batch_size, max_length=max_length, progress=True
     )
     if path is not None and rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(out_ND, tmp)
-        tmp.replace(path)
+        write_cache(path, out_ND)
     return out_ND
+
+
+def _digest(x_ND: torch.Tensor) -> str:
+    return hashlib.sha256(x_ND.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def write_cache(path: Path, x_ND: torch.Tensor) -> None:
+    """The embeddings with their shape, dtype and content hash, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    record = {"format": 2, "shape": list(x_ND.shape), "dtype": str(x_ND.dtype), "sha256": _digest(x_ND), "x": x_ND}
+    torch.save(record, tmp)
+    tmp.replace(path)
+
+
+def read_cache(path: Path, *, rows: int) -> torch.Tensor | None:
+    """The cached embeddings when the file is whole and what it says it is: (rows, D) float32 matching its content
+    hash; else None, with a warning naming the problem (the caller re-encodes and rewrites the cache)."""
+    try:
+        record = torch.load(path, weights_only=True)
+    except Exception as err:  # a truncated or corrupt file: any unpickling error
+        log.warning("embedding cache %s is unreadable (%s): encoding again", path, err)
+        return None
+    x = record.get("x") if isinstance(record, dict) else None
+    problem = None
+    if not isinstance(x, torch.Tensor):
+        problem = "not an embedding record of this version"
+    elif x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] != rows or list(x.shape) != record.get("shape"):
+        problem = f"shape {tuple(x.shape)} {x.dtype}, expected ({rows}, D) float32"
+    elif _digest(x) != record.get("sha256"):
+        problem = "its content does not match its hash (modified after it was written)"
+    if problem:
+        log.warning("embedding cache %s: %s: encoding again", path, problem)
+        return None
+    return x

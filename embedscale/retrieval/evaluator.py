@@ -20,8 +20,9 @@ import torch
 from embedscale.data.records import read_corpus, read_qrels, read_queries, read_sts
 from embedscale.distributed import broadcast_object, world
 from embedscale.encoder.biencoder import BiEncoder
-from embedscale.retrieval.encode import default_cache_dir, encode_corpus, encode_sharded
+from embedscale.retrieval.encode import encode_corpus, encode_sharded
 from embedscale.retrieval.metrics import retrieval_metrics
+from embedscale.runtime import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,29 @@ class RetrievalEvaluator:
     """The task's query instruction, instead of the model's query prefix; None: the model's."""
 
     @classmethod
-    def from_beir(cls, dataset_dir: Path, split: str, *, name: str | None = None, **kwargs) -> RetrievalEvaluator:
+    def from_beir(
+        cls, dataset_dir: Path, split: str, *, name: str | None = None, missing_documents: str = "raise", **kwargs
+    ) -> RetrievalEvaluator:
         qrels = read_qrels(dataset_dir, split)
         all_queries = read_queries(dataset_dir)
         missing = [qid for qid in qrels if qid not in all_queries]
         if missing:
-            raise ValueError(f"{dataset_dir}/qrels/{split}.tsv names {len(missing)} queries missing from queries.jsonl")
+            raise ValueError(
+                f"{dataset_dir}/qrels/{split}.tsv names {len(missing)} queries missing from queries.jsonl "
+                f"(e.g. {missing[0]!r}): fix the qrels or the queries"
+            )
         queries = {qid: all_queries[qid] for qid in qrels}
-        return cls(name or dataset_dir.name, queries, read_corpus(dataset_dir), qrels, **kwargs)
+        corpus = read_corpus(dataset_dir)
+        absent = sorted({did for docs in qrels.values() for did in docs if did not in corpus})
+        if absent:
+            message = (
+                f"{dataset_dir}/qrels/{split}.tsv judges {len(absent)} document(s) missing from corpus.jsonl "
+                f"(e.g. {absent[:3]}): they can never be retrieved"
+            )
+            if str(missing_documents) == "raise":
+                raise ValueError(f"{message}; fix the corpus or qrels, or set eval.missing_documents=warn")
+            log.warning("%s (eval.missing_documents=warn: their judgments are kept, as trec_eval counts them)", message)
+        return cls(name or dataset_dir.name, queries, corpus, qrels, **kwargs)
 
     def _corpus_embeddings(self, encoder: BiEncoder, tokenizer) -> torch.Tensor:
         ids = list(self.corpus)
@@ -170,6 +186,7 @@ def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[Retrie
             max_length=max_length,
             cache_dir=cache_dir,
             query_prefix=s.query_prefix,
+            missing_documents=cfg.missing_documents,
         )
         for s in cfg.beir
     ]

@@ -14,6 +14,7 @@ Legend: Q = unique queries, N = corpus documents, K = candidates per query, D = 
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -96,13 +97,26 @@ def load_mining_data(c, root: Path) -> MiningData:
     return data
 
 
+def _refused_global(err: Exception) -> str:
+    """The line of torch's weights_only refusal that names what it refused (its message is a page long)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")[:200]
+
+
 def load_biencoder(cfg: MineJobConfig):
     """The mining model: model.* (an export or a hub model), with mine.checkpoint's weights when given."""
     from embedscale.encoder.biencoder import load_encoder
 
     encoder, tokenizer = load_encoder(cfg.model)
     if cfg.mine.checkpoint:
-        ckpt = torch.load(cfg.mine.checkpoint, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(cfg.mine.checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # weights_only refused an object: never unpickle it
+            raise ValueError(
+                f"mine.checkpoint={cfg.mine.checkpoint} holds objects other than tensors and plain containers, which "
+                f"could run code when loaded; it is refused. Give a Lightning checkpoint written by embedscale train "
+                f"(runs/train/<time>/checkpoints/*.ckpt). torch: {_refused_global(err)}"
+            ) from err
         state = {k.removeprefix("encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
         missing, unexpected = encoder.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if not m.startswith("document_backbone.")]:
@@ -136,8 +150,9 @@ def dense_candidates(cfg: MineJobConfig, data: MiningData, queries: list[str], t
     """(ids (Q, K), scores (Q, K), query embeddings (Q, D), doc embeddings (N, D), model fingerprint) on every rank
     (ids and scores on rank 0 only)."""
     from embedscale.distributed import world
-    from embedscale.retrieval.encode import default_cache_dir, encode_corpus, encode_sharded
+    from embedscale.retrieval.encode import encode_corpus, encode_sharded
     from embedscale.retrieval.index import build_index, search
+    from embedscale.runtime import default_cache_dir
 
     c = cfg.mine
     encoder, tokenizer = load_biencoder(cfg)

@@ -9,7 +9,7 @@ call the driver of the run, which `driver_for` picks once from the live Lightnin
     backward                   autograd      autograd              autograd (reduce-scatter) engine micro-step
     after_backward (automatic) -             -                     average replicated       -
     sync_gradients (GradCache) -             one flat all-reduce   replicated ones only     - (the engine)
-    clip                       norm          norm                  sharded global norm      - (the engine)
+    clip (returns the norm)    norm          norm                  sharded global norm      - (the engine)
 
 `clip` is the one place that decides clipping: its value is `max_grad_norm(trainer_cfg)` (trainer.gradient_clip_val,
 read nowhere else), Lightning's own clipping is switched off (the Trainer gets gradient_clip_val=None), and the
@@ -44,6 +44,9 @@ class StepDriver:
     """Strategies whose checkpoints resume each other share a tag (one process and DDP do)."""
     shards_gradients = False
     """A rank holds a shard of the gradient (or none): its local norm is not the gradient's norm."""
+    cannot_skip_steps = ""
+    """Empty when a step can be skipped by clearing the gradients before the optimizer runs (the non-finite guard's
+    skip); else why this strategy cannot, as the guard's error says it."""
     keeps_params_across_passes = False
     """Parameters stay gathered between forward passes (FSDP2 buffers, ZeRO-3 persistent parameters): a GradCache
     embedding pass must then run under no_grad, not inference_mode, whose tensors the grad passes cannot use."""
@@ -76,10 +79,20 @@ class StepDriver:
         """Once per GradCache step, after its last backward: every rank holds the step's average gradient."""
         all_reduce_gradients_(module.parameters())
 
-    def clip(self, module, optimizer) -> None:
-        """Clip the gradient's global norm at `max_norm` (0: not at all), once per optimizer step."""
+    def clip(self, module, optimizer) -> torch.Tensor | None:
+        """Clip the gradient's global norm at `max_norm` (0: not at all), once per optimizer step; returns the norm
+        before clipping (the non-finite guard reads it), or None when this driver cannot compute it.
+
+        The same arithmetic as torch.nn.utils.clip_grad_norm_ (what Lightning's clipping calls): the total norm of
+        the optimizer's gradients, then each scaled by min(1, max_norm / (norm + 1e-6))."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return None
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if self.max_norm:
-            module.clip_gradients(optimizer, gradient_clip_val=self.max_norm, gradient_clip_algorithm="norm")
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
+        return norm
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[STRATEGY_KEY] = self.checkpoint_tag

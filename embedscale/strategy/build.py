@@ -5,6 +5,7 @@ DDP on several devices -- and returns its StepDriver (base.py)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from embedscale.config import Strategy, TrainerConfig
@@ -12,16 +13,25 @@ from embedscale.strategy.base import DDPDriver, StepDriver, max_grad_norm
 
 
 def build_strategy(cfg: TrainerConfig, *, gradcache: bool = False) -> Any:
-    """What `L.Trainer(strategy=...)` takes: the name itself, or a strategy object for fsdp2 and deepspeed."""
+    """What `L.Trainer(strategy=...)` takes: a strategy object whose process group waits at most
+    trainer.collective_timeout in a collective, or the name `auto` for one process."""
+    timeout = timedelta(seconds=cfg.collective_timeout)
     if cfg.strategy == Strategy.fsdp2:
         from embedscale.strategy.fsdp2 import fsdp2_strategy
 
-        return fsdp2_strategy(max_norm=max_grad_norm(cfg), reshard_after_forward=cfg.reshard_after_forward)
+        return fsdp2_strategy(
+            max_norm=max_grad_norm(cfg), reshard_after_forward=cfg.reshard_after_forward, timeout=timeout
+        )
     if cfg.strategy == Strategy.deepspeed:
         from embedscale.strategy.deepspeed import deepspeed_strategy
 
-        return deepspeed_strategy(cfg, gradcache=gradcache)
-    return str(cfg.strategy)
+        return deepspeed_strategy(cfg, gradcache=gradcache, timeout=timeout)
+    if cfg.strategy == Strategy.auto and cfg.world_size() == 1:
+        return "auto"  # one process: Lightning's single-device strategy, no process group
+    from lightning.pytorch.strategies import DDPStrategy
+
+    start = "spawn" if cfg.strategy == Strategy.ddp_spawn else "popen"
+    return DDPStrategy(start_method=start, timeout=timeout)
 
 
 def driver_for(strategy, cfg: TrainerConfig | None) -> StepDriver:

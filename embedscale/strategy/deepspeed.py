@@ -35,6 +35,7 @@ CHECKPOINT_META = "embedscale.json"
 
 class DeepSpeedDriver(StepDriver):
     shards_gradients = True
+    cannot_skip_steps = "DeepSpeed's engine owns the partitioned gradients and steps them"
     keeps_params_across_passes = True  # ZeRO-3 keeps small ("persistent") parameters gathered across passes
 
     def __init__(self, *, zero_stage: int, engine=None) -> None:
@@ -62,7 +63,9 @@ class DeepSpeedDriver(StepDriver):
         """Nothing: the engine reduces each micro-step and finalises at engine.step()."""
 
     def clip(self, module, optimizer) -> None:
-        """Nothing: the engine clips at the global norm over all partitions (gradient_clipping)."""
+        """Nothing: the engine clips at the global norm over all partitions (gradient_clipping); the norm is the
+        engine's, so the non-finite guard checks the loss alone."""
+        return None
 
 
 def deepspeed_config(cfg: TrainerConfig, *, gradcache: bool = False) -> dict:
@@ -111,7 +114,7 @@ def _on_cpu(cfg: TrainerConfig) -> bool:
     return False
 
 
-def deepspeed_strategy(cfg: TrainerConfig, *, gradcache: bool = False):
+def deepspeed_strategy(cfg: TrainerConfig, *, gradcache: bool = False, timeout=None):
     """Lightning's DeepSpeedStrategy with `deepspeed_config(cfg)`; on CPU a subclass that runs it over gloo."""
     import importlib.util
 
@@ -158,7 +161,8 @@ def deepspeed_strategy(cfg: TrainerConfig, *, gradcache: bool = False):
             return torch.device("cpu", self.local_rank)
 
     cls = CPUDeepSpeedStrategy if _on_cpu(cfg) else EmbedscaleDeepSpeedStrategy
-    return cls(config=deepspeed_config(cfg, gradcache=gradcache))
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    return cls(config=deepspeed_config(cfg, gradcache=gradcache), **kwargs)
 
 
 def checkpoint_meta(path: str | Path) -> dict | None:

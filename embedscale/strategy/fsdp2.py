@@ -44,9 +44,8 @@ class FSDP2Driver(StepDriver):
     def sync_gradients(self, module) -> None:
         all_reduce_gradients_(module.parameters())  # as above, once per GradCache step
 
-    def clip(self, module, optimizer) -> None:
-        if self.max_norm:
-            clip_grad_norm_sharded_(list(module.parameters()), self.max_norm)
+    def clip(self, module, optimizer):
+        return clip_grad_norm_sharded_(list(module.parameters()), self.max_norm)  # max_norm 0: the norm alone
 
 
 def transformer_layers(backbone) -> list:
@@ -92,7 +91,7 @@ def full_state_dict(module) -> dict:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
 
 
-def fsdp2_strategy(*, max_norm: float, reshard_after_forward: bool = True):
+def fsdp2_strategy(*, max_norm: float, reshard_after_forward: bool = True, timeout=None):
     """ModelParallelStrategy over all ranks (tensor parallel 1) whose driver FSDP2-shards a ContrastiveModule."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -108,7 +107,8 @@ def fsdp2_strategy(*, max_norm: float, reshard_after_forward: bool = True):
                 max_norm=max_norm, mesh=self.device_mesh["data_parallel"], reshard_after_forward=reshard_after_forward
             )
 
-    strategy = FSDP2Strategy(save_distributed_checkpoint=False)
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    strategy = FSDP2Strategy(save_distributed_checkpoint=False, **kwargs)
     strategy.reshard_after_forward = reshard_after_forward
     return strategy
 
