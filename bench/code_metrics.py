@@ -10,11 +10,13 @@ What is counted (code only: docstrings and comments are not code):
 - strategy names: modules whose identifiers or non-docstring strings name a distribution strategy (DDP,
   DistributedDataParallel, FSDP, DeepSpeed, ZeRO, zero_stage); reported for the whole package and outside the
   packages whose job it is (`strategy/`, and `config/` whose vocabulary lists the choices);
-- clipping decisions: reads of `gradient_clip_val`, and calls of anything named `*clip*`, outside `config/`;
+- clipping: reads of `gradient_clip_val` outside `config/`; calls of a clipping primitive (`clip_grad_norm_`,
+  `clip_gradients`, `clip_grad_norm_sharded_`, `configure_gradient_clipping`) or a `gradient_clipping` key, and
+  whether they are inside `strategy/`; and the call sites of a step driver's `clip` (the one decision);
 - GradCache setting reads: reads of a name, attribute or keyword `gradcache`, `chunk_size`, `token_budget` or
   `sort_by_length` (the setting's keys) outside `config/`, with the modules reading them;
 - config field docstrings: fields of the config dataclasses followed by a string (the field's docstring);
-- job list definitions: literals (dict, tuple, list, set) naming at least 4 of the job names.
+- job list definitions: outermost literals (dict, tuple, list, set) whose strings name at least 4 of the jobs.
 """
 
 from __future__ import annotations
@@ -91,6 +93,26 @@ def code_words(tree: ast.AST) -> list[str]:
     return words
 
 
+CLIP_PRIMITIVES = {"clip_grad_norm_", "clip_gradients", "clip_grad_norm_sharded_", "configure_gradient_clipping"}
+
+
+def job_literals(tree: ast.AST) -> list[ast.AST]:
+    """Outermost container literals whose string constants (at any depth) name at least 4 jobs."""
+    found: list[ast.AST] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.Dict | ast.Tuple | ast.List | ast.Set):
+            names = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+            if len(names & JOBS) >= 4:
+                found.append(node)
+                return
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
 def area(path: str) -> str:
     parts = Path(path).parts  # embedscale/<area>...
     return parts[1] + ("/" if len(parts) > 2 else "")
@@ -98,7 +120,8 @@ def area(path: str) -> str:
 
 def measure(files: dict[str, str]) -> dict:
     lines_by_area: Counter = Counter()
-    functions, strategy_modules, clip, gradcache, gc_modules, job_lists = [], [], [], [], set(), []
+    functions, strategy_modules, gradcache, gc_modules, job_lists = [], [], [], set(), []
+    clip_reads, clip_primitives, driver_clips = [], [], []
     fields = documented = 0
     undocumented: list[str] = []
     for path, source in files.items():
@@ -107,16 +130,21 @@ def measure(files: dict[str, str]) -> dict:
         in_config = area(path).startswith("config")
         if any(STRATEGY.search(w) for w in code_words(tree)):
             strategy_modules.append(path)
+        job_lists += [f"{path}:{n.lineno}" for n in job_literals(tree)]
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 functions.append((node.end_lineno - node.lineno + 1, f"{path}:{node.lineno} {node.name}"))
             if not in_config:
                 if isinstance(node, ast.Attribute) and node.attr == "gradient_clip_val":
-                    clip.append(f"{path}:{node.lineno} reads gradient_clip_val")
+                    clip_reads.append(f"{path}:{node.lineno}")
                 if isinstance(node, ast.Call):
                     callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-                    if "clip" in callee.lower():
-                        clip.append(f"{path}:{node.lineno} calls {callee}")
+                    if callee in CLIP_PRIMITIVES:
+                        clip_primitives.append(f"{path}:{node.lineno} {callee}")
+                    elif callee == "clip":
+                        driver_clips.append(f"{path}:{node.lineno}")
+                if isinstance(node, ast.Constant) and node.value == "gradient_clipping":
+                    clip_primitives.append(f"{path}:{node.lineno} gradient_clipping key")
                 name = None
                 if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
                     name = node.attr
@@ -127,11 +155,6 @@ def measure(files: dict[str, str]) -> dict:
                 if name in GRADCACHE_KEYS:
                     gradcache.append(f"{path}:{node.lineno} {name}")
                     gc_modules.add(path)
-            if isinstance(node, ast.Dict | ast.Tuple | ast.List | ast.Set):
-                elts = node.keys if isinstance(node, ast.Dict) else node.elts
-                names = {e.value for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
-                if len(names & JOBS) >= 4:
-                    job_lists.append(f"{path}:{node.lineno}")
             if (
                 in_config
                 and isinstance(node, ast.ClassDef)
@@ -169,7 +192,10 @@ def measure(files: dict[str, str]) -> dict:
         "median_function_lines": sorted(n for n, _ in functions)[len(functions) // 2] if functions else 0,
         "modules_naming_a_strategy": len(strategy_modules),
         "modules_naming_a_strategy_outside_strategy_and_config": strategy_outside,
-        "clipping_places": clip,
+        "clip_value_reads": clip_reads,
+        "clip_primitive_calls": clip_primitives,
+        "clip_primitive_calls_outside_strategy": [c for c in clip_primitives if "/strategy" not in c],
+        "driver_clip_call_sites": driver_clips,
         "gradcache_setting_reads": gradcache,
         "gradcache_setting_modules": sorted(gc_modules),
         "config_fields": fields,
@@ -201,7 +227,12 @@ def main() -> None:
             "... outside strategy/ and config/",
             len(result["modules_naming_a_strategy_outside_strategy_and_config"]),
         ),
-        ("clipping places (reads of gradient_clip_val, *clip* calls)", len(result["clipping_places"])),
+        ("reads of gradient_clip_val (outside config/)", len(result["clip_value_reads"])),
+        (
+            "clipping primitive calls / of them outside strategy/",
+            f"{len(result['clip_primitive_calls'])} / {len(result['clip_primitive_calls_outside_strategy'])}",
+        ),
+        ("call sites of a step driver's clip", len(result["driver_clip_call_sites"])),
         (
             "GradCache setting reads / modules",
             f"{len(result['gradcache_setting_reads'])} / {len(result['gradcache_setting_modules'])}",
@@ -214,6 +245,7 @@ def main() -> None:
     for k, v in rows:
         print(f"| {k} | {v} |")
     if args.name:
+        RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"{args.name}.json"
         out.write_text(
             json.dumps({"command": command, "machine": machine(), "ref": args.ref, **result}, indent=2) + "\n"

@@ -1,4 +1,7 @@
-"""Shared helpers of the bench/ scripts: the command, the machine, a table, and bench/results/*.json."""
+"""Shared helpers of the bench/ scripts: the command, the machine, a table, and bench/results/*.json.
+
+Results go to bench/results/ (committed), or to $EMBEDSCALE_BENCH_RESULTS when set (the smoke tests set it so
+that a tiny run never overwrites a committed figure)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+COMMITTED = Path(__file__).resolve().parent / "results"
+"""The committed results (also read as inputs, e.g. by loader_throughput.py)."""
+RESULTS = Path(os.environ.get("EMBEDSCALE_BENCH_RESULTS") or COMMITTED)
+"""Where the scripts write: $EMBEDSCALE_BENCH_RESULTS, else bench/results/."""
 
 
 def machine() -> dict:
@@ -37,7 +43,7 @@ def command() -> str:
 
 
 def report(name: str, rows: list[dict], extra: dict | None = None) -> Path:
-    """Print command, machine and table; write bench/results/<name>.json with the same figures."""
+    """Print command, machine and table; write RESULTS/<name>.json (bench/results/) with the same figures."""
     info = machine()
     print(f"command: {command()}")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -56,3 +62,20 @@ def report(name: str, rows: list[dict], extra: dict | None = None) -> Path:
 
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def train_mode_encoder(model: str | None, *, threads: int, query_max_length: int, document_max_length: int):
+    """(encoder in train mode, tokenizer): `model` (a path; None: the packaged all-MiniLM-L6-v2), torch on
+    `threads` threads, seed 0."""
+    import torch
+
+    from embedscale.config import ModelConfig
+    from embedscale.encoder.biencoder import load_encoder
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    path = {"name_or_path": model} if model else {}
+    encoder, tok = load_encoder(
+        ModelConfig(**path, query_max_length=query_max_length, document_max_length=document_max_length)
+    )
+    return encoder.train(), tok

@@ -16,7 +16,7 @@
    conflicting (pip would fail), torch the CUDA build, one faiss (faiss-gpu).
 
 Writes bench/results/<name>.json (the summary) and bench/results/<name>_pip_report.json (pip's installation
-report, each package's long description dropped).
+report, each package's long description dropped); $EMBEDSCALE_BENCH_RESULTS replaces bench/results/.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import RESULTS, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "docker" / "requirements-gpu.txt"
@@ -163,7 +163,8 @@ def main() -> None:
     for key in ("packages", "lock_pins", "equals_lock", "torch", "torch_wheel", "faiss", "deepspeed", "seconds"):
         print(f"| {key} | {summary[key]} |")
     print(f"| cuda packages | {len(summary['cuda_packages'])}: {', '.join(summary['cuda_packages'][:6])}, ... |")
-    out = ROOT / "bench" / "results"
+    out = RESULTS
+    out.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "machine": info, "engines": engines, "resolution": summary}
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{args.name}_pip_report.json").write_text(json.dumps(report, indent=1) + "\n")

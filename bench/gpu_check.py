@@ -23,7 +23,8 @@ torch and DeepSpeed themselves).
 Needs deepspeed (`pip install embedscale[deepspeed]`); without it the script says so, writes the planner's
 estimates only and exits 2. Without Hydra (the job wrapper of `embedscale plan` needs it; the planner's functions
 do not) the planner is imported with the wrapper disabled.
-Writes bench/results/gpu_check.json (gpu_check_dryrun.json for --dry-run) and, when $OUT is set, $OUT/<same name>.
+Writes bench/results/gpu_check.json (gpu_check_dryrun.json for --dry-run; $EMBEDSCALE_BENCH_RESULTS replaces
+bench/results/) and, when $OUT is set, $OUT/<same name>.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import RESULTS  # noqa: E402
 
 MIB = 2**20
 TINYLLAMA = dict(
@@ -126,13 +129,6 @@ def measure(path: Path, row: dict, *, dry_run: bool, warmup: int, steps: int) ->
     hf_cfg = AutoConfig.from_pretrained(path)
     dtype = torch.float32 if dry_run else torch.bfloat16
     backbone = adapt_backbone(AutoModel.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype), model_cfg)
-    module = ContrastiveModule(
-        BiEncoder(backbone, None, model_cfg),
-        loss_cfg=LossConfig(),
-        optim_cfg=OptimConfig(lr=1e-4, warmup_steps=0),
-        gradcache=GradCacheConfig(chunk_size=row["chunk"]),
-        gradient_clip_val=1.0,
-    )
     trainer_cfg = TrainerConfig(
         strategy="deepspeed",
         zero_stage=3,
@@ -140,6 +136,13 @@ def measure(path: Path, row: dict, *, dry_run: bool, warmup: int, steps: int) ->
         devices=1,
         precision="32-true" if dry_run else "bf16-mixed",
         gradient_clip_val=1.0,
+    )
+    module = ContrastiveModule(  # as the train job builds it: the step driver reads clipping from trainer_cfg
+        BiEncoder(backbone, None, model_cfg),
+        loss_cfg=LossConfig(),
+        optim_cfg=OptimConfig(lr=1e-4, warmup_steps=0),
+        gradcache=GradCacheConfig(chunk_size=row["chunk"]),
+        trainer_cfg=trainer_cfg,
     )
     b, seq = row["batch"], row["seq"]
 
@@ -293,7 +296,7 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     record = {"command": command, "machine": machine(args.dry_run), "dry_run": args.dry_run, "rows": rows}
     name = "gpu_check_dryrun.json" if args.dry_run else "gpu_check.json"
-    targets = [ROOT / "bench" / "results" / name]
+    targets = [RESULTS / name]
     if os.environ.get("OUT"):
         targets.append(Path(os.environ["OUT"]) / name)
     for target in targets:

@@ -1,6 +1,7 @@
 """The memory planner (`embedscale plan`) against measured CUDA peaks of one GradCache training step.
 
     python bench/gpu_plan_check.py                    # on a GPU machine; ~2 min on one H100/H200
+    python bench/gpu_plan_check.py --dry-run          # CPU, two tiny shapes: proves the script end to end (~10 s)
 
 The GPU twin of bench/plan_vs_measured.py (which measures RSS on CPU). One process, one GPU, fp32, no hard
 negatives, random token ids of exactly `seq` tokens, a randomly initialised backbone of a real shape (no
@@ -10,12 +11,19 @@ torch.cuda.memory_allocated() -> reset the peak -> gradcache_step + AdamW step -
 torch.cuda.max_memory_allocated(). Compared:
 - step:  peak - base vs the planner's activations + embedding cache + gathered embeddings + loss;
 - total: peak vs the planner's total without the CUDA context (allocated memory does not include it).
-A ratio is measured / planned. Writes bench/results/gpu_plan_check.json.
+A ratio is measured / planned. Writes bench/results/gpu_plan_check.json ($EMBEDSCALE_BENCH_RESULTS, or $OUT when
+set, replaces bench/results/).
+
+`--dry-run` runs the same steps on the CPU with tiny shapes (DRY_ROWS) and measures RSS instead (`base` = VmRSS,
+`peak` = VmHWM after resetting it): not comparable with the plan (it includes Python and torch), only a proof
+that the script runs; it writes gpu_plan_check_dryrun.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -24,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import RESULTS  # noqa: E402
 
 MIB = 2**20
 SHAPES = {  # randomly initialised; shapes of real checkpoints
@@ -39,6 +49,15 @@ SHAPES = {  # randomly initialised; shapes of real checkpoints
         ),
     ),
 }
+TINY = {  # --dry-run: the same two kinds, tiny
+    "tiny-bert": ("bert", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
+    "tiny-llama": (
+        "llama",
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+    ),
+}
+SHAPES.update(TINY)
+DRY_ROWS = [("tiny-bert", 32, 4, 8, False), ("tiny-llama", 32, 4, 8, True)]
 ROWS = [  # shape, seq, chunk, rank batch, gradient checkpointing
     ("bert-base", 256, 32, 256, False),
     ("bert-base", 256, 128, 256, False),
@@ -62,7 +81,35 @@ def backbone_dir(name: str, tmp: Path) -> Path:
     return out
 
 
-def measure(name: str, path: Path, seq: int, chunk: int, batch: int, checkpointing: bool) -> dict:
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def _memory(dev, *, peak: bool = False) -> int:
+    """Bytes allocated (or the peak) on the GPU; on the CPU (--dry-run) the process's RSS (or VmHWM)."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+    return 1024 * _rss_kib("VmHWM:" if peak else "VmRSS:")
+
+
+def _reset_peak(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # VmHWM := VmRSS; where /proc refuses it, the peak stays the process's own (a dry run only)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def measure(name: str, path: Path, seq: int, chunk: int, batch: int, checkpointing: bool, device: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModel
 
@@ -74,7 +121,7 @@ def measure(name: str, path: Path, seq: int, chunk: int, batch: int, checkpointi
     from embedscale.encoder.biencoder import BiEncoder
 
     torch.manual_seed(0)
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     decoder = SHAPES[name][0] == "llama"
     cfg = ModelConfig(
         name_or_path=str(path),
@@ -101,17 +148,16 @@ def measure(name: str, path: Path, seq: int, chunk: int, batch: int, checkpointi
 
     ids = TextIds(torch.arange(batch, device=dev), torch.arange(batch, device=dev) + 10**6, None)
     rows = PairBatch(tokens(batch), tokens(batch), ids, 0, [str(i) for i in range(batch)])
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    base = _memory(dev)
+    _reset_peak(dev)
     start = time.perf_counter()
     gradcache_step(module, rows, plan=GradCacheConfig(chunk_size=chunk, sort_by_length=True))
     opt.step()
-    torch.cuda.synchronize()
+    peak = _memory(dev, peak=True)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated()
     del module, opt, rows, params, backbone
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return {"base_MiB": base / MIB, "peak_MiB": peak / MIB, "step_MiB": (peak - base) / MIB, "seconds": seconds}
 
 
@@ -141,18 +187,25 @@ def planned(path: Path, seq: int, chunk: int, batch: int, checkpointing: bool) -
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, RSS: the script end to end")
+    args = parser.parse_args()
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    if gpu is None:
+    if args.dry_run:
+        torch.set_num_threads(1)  # tiny ops: more threads only contend
+        gpu = f"CPU ({os.cpu_count()} cores), dry run"
+    elif gpu is None:
         raise SystemExit("bench/gpu_plan_check.py needs a CUDA GPU (bench/plan_vs_measured.py is the CPU check)")
-    print("command: python bench/gpu_plan_check.py")
+    command = "python bench/gpu_plan_check.py" + (" --dry-run" if args.dry_run else "")
+    print(f"command: {command}")
     print(f"machine: {gpu}, torch {torch.__version__}, python {platform.python_version()}")
     out_rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, seq, chunk, batch, ckpt in ROWS:
+        for name, seq, chunk, batch, ckpt in DRY_ROWS if args.dry_run else ROWS:
             path = backbone_dir(name, Path(tmp))
-            m = measure(name, path, seq, chunk, batch, ckpt)
+            m = measure(name, path, seq, chunk, batch, ckpt, "cpu" if args.dry_run else "cuda")
             p = planned(path, seq, chunk, batch, ckpt)
             row = {
                 "model": name,
@@ -174,12 +227,10 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in out_rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    record = {"command": "python bench/gpu_plan_check.py", "machine": gpu, "torch": torch.__version__, "rows": out_rows}
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    import os
-
-    target = Path(os.environ.get("OUT", results)) / "gpu_plan_check.json"
+    record = {"command": command, "machine": gpu, "torch": torch.__version__, "rows": out_rows}
+    name = "gpu_plan_check_dryrun.json" if args.dry_run else "gpu_plan_check.json"
+    target = Path(os.environ.get("OUT", RESULTS)) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {target}")
 

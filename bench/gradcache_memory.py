@@ -1,6 +1,7 @@
 """Peak memory of one GradCache step vs the global batch: does memory grow only by the embeddings?
 
     python bench/gradcache_memory.py --sizes 512,1024,2048,4096,8192 --chunk 32
+    python bench/gradcache_memory.py --sizes 8 --chunk 4 --warmup-pairs 4 --model PATH   # a smoke run, seconds
 
 all-MiniLM-L6-v2, synthetic text of exactly 128 tokens (queries and documents), one process,
 GradCache chunk 32 rows, loss row chunks 1024 (the defaults), AdamW. Each size runs in a fresh
@@ -16,6 +17,9 @@ loss, pass 2, optimizer). Reported:
 The peak RSS *difference* over one step misleads with glibc's default allocator: memory freed by the
 warm-up stays in the process and is reused, so it is not counted. The absolute peak is what a user
 sees. Set MALLOC_MMAP_THRESHOLD_=1048576 to return large blocks to the OS and watch live memory.
+
+`--model` (a BERT-like model directory whose max length allows 128 tokens) and `--warmup-pairs` exist for smoke
+runs (tests/test_bench_smoke.py): the figures are only comparable with the defaults.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def child(n: int, chunk: int, threads: int) -> dict:
+def child(n: int, chunk: int, threads: int, warmup_pairs: int, model: str | None) -> dict:
     import torch
 
     from embedscale.config import GradCacheConfig, LossConfig, ModelConfig, OptimConfig
@@ -54,7 +58,8 @@ def child(n: int, chunk: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    encoder, tok = load_encoder(ModelConfig(query_max_length=128, document_max_length=128))
+    path = {"name_or_path": model} if model else {}  # default: the packaged all-MiniLM-L6-v2
+    encoder, tok = load_encoder(ModelConfig(**path, query_max_length=128, document_max_length=128))
     module = ContrastiveModule(encoder, loss_cfg=LossConfig(), optim_cfg=OptimConfig())
     opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
     collate = PairCollator(tok, model_cfg=encoder.cfg, num_hard_negatives=0)
@@ -71,7 +76,7 @@ def child(n: int, chunk: int, threads: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step(batch(64))
+    step(batch(warmup_pairs))
     big = batch(n)
     assert big.queries["input_ids"].shape == (n, 128) and big.documents["input_ids"].shape == (n, 128)
     before = _rss_kib("VmRSS:")
@@ -94,15 +99,18 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,1024,2048,4096,8192")
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup-pairs", type=int, default=64, help="the untimed warm-up step's pairs")
+    parser.add_argument("--model", default=None, help="model path (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--name", default="gradcache_memory")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.chunk, args.threads)))
+        print(json.dumps(child(args.child, args.chunk, args.threads, args.warmup_pairs, args.model)))
         return
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         cmd = [sys.executable, __file__, "--child", str(n), "--chunk", str(args.chunk), "--threads", str(args.threads)]
+        cmd += ["--warmup-pairs", str(args.warmup_pairs)] + (["--model", args.model] if args.model else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"global batch {n} failed:\n{out.stderr[-3000:]}")
@@ -121,7 +129,9 @@ def main() -> None:
     for row in rows:
         extra = row["peak_rss_MiB"] - first["peak_rss_MiB"] - (row["batch_data_MiB"] - first["batch_data_MiB"])
         row["growth_beyond_data"] = f"{100 * extra / first['peak_rss_MiB']:+.1f}%"
-    extra = {"chunk": args.chunk, "threads": args.threads, "tokens": 128}
+    extra = {"chunk": args.chunk, "threads": args.threads, "tokens": 128, "warmup_pairs": args.warmup_pairs}
+    if args.model:
+        extra["model"] = args.model
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:  # live-memory mode: part of how the figures were made
         extra["environment"] = f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
     report(args.name, rows, extra)

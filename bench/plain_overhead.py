@@ -1,6 +1,8 @@
 """What does embedscale's plain step add to the bare forward+backward? Timed part by part, not as a whole step.
 
     python bench/plain_overhead.py --sizes 128,1024,8192 --encoder-pairs 128 --threads 2
+    python bench/plain_overhead.py --sizes 2,16 --encoder-pairs 2 --encoder-repeats 1 --loss-repeats 1 --model PATH
+                                                                   # a smoke run (a tiny model): seconds
 
 A whole step of all-MiniLM-L6-v2 at 128 pairs takes ~20 s on this 2-core VM and varies +-10% from step
 to step, so whole-step ratios (bench/step_throughput.py) cannot resolve a 5% target. Here the two
@@ -20,6 +22,9 @@ timed at that size, the plain-step ratio `(encoder + loss_es) / (encoder + loss_
 target is <= 1.05. For sizes above `--encoder-pairs` the encoder time is scaled linearly from it, an
 approximation: on this CPU the cost per pair moves by ~20% with the batch's shape, which changes the
 share by as much, not its order of magnitude.
+
+`--model` replaces all-MiniLM-L6-v2 (smoke runs with a tiny model, tests/test_bench_smoke.py; it needs 128
+positions); the figures are only comparable with the default.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import report  # noqa: E402
+from common import report, train_mode_encoder  # noqa: E402
 from step_throughput import load_pairs  # noqa: E402
 
 
@@ -56,22 +61,19 @@ def main() -> None:
     parser.add_argument("--encoder-repeats", type=int, default=3)
     parser.add_argument("--loss-repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="model path (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--name", default="plain_overhead")
     args = parser.parse_args()
 
     import torch
     import torch.nn.functional as F
 
-    from embedscale.config import LossConfig, ModelConfig, OptimConfig
+    from embedscale.config import LossConfig, OptimConfig
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.data.batch import PairExample, TextIds
     from embedscale.data.collate import PairCollator
-    from embedscale.encoder.biencoder import load_encoder
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    encoder, tok = load_encoder(ModelConfig(query_max_length=128, document_max_length=128))
-    encoder.train()
+    encoder, tok = train_mode_encoder(args.model, threads=args.threads, query_max_length=128, document_max_length=128)
     module = ContrastiveModule(encoder, loss_cfg=LossConfig(), optim_cfg=OptimConfig())
     opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
     dim = encoder.query_backbone.config.hidden_size
@@ -133,6 +135,7 @@ def main() -> None:
             "encoder_seconds": round(encoder_s, 3),
             "tokens": 128,
             "threads": args.threads,
+            **({"model": args.model} if args.model else {}),
             "note": "loss parts: median of repeated fwd+bwd from detached embeddings (one process, gathers are "
             "identity); encoder part: both towers fwd+bwd + AdamW at encoder_pairs, scaled linearly to larger sizes",
         },

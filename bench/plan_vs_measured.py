@@ -2,6 +2,7 @@
 
     python bench/plan_vs_measured.py                 # every row, ~4 min on 2 cores
     python bench/plan_vs_measured.py --only tiny     # rows whose model name contains "tiny"
+    python bench/plan_vs_measured.py --only tiny --limit 1   # the first of them: a smoke run (two processes)
 
 One process, strategy ddp on 1 rank, fp32, no hard negatives, texts of exactly `seq` tokens. Each row runs
 in a fresh subprocess: import -> RSS `import` -> load the model, create AdamW, allocate every gradient and
@@ -180,6 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="", help="run only rows whose model name contains this")
+    parser.add_argument("--limit", type=int, default=0, help="run at most this many of the selected rows (0: all)")
     parser.add_argument("--name", default="plan_vs_measured")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,9 +196,8 @@ def main() -> None:
             "tiny": str(make_tiny_bert(Path(tmp) / "tiny-bert")),
             "minilm": resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"),
         }
-        for model, seq, chunk, ckpt, batch, row_chunk in ROWS:
-            if args.only not in model:
-                continue
+        selected = [row for row in ROWS if args.only in row[0]]
+        for model, seq, chunk, ckpt, batch, row_chunk in selected[: args.limit or None]:
             spec = dict(
                 path=paths[model.split("-")[0]],
                 seq=seq,

@@ -3,11 +3,16 @@
 Seed noise on SciFact (919 pairs, 84 steps) moves NDCG@10 by ~0.007 between runs, so an NDCG
 comparison cannot tell a small implementation difference from luck. This removes the luck: both
 systems train the same packaged all-MiniLM-L6-v2 on the *same batches in the same order* (the first
-`--steps` x 32 SciFact train pairs, no shuffling) with dropout off, through their own full training
+`--steps` x `--batch` SciFact train pairs, no shuffling) with dropout off, through their own full training
 stacks (embedscale: Lightning module, optimizer, scheduler, clipping; ST: SentenceTransformerTrainer
 with MultipleNegativesRankingLoss). Identical maths gives identical weights up to float rounding.
 
     python bench/st_equivalence.py --steps 10
+    python bench/st_equivalence.py --steps 2 --batch 4 model.name_or_path=PATH data.root=DIR   # a smoke run
+
+Positional arguments are Hydra overrides of the train config (the smoke test's tiny model and data); the
+settings that make the comparison (no shuffling, no duplicate masking, --steps, --batch, --lr) are applied after
+them.
 
 Reported: per-step training loss of both; after the last step, the relative difference of the
 weight updates ||dW_st - dW_es|| / ||dW_st|| over all weights and for the worst single parameter
@@ -158,12 +163,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--lr", default="1e-4")
+    parser.add_argument("--batch", type=int, default=32, help="pairs per step (data.batch_size_per_rank)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config (e.g. a tiny model)")
     args = parser.parse_args()
     torch.manual_seed(0)
     nn.Dropout.__init__ = no_dropout
     cfg = compose(
         [
-            f"data.max_samples={32 * args.steps}",
+            *args.overrides,
+            f"data.max_samples={args.batch * args.steps}",
+            f"data.batch_size_per_rank={args.batch}",
             "data.shuffle=false",
             "data.no_duplicates=false",
             "loss.mask_duplicates=false",  # ST masks nothing; the batches here do hold repeated texts

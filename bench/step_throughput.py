@@ -2,6 +2,8 @@
 
     python bench/step_throughput.py --global-batch 256 --chunk 32              # all datasets, all systems
     python bench/step_throughput.py --datasets fixed --systems bare,es-plain    # a subset
+    python bench/step_throughput.py --datasets fixed --global-batch 4 --chunk 2 --repeats 1 --interleave \
+        --model PATH                                                            # a smoke run: seconds
 
 One optimizer step (forward, loss, backward, AdamW) of all-MiniLM-L6-v2 on `--global-batch` pairs,
 one process per system (clean peak RSS): one untimed warm-up step at full size, then the median of
@@ -31,6 +33,9 @@ A system name may end in `@eager` or `@sdpa` to pin the attention kernel (`bare-
 `:N` sets a system's own chunk: rows for bare-chunks, es-gc and st-cached (its mini_batch_size),
 padded tokens per chunk for es-gc-tok (`es-gc-tok:4096`, `st-cached:16`); default `--chunk` rows and
 `--chunk` x 256 tokens.
+
+`--model` replaces all-MiniLM-L6-v2 (for smoke runs with a tiny model, tests/test_bench_smoke.py; `fixed` needs
+128 positions, the real datasets 256); the figures are only comparable with the default.
 
 Ratios: es-plain / bare and es-gc / bare-chunks are overheads (targets <= 1.05 and <= 1.10 in time);
 st-* / es-* are speed-ups of embedscale (targets >= 1.0 on fixed, >= 1.1 for GradCache on real text).
@@ -204,7 +209,9 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
     return step, padded
 
 
-def child(systems: list[str], dataset: str, n: int, chunk: int, threads: int, repeats: int) -> dict:
+def child(
+    systems: list[str], dataset: str, n: int, chunk: int, threads: int, repeats: int, model: str | None = None
+) -> dict:
     """Time `systems` in this process: one untimed full-size warm-up each, then `repeats` rounds.
 
     With several systems the rounds interleave them (rotating the order each round), so a drift of
@@ -215,7 +222,7 @@ def child(systems: list[str], dataset: str, n: int, chunk: int, threads: int, re
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model_path = str(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    model_path = model or str(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     from transformers import AutoTokenizer
 
     queries, docs, max_length = load_pairs(dataset, n, AutoTokenizer.from_pretrained(model_path))
@@ -257,12 +264,14 @@ def main() -> None:
     parser.add_argument(
         "--interleave", action="store_true", help="time all systems in one process, round-robin (timing only)"
     )
+    parser.add_argument("--model", default=None, help="model path (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--name", default="step_throughput")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         systems, dataset = args.child
-        print(json.dumps(child(systems.split(","), dataset, args.global_batch, args.chunk, args.threads, args.repeats)))
+        out = child(systems.split(","), dataset, args.global_batch, args.chunk, args.threads, args.repeats, args.model)
+        print(json.dumps(out))
         return
     rows = []
     for dataset in args.datasets.split(","):
@@ -271,6 +280,7 @@ def main() -> None:
         for group in groups:
             cmd = [sys.executable, __file__, "--child", group, dataset, "--global-batch", str(args.global_batch)]
             cmd += ["--chunk", str(args.chunk), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+            cmd += ["--model", args.model] if args.model else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"{group} on {dataset} failed:\n{out.stderr[-3000:]}")
@@ -302,7 +312,13 @@ def main() -> None:
     report(
         args.name,
         rows,
-        {"global_batch": args.global_batch, "chunk": args.chunk, "threads": args.threads, "repeats": args.repeats},
+        {
+            "global_batch": args.global_batch,
+            "chunk": args.chunk,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            **({"model": args.model} if args.model else {}),
+        },
     )
 
 

@@ -1,0 +1,315 @@
+"""Every bench/ script (each bench/*.py but common.py) run as its own process in its smallest configuration, so
+that a refactor that breaks a benchmark fails here instead of on the next machine that runs it.
+
+Each case asserts the exit code and on what the script wrote: $EMBEDSCALE_BENCH_RESULTS points the scripts at a
+tmp directory, so the committed bench/results/ are never overwritten. The figures of a smoke run mean nothing
+(tiny random models from tests/conftest.py, tiny data, one or two steps); the code paths are the real ones.
+
+Two scripts only get `--help` (they import and parse their arguments, nothing more):
+- bench/docker_resolve.py asks the public package index (PyPI) to resolve docker/requirements-gpu.txt for the
+  image's platform: it needs the network, which test machines do not have;
+- bench/install_time.py downloads every package of the lock into fresh venvs with empty caches, round after
+  round: it needs the network and takes minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_beir
+from helpers import clean_env, tiny_overrides
+
+pytestmark = pytest.mark.slow  # every test here starts processes (tests/conftest.py: tiers)
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "common")
+TIMEOUT = 300
+
+
+@dataclass
+class Ctx:
+    bert: Path
+    """tiny random BERT (at least 128 positions: the bench texts of exactly 128 tokens fit)"""
+    data: Path
+    """tiny BEIR root, set `tiny` (what tiny_overrides trains on)"""
+    scifact: Path
+    """tiny BEIR root, set `scifact`: the SciFact scripts name their metrics scifact/..."""
+    run: Path | None
+    """a finished tiny `embedscale train` run (model/ export, runs/*.json)"""
+    tmp: Path
+    results: Path
+
+    def json(self, name: str) -> dict:
+        return json.loads((self.results / f"{name}.json").read_text())
+
+
+@dataclass
+class Case:
+    args: str
+    """the script's arguments, split at spaces; each then formatted with the Ctx's fields ({bert}, {run}, ...)"""
+    check: Callable[[Ctx, subprocess.CompletedProcess], None]
+
+    def argv(self, ctx: Ctx) -> list[str]:
+        return [a.format(**vars(ctx)) for a in self.args.split()]
+
+
+TINY_MODEL = "model.name_or_path={bert} model.document_max_length=32 model.query_max_length=16"
+TINY_TRAIN = f"{TINY_MODEL} data.root={{scifact}} data.batch_size_per_rank=4 trainer.max_epochs=1 trainer.progress=off"
+"""Hydra overrides of the train config: the tiny BERT, 4 steps on the tiny `scifact` (16 pairs), one epoch."""
+
+
+def rows(ctx: Ctx, name: str) -> list[dict]:
+    out = ctx.json(name)["rows"]
+    assert out, name
+    return out
+
+
+def _help(option: str) -> Case:
+    def check(ctx, proc):
+        assert "usage:" in proc.stdout and option in proc.stdout, proc.stdout
+        assert not any(ctx.results.iterdir())  # --help must not have measured anything
+
+    return Case("--help", check)
+
+
+def _code_metrics(ctx, proc):
+    out = ctx.json("code_metrics_smoke")
+    assert out["modules"] > 10 and out["lines_total"] > 1000 and out["largest_functions"]
+    assert "| measure | value |" in proc.stdout
+
+
+def _export_roundtrip(ctx, proc):
+    for row in rows(ctx, "export_roundtrip"):  # the same export encoded three ways: the same embeddings
+        assert row["min cos(embedscale, SentenceTransformer)"] > 0.9999, row
+        assert row["min cos(embedscale, AutoModel+pool)"] > 0.9999, row
+
+
+def _gpu_check(ctx, proc):
+    [row] = ctx.json("gpu_check_dryrun")["rows"]
+    assert "error" not in row, row.get("error")
+    assert row["optimizer_steps"] == 2 and row["samples_per_s"] > 0 and row["plan_total_MiB"] > 0
+
+
+def _gpu_plan_check(ctx, proc):
+    out = rows(ctx, "gpu_plan_check_dryrun")
+    assert [r["model"] for r in out] == ["tiny-bert", "tiny-llama"]
+    assert all(r["plan_step_MiB"] > 0 and r["meas_peak_MiB"] > 0 for r in out), out
+
+
+def _gradcache_memory(ctx, proc):
+    [row] = rows(ctx, "gradcache_memory_smoke")
+    assert row["global_batch"] == 8 and row["peak_rss_MiB"] > 0 and row["growth_beyond_data"] == "+0.0%"
+
+
+def _index_scale(ctx, proc):
+    out = rows(ctx, "index_scale_smoke")
+    assert [r["index"] for r in out] == ["flat", "ivf", "hnsw"]
+    assert out[0]["recall@10_vs_flat"] == 1.0 and 0 < out[1]["recall@10_vs_flat"] <= 1.0
+
+
+def _loader_throughput(ctx, proc):
+    out = ctx.json("loader_throughput")
+    assert out["samples"] > 10_000 and out["shards"] > 1  # all of MedQuAD sharded
+    stream, jsonl = out["rows"][:2]
+    assert stream["loader"].startswith("embedscale stream") and stream["samples/s"] > 0 and jsonl["samples/s"] > 0
+
+
+def _local_loss_scale(ctx, proc):
+    out = rows(ctx, "local_loss_scale")
+    assert [(r["N"], r["score rows"], r["measured"]) for r in out[:2]] == [(8192, 128, "yes"), (256, 256, "yes")]
+    assert out[2]["measured"].startswith("no: 256 x")  # the extrapolated full matrix
+
+
+def _metrics_vs_pytrec(ctx, proc):
+    out = rows(ctx, "metrics_vs_pytrec")
+    assert sorted(r["run"] for r in out) == ["tiny-after.json", "tiny-before.json"]
+    assert all(r["queries"] == 8 and r["metrics compared"] > 10 for r in out), out
+
+
+def _plain_overhead(ctx, proc):
+    out = rows(ctx, "plain_overhead_smoke")
+    assert [r["pairs"] for r in out] == [2, 16] and out[1]["encoder_s"].endswith("(linear from 2)")
+
+
+def _plan_vs_measured(ctx, proc):
+    [row] = rows(ctx, "plan_vs_measured_smoke")
+    assert (row["model"], row["chunk"], row["queries"]) == ("tiny", 8, 9) and row["plan_step"] > 0
+
+
+def _scifact_sweep(ctx, proc):
+    out = ctx.json("scifact_sweep_cpu")
+    assert out["failed"] == {}  # the sweep goes on past a failed variant: its exit code does not say
+    assert [r["variant"] for r in out["rows"]] == ["st", "es"]
+    assert all(0 <= r["mean scifact/ndcg@10"] <= 1 for r in out["rows"])
+
+
+def _st_equivalence(ctx, proc):
+    out = ctx.json("st_equivalence")
+    assert out["st_steps_logged"] == out["embedscale_steps"] == 2
+    assert all(float(r["abs diff"]) < 1e-4 for r in out["rows"]), out["rows"]  # same batches, no dropout
+
+
+def _st_mnrl_scifact(ctx, proc):
+    out = rows(ctx, "st_mnrl_scifact")
+    assert [r["system"] for r in out] == ["zero-shot all-MiniLM-L6-v2", "sentence-transformers MNRL", "embedscale"]
+    assert all(0 <= r["scifact/ndcg@10"] <= 1 for r in out)
+
+
+def _st_paired(ctx, proc):
+    [pair] = ctx.json("st_paired_scifact")["pairs"]
+    assert pair["same_batches_every_epoch"] and pair["steps"] == {"st": 4, "embedscale": 4, "per_epoch": 4}
+    assert pair["max_abs_loss_diff"] < 1e-4, pair  # same batches, same dropout masks
+
+
+def _step_throughput(ctx, proc):
+    out = rows(ctx, "step_throughput_smoke")
+    assert [r["system"] for r in out] == "bare bare-chunks es-plain st-mnrl es-gc es-gc-tok st-cached".split()
+    assert all(r["pairs/s"] > 0 for r in out)
+
+
+def _sweeps(ctx, proc):
+    out = rows(ctx, "sweeps_smoke")
+    assert {r["sweep"] for r in out} == {"matryoshka", "quantization"}
+    assert (ctx.tmp / "sweep.json").is_file()
+
+
+def _nonfinite_cost(ctx, proc):
+    out = ctx.json("nonfinite_cost")
+    assert len(out["rows"]) == 5 and all(r["ms"] > 0 for r in out["rows"])
+    assert out["ratio_on_over_off"] > 0 and len(out["interleaved_steps_s"]["on"]) == 1
+
+
+def _verify_cost(ctx, proc):
+    out = ctx.json("verify_cost")
+    assert out["dataset"]["pairs"] == 200 and out["dataset"]["shards"] == 4
+    assert [r["open"].split(",")[0] for r in out["rows"][:4]] == ["full", "full", "size (sizes only)", "off"]
+
+
+def _fault_table(ctx, proc):
+    (row,) = rows(ctx, "fault_table_smoke")  # the one --only case: refused at compose time, naming the key
+    assert row["exit"] == 1 and "trainer.max_steps=0" in row["message"], row
+
+
+def _config_properties(ctx, proc):
+    out = rows(ctx, "config_properties")
+    tests = {r["test"] for r in out}
+    assert {"test_any_numeric_value_is_refused_by_key_or_validates"} < tests, tests  # and the training one
+    assert all(r["examples"] == 3 for r in out), out
+    assert all(r["failing"] == 0 for r in out), out
+
+
+def _plain_log(ctx, proc):
+    out = ctx.json("plain_log")
+    values = {r["what"]: r["value"] for r in out["rows"]}
+    assert values["exit code"] == 0 and values["progress lines"] >= 1, out  # 2 steps: the last step's line
+    assert values["other lines printed more than once"] == 0, out["repeated_lines"]
+    assert out["load"]["load_report_lines"] == [] and out["excerpt"], out
+
+
+CASES: dict[str, Case] = {
+    "code_metrics": Case("--name code_metrics_smoke", _code_metrics),
+    "docker_resolve": _help("--name"),
+    "config_properties": Case("--examples 3", _config_properties),
+    "export_roundtrip": Case("{run}/model --num-texts 4 --data-root {scifact}", _export_roundtrip),
+    "fault_table": Case("--name fault_table_smoke --only trainer.max_steps=0", _fault_table),
+    "gpu_check": Case("--dry-run --warmup 1 --steps 1", _gpu_check),
+    "gpu_plan_check": Case("--dry-run", _gpu_plan_check),
+    "gradcache_memory": Case(
+        "--sizes 8 --chunk 4 --threads 1 --warmup-pairs 4 --model {bert} --name gradcache_memory_smoke",
+        _gradcache_memory,
+    ),
+    "index_scale": Case(
+        "--n 2000 --dim 16 --queries 50 --centres 20 --kinds flat,ivf,hnsw --nlist 8 --nprobe 2 --threads 1 "
+        "--name index_scale_smoke",
+        _index_scale,
+    ),
+    "install_time": _help("--rounds"),
+    "loader_throughput": Case("--workers 1 --batch 4 --batches 2", _loader_throughput),
+    "local_loss_scale": Case("--n 8192 --world 64 --dim 8 --full-n 256", _local_loss_scale),
+    "metrics_vs_pytrec": Case("{run} --data-root {data}", _metrics_vs_pytrec),
+    "nonfinite_cost": Case("--pairs 4 --repeats 2 --rounds 1 --steps 1 --threads 1 --model {bert}", _nonfinite_cost),
+    "plain_overhead": Case(
+        "--sizes 2,16 --encoder-pairs 2 --encoder-repeats 1 --loss-repeats 1 --threads 1 --model {bert} "
+        "--name plain_overhead_smoke",
+        _plain_overhead,
+    ),
+    "plain_log": Case(
+        f"--steps 2 {TINY_MODEL} data.root={{scifact}} data.batch_size_per_rank=4 trainer.progress=lines",
+        _plain_log,
+    ),
+    "plan_vs_measured": Case("--only tiny --limit 1 --threads 1 --name plan_vs_measured_smoke", _plan_vs_measured),
+    "scifact_sweep": Case(
+        f"--out {{tmp}}/sweep --seeds 0 --variant st=st: --variant es=es:loss.symmetric_weight=0.5 {TINY_TRAIN}",
+        _scifact_sweep,
+    ),
+    # the script sets the training itself (no shuffling, --steps x --batch pairs)
+    "st_equivalence": Case(f"--steps 2 --batch 4 {TINY_MODEL} data.root={{scifact}}", _st_equivalence),
+    "st_mnrl_scifact": Case(f"--out {{tmp}}/runs --seeds 1 {TINY_TRAIN}", _st_mnrl_scifact),
+    "st_paired": Case(f"--out {{tmp}}/runs --seeds 1 {TINY_TRAIN}", _st_paired),
+    "step_throughput": Case(  # every system in one process (--interleave): one start for all
+        "--datasets fixed --global-batch 4 --chunk 2 --threads 1 --repeats 1 --interleave --model {bert} "
+        "--name step_throughput_smoke",
+        _step_throughput,
+    ),
+    "verify_cost": Case("--rounds 1 --per-shard 50 --limit 200", _verify_cost),
+    "sweeps": Case(f"--name sweeps_smoke {TINY_MODEL} data_root={{scifact}} sweep.output={{tmp}}/sweep.json", _sweeps),
+}
+
+
+def bench_env(tmp: Path) -> dict[str, str]:
+    env = clean_env()  # no launcher variables; offline hub and W&B
+    env.pop("OUT", None)  # gpu_check/gpu_plan_check also write to $OUT (set on device machines)
+    env.update(
+        OMP_NUM_THREADS="1",  # many short processes on 2 cores: threads only contend
+        TOKENIZERS_PARALLELISM="false",
+        EMBEDSCALE_BENCH_RESULTS=str(tmp / "results"),
+        EMBEDSCALE_CACHE=str(tmp / "cache"),  # evaluation embedding caches: not ~/.cache
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny_scifact(tmp_path_factory) -> Path:
+    return make_tiny_beir(tmp_path_factory.mktemp("scifact"), name="scifact")
+
+
+@pytest.fixture(scope="module")
+def train_run(tiny_bert, tiny_data, tmp_path_factory) -> Path:
+    """One tiny `embedscale train` (3 steps): an export and ranked runs for the scripts that read a run."""
+    tmp = tmp_path_factory.mktemp("train")
+    run_dir = tmp / "run"
+    args = tiny_overrides(tiny_bert, tiny_data, tmp)
+    args += [f"run_dir={run_dir}", f"hydra.run.dir={tmp / 'hydra'}", "logger=none", "trainer.progress=off"]
+    cmd = [sys.executable, "-m", "embedscale.jobs.train", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=bench_env(tmp), timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "model" / "model.safetensors").is_file() and list((run_dir / "runs").glob("tiny-*.json"))
+    return run_dir
+
+
+def test_every_script_has_a_case():
+    assert set(SCRIPTS) == set(CASES), "a bench script without a smoke case (or a case without a script)"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bench_script(script, request, tiny_bert, tiny_data, tiny_scifact, tmp_path):
+    case = CASES.get(script)
+    if case is None:
+        pytest.fail(f"bench/{script}.py has no smoke case: add one to CASES")
+    # only the cases that read a run wait for the training (module-scoped: once)
+    run = request.getfixturevalue("train_run") if "{run}" in case.args else None
+    ctx = Ctx(tiny_bert, tiny_data, tiny_scifact, run, tmp_path, tmp_path / "results")
+    ctx.results.mkdir()
+    before = {p: p.stat().st_mtime_ns for p in (BENCH / "results").iterdir()}
+    cmd = [sys.executable, str(BENCH / f"{script}.py"), *case.argv(ctx)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=bench_env(tmp_path), timeout=TIMEOUT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
+    assert {p: p.stat().st_mtime_ns for p in (BENCH / "results").iterdir()} == before  # committed results untouched
+    case.check(ctx, proc)
