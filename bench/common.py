@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -79,3 +80,14 @@ def train_mode_encoder(model: str | None, *, threads: int, query_max_length: int
         ModelConfig(**path, query_max_length=query_max_length, document_max_length=document_max_length)
     )
     return encoder.train(), tok
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn, after one warm-up call (allocator, lazy inits)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -33,18 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import report, train_mode_encoder  # noqa: E402
+from common import median_seconds, report, train_mode_encoder  # noqa: E402
 from step_throughput import load_pairs  # noqa: E402
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _two_rank_check(rank: int, port: int, repeats: int, out) -> None:
@@ -60,7 +50,7 @@ def _two_rank_check(rank: int, port: int, repeats: int, out) -> None:
     def check():
         guard.check(step=1, loss=loss, grad_norm=norm, lr=1e-5, temperature=0.05)
 
-    seconds = _median_s(check, repeats)
+    seconds = median_seconds(check, repeats)
     dist.barrier()
     if rank == 0:
         out.put(seconds)
@@ -116,9 +106,9 @@ def main() -> None:
 
     encoder.encode(batch.documents, side="document").sum().backward()  # gradients to take the norm of
     grads = [p.grad for p in params if p.grad is not None]
-    norm_s = _median_s(lambda: torch.nn.utils.get_total_norm(grads, norm_type=2.0), args.repeats)
+    norm_s = median_seconds(lambda: torch.nn.utils.get_total_norm(grads, norm_type=2.0), args.repeats)
     loss, norm = torch.tensor(1.0), torch.tensor(2.0)
-    check_s = _median_s(
+    check_s = median_seconds(
         lambda: guard.check(step=1, loss=loss, grad_norm=norm, lr=1e-5, temperature=0.05), args.repeats * 20
     )
     ctx = mp.get_context("spawn")

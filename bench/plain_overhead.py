@@ -31,27 +31,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import report, train_mode_encoder  # noqa: E402
+from common import median_seconds, report, train_mode_encoder  # noqa: E402
 from step_throughput import load_pairs  # noqa: E402
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator and lazy inits
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -93,7 +81,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    encoder_s = _median_s(encoder_step, args.encoder_repeats)
+    encoder_s = median_seconds(encoder_step, args.encoder_repeats)
     print(f"encoder fwd+bwd+AdamW at {n_enc} pairs: {encoder_s:.2f} s ({1e3 * encoder_s / n_enc:.1f} ms/pair)")
 
     def loss_seconds(n: int, repeats: int) -> tuple[float, float]:
@@ -110,7 +98,7 @@ def main() -> None:
             q_ND, d_ND = q0_ND.clone().requires_grad_(), d0_ND.clone().requires_grad_()
             module.loss_from_embeddings(q_ND, d_ND, None, ids)[0].backward()
 
-        return _median_s(bare_loss, repeats), _median_s(es_loss, repeats)
+        return median_seconds(bare_loss, repeats), median_seconds(es_loss, repeats)
 
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
