@@ -26,6 +26,7 @@ from embedscale.config.choices import (
     MineMethod,
     MineSample,
     OnError,
+    OnnxQuantize,
     PaddingSide,
     ParamDtype,
     PlanStrategy,
@@ -49,6 +50,7 @@ from embedscale.config.evaluation import BeirSet, EvalConfig, StsSet
 from embedscale.config.jobs import (
     DataRoot,
     EvaluateConfig,
+    ExportJobConfig,
     MineJobConfig,
     PipelineJobConfig,
     PlanJobConfig,
@@ -61,7 +63,7 @@ from embedscale.config.model import PACKAGED_MINILM, ModelConfig
 from embedscale.config.pipeline import PipelineConfig, StageConfig
 from embedscale.config.plan import PLAN_SHAPE_KEYS, PlanConfig
 from embedscale.config.reranker import RerankerConfig
-from embedscale.config.retrieval import IndexConfig, MineConfig, SweepConfig
+from embedscale.config.retrieval import HubConfig, IndexConfig, MineConfig, OnnxConfig, SweepConfig
 from embedscale.config.store import register_configs, schema_of, to_config
 from embedscale.config.training import GradCacheConfig, LoggerConfig, LossConfig, OptimConfig, TrainerConfig
 
@@ -113,6 +115,10 @@ __all__ = [
     "Strategy",
     "StsSet",
     "SweepConfig",
+    "OnnxConfig",
+    "HubConfig",
+    "OnnxQuantize",
+    "ExportJobConfig",
     "SweepJobConfig",
     "SweepPrecision",
     "TeacherScores",

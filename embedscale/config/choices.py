@@ -233,6 +233,13 @@ class SweepPrecision(enum.StrEnum):
     binary_rescore_int8 = "binary_rescore_int8"
 
 
+class OnnxQuantize(enum.StrEnum):
+    """onnx.quantize: the ONNX files written besides the fp32 one."""
+
+    none = "none"
+    int8 = "int8"
+
+
 class PlanStrategy(enum.StrEnum):
     ddp = "ddp"
     zero1 = "zero1"

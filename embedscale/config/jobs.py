@@ -17,7 +17,7 @@ from embedscale.config.model import ModelConfig
 from embedscale.config.pipeline import PipelineConfig
 from embedscale.config.plan import PlanConfig
 from embedscale.config.reranker import RerankerConfig
-from embedscale.config.retrieval import IndexConfig, MineConfig, SweepConfig
+from embedscale.config.retrieval import HubConfig, IndexConfig, MineConfig, OnnxConfig, SweepConfig
 from embedscale.config.training import GradCacheConfig, LoggerConfig, LossConfig, OptimConfig, TrainerConfig
 
 
@@ -189,6 +189,17 @@ class SweepJobConfig(DataRoot):
     def __post_init__(self) -> None:
         if self.eval.sts:
             raise ValueError("eval.sts is set, but the sweep measures retrieval only: set eval.sts=[] or eval=scifact")
+
+
+@dataclass
+class ExportJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model exported (model.name_or_path: an embedscale export, a sentence-transformers or HF model); its
+    pooling, normalisation, prefixes and token budgets are those the export recorded, or model.*."""
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    """What is written and how it is checked (onnx.*)."""
+    hub: HubConfig = field(default_factory=HubConfig)
+    """Publishing the model folder with its onnx/ to the Hugging Face Hub, or a local dry run of it (hub.*)."""
 
 
 @dataclass

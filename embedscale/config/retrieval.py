@@ -1,4 +1,5 @@
-"""`index.*`, `mine.*` and `sweep.*`: searching a corpus, mining hard negatives from it, sweeping index settings."""
+"""`index.*`, `mine.*`, `sweep.*` and `onnx.*`: searching a corpus, mining hard negatives from it, sweeping index
+settings, and exporting the encoder for inference runtimes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from embedscale.config.choices import (
     MineFormat,
     MineMethod,
     MineSample,
+    OnnxQuantize,
     SweepPrecision,
     TriState,
 )
@@ -151,3 +153,49 @@ class SweepConfig:
         for key in ("dims", "quantization_dims"):
             if any(d < 1 for d in getattr(self, key)):
                 raise ValueError(f"sweep.{key} must be positive dims, got {list(getattr(self, key))}")
+
+
+@dataclass
+class OnnxConfig:
+    """`embedscale export`: the model as ONNX graphs (tokens in, the model's embeddings out), checked against
+    PyTorch before they are kept (embedscale/export_onnx.py, docs/export.md)."""
+
+    output: str | None = None
+    """Directory written; None: <model.name_or_path>/onnx for a local model (a hub model needs a path)."""
+    overwrite: bool = False
+    """Replace an existing ONNX export in `output` (only the files its embedscale_onnx.json lists)."""
+    quantize: OnnxQuantize = OnnxQuantize.none
+    """int8: also write <tower>.int8.onnx, onnxruntime's dynamic quantisation (int8 weights per output channel,
+    activations quantised per batch at run time); its cosine to PyTorch is reported, not required."""
+    opset: int = bounded(18, ge=18, le=23)
+    """ONNX opset of the graphs (torch.onnx's exporter writes 18 or newer)."""
+    check_texts: int = bounded(16, ge=1, le=10_000)
+    """Texts of different lengths encoded by PyTorch and by onnxruntime before the export is kept."""
+    min_cosine: float = bounded(0.9999, gt=0, le=1)
+    """The fp32 graph's smallest cosine to PyTorch over those texts; below it the export is removed and refused."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "onnx")
+
+
+@dataclass
+class HubConfig:
+    """`embedscale export`: publishing the export folder (the model and its onnx/) to the Hugging Face Hub. Nothing
+    is uploaded unless hub.push=true; hub.dry_run_dir writes what would be uploaded to a local folder instead."""
+
+    repo_id: str | None = None
+    """The Hub repository, "<user or org>/<name>"; None: nothing is published."""
+    push: bool = False
+    """Upload for real (needs network and a token: `huggingface-cli login` or HF_TOKEN). False: a dry run or nothing."""
+    dry_run_dir: str | None = None
+    """Copy exactly the files that would be uploaded to <dry_run_dir>/<name>/, with upload_plan.json; no network."""
+    private: bool = True
+    """Create the repository as private (when it does not exist yet)."""
+
+    def __post_init__(self) -> None:
+        if self.repo_id is not None and (self.repo_id.count("/") != 1 or not all(self.repo_id.split("/"))):
+            raise ValueError(f"hub.repo_id={self.repo_id!r} must be '<user or org>/<name>'")
+        if self.push and self.dry_run_dir:
+            raise ValueError("hub.push=true and hub.dry_run_dir are both set: choose the upload or the dry run")
+        if (self.push or self.dry_run_dir) and self.repo_id is None:
+            raise ValueError("hub.push or hub.dry_run_dir is set without hub.repo_id: name the repository")

@@ -130,7 +130,8 @@ def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def _load_tokenizer(path: str, cfg: ModelConfig):
+def load_tokenizer(path: str, cfg: ModelConfig):
+    """The tokenizer at `path`, set up as `cfg` says (padding side; decoders get EOS as their pad token)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -280,6 +281,15 @@ def check_lengths(backbone: nn.Module, lengths: dict[str, int | None]) -> None:
             )
 
 
+def restore_model_config(cfg: ModelConfig, recorded: dict) -> ModelConfig:
+    """`cfg` with the settings an export recorded (its embedscale.json "model"), except NOT_RESTORED."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - NOT_RESTORED
+    kept = {k: v for k, v in recorded.items() if k in fields}
+    if "pooling" in kept:
+        kept["pooling"] = Pooling(kept["pooling"])
+    return dataclasses.replace(cfg, **kept)
+
+
 def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
     """Build (BiEncoder, tokenizer) from a config; an embedscale export restores its own settings."""
     path = resolve_model_path(cfg.name_or_path)
@@ -287,12 +297,8 @@ def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
         log.info("model %s: using the offline copy at %s", cfg.name_or_path, path)
     overrides = _export_overrides(path)
     if overrides:
-        fields = {f.name for f in dataclasses.fields(ModelConfig)} - NOT_RESTORED
-        kept = {k: v for k, v in overrides.items() if k in fields}
-        if "pooling" in kept:
-            kept["pooling"] = Pooling(kept["pooling"])
-        cfg = dataclasses.replace(cfg, **kept)
-        log.info("model %s is an embedscale export: restored %s", path, sorted(kept))
+        cfg = restore_model_config(cfg, overrides)
+        log.info("model %s is an embedscale export: restored its model.* settings", path)
     if cfg.shared_towers:
         query, document, tokenizer_path = _load_backbone(path, cfg), None, path
     elif overrides:  # an export of separate towers keeps them in query/ and document/
@@ -306,5 +312,5 @@ def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
     )
     query = adapt_backbone(query, cfg)  # bidirectional attention, gradient checkpointing, LoRA
     document = adapt_backbone(document, cfg) if document is not None else None
-    tokenizer = _load_tokenizer(tokenizer_path, cfg)
+    tokenizer = load_tokenizer(tokenizer_path, cfg)
     return BiEncoder(query, document, cfg), tokenizer

@@ -67,6 +67,12 @@ JOBS: dict[str, Job] = {
             "SweepJobConfig",
         ),
         Job(
+            "export",
+            "ONNX graphs of a model (pooling and normalisation inside; int8 optional), checked against PyTorch",
+            "export",
+            "ExportJobConfig",
+        ),
+        Job(
             "plan",
             "per-GPU memory by term (ZeRO, LoRA, GradCache) and the largest chunk that fits",
             "plan",
