@@ -213,6 +213,15 @@ def _plain_log(ctx, proc):
     assert out["load"]["load_report_lines"] == [] and out["excerpt"], out
 
 
+def _onnx_export(ctx, proc):
+    out = rows(ctx, "onnx_export")
+    parity = [r for r in out if r["measure"].startswith("smallest cosine") and r["runtime"] == "onnx-fp32"]
+    assert len(parity) == 2 and all(r["value"] >= 0.9999 for r in parity), parity
+    speed = {r["runtime"] for r in out if r["measure"].startswith("docs/s")}
+    assert speed == {"pytorch", "onnx-fp32", "onnx-int8"}, out
+    assert any(r["measure"] == "SciFact test ndcg@10" for r in out), out
+
+
 CASES: dict[str, Case] = {
     "code_metrics": Case("--name code_metrics_smoke", _code_metrics),
     "docker_resolve": _help("--name"),
@@ -239,6 +248,10 @@ CASES: dict[str, Case] = {
         "--sizes 2,16 --encoder-pairs 2 --encoder-repeats 1 --loss-repeats 1 --threads 1 --model {bert} "
         "--name plain_overhead_smoke",
         _plain_overhead,
+    ),
+    "onnx_export": Case(
+        "--model {bert} --data-root {scifact} --texts 8 --speed-docs 4 --rounds 1 --threads 1 --max-length 32",
+        _onnx_export,
     ),
     "plain_log": Case(
         f"--steps 2 {TINY_MODEL} data.root={{scifact}} data.batch_size_per_rank=4 trainer.progress=lines",
