@@ -168,13 +168,7 @@ def export_model(
     plain model that needs no peft, and the encoder computes the same embeddings as before."""
     out = Path(out_dir)
     encoder.merge_adapters()
-    bad = [name for name, p in encoder.named_parameters() if not torch.isfinite(p.detach()).all()]
-    if bad:
-        raise ValueError(
-            f"refusing to export {out}: {len(bad)} parameter tensor(s) hold NaN or inf (e.g. {bad[0]}); the training "
-            "diverged -- nothing non-finite is ever exported: lower optim.lr or optim.weight_decay, keep "
-            "trainer.gradient_clip_val > 0 (docs/reliability.md)"
-        )
+    refuse_nonfinite(encoder, out)
     cfg = encoder.cfg
     with atomic_directory(out) as tmp:
         if encoder.shared:
@@ -185,6 +179,17 @@ def export_model(
         _write_json(tmp / EXPORT_META, {"model": cfg, "metrics": metrics or {}})
         (tmp / "README.md").write_text(_model_card(cfg, metrics, config))
     return out
+
+
+def refuse_nonfinite(encoder: BiEncoder, out: Path) -> None:
+    """Nothing non-finite is ever exported, in any format."""
+    bad = [name for name, p in encoder.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise ValueError(
+            f"refusing to export {out}: {len(bad)} parameter tensor(s) hold NaN or inf (e.g. {bad[0]}); the training "
+            "diverged -- nothing non-finite is ever exported: lower optim.lr or optim.weight_decay, keep "
+            "trainer.gradient_clip_val > 0 (docs/reliability.md)"
+        )
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from torch import nn
 from embedscale.config import ModelConfig, OnnxConfig, OnnxQuantize
 from embedscale.encoder.biencoder import SIDES, BiEncoder, length_batches, load_tokenizer, restore_model_config
 from embedscale.encoder.tokenize import tokenize
-from embedscale.export import _write_json, atomic_directory, export_tokenizer
+from embedscale.export import _write_json, atomic_directory, export_tokenizer, refuse_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def export_onnx(encoder: BiEncoder, tokenizer, out_dir: str | Path, cfg: OnnxCon
     out = Path(out_dir)
     _check_output(out, overwrite=cfg.overwrite)
     encoder.merge_adapters()
+    refuse_nonfinite(encoder, out)
     encoder.eval()
     files = tower_files(encoder)
     record: dict[str, Any] = {
@@ -114,7 +115,7 @@ def export_onnx(encoder: BiEncoder, tokenizer, out_dir: str | Path, cfg: OnnxCon
         _write_json(tmp / ONNX_META, record)
         record["parity"] = parity(encoder, tokenizer, tmp, n_texts=cfg.check_texts)
         worst = min(p["min_cosine"] for p in record["parity"]["fp32"].values())
-        if worst < cfg.min_cosine:
+        if not worst >= cfg.min_cosine:  # NaN fails too
             raise ValueError(
                 f"ONNX export of {source or 'the model'}: the fp32 graph's embeddings differ from PyTorch's (smallest "
                 f"cosine {worst:.8f} over {cfg.check_texts} texts, onnx.min_cosine={cfg.min_cosine}); nothing was "

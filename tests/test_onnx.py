@@ -101,6 +101,15 @@ def test_a_graph_that_differs_from_pytorch_is_refused_and_nothing_is_written(tin
     assert not (tmp_path / "onnx").exists() and not list(tmp_path.iterdir())
 
 
+def test_non_finite_weights_are_never_exported(tiny_bert_nodrop, tmp_path):
+    encoder, tokenizer = load_encoder(ModelConfig(name_or_path=str(tiny_bert_nodrop)))
+    with torch.no_grad():
+        next(encoder.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to export .* NaN or inf"):
+        export_onnx(encoder, tokenizer, tmp_path / "onnx", OnnxConfig())
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_output_that_is_not_an_onnx_export_is_never_replaced(exported, tmp_path):
     _, encoder, tokenizer, _ = exported
     users = tmp_path / "mine"
