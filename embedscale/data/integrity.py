@@ -28,11 +28,11 @@ import os
 import time
 from pathlib import Path
 
+from embedscale.config import Verify, parse_choice
 from embedscale.data.shards import ShardedDataset, is_url, sha256_file
 from embedscale.runtime import default_cache_dir
 
 log = logging.getLogger(__name__)
-MODES = ("full", "size", "off")
 
 
 def _stat(ds: ShardedDataset, name: str) -> tuple[int, str]:
@@ -62,8 +62,7 @@ def _expected(ds: ShardedDataset) -> list[tuple[str, int | None, str | None]]:
 def verify_dataset(ds: ShardedDataset, *, mode: str = "full") -> dict:
     """Check the dataset's files against its manifest (see the module docstring); raise ValueError naming the file
     and the fix on the first mismatch. Returns {checked, hashed, cached, seconds}."""
-    if mode not in MODES:
-        raise ValueError(f"data.verify={mode!r}: use one of {', '.join(MODES)}")
+    mode = parse_choice(Verify, mode, "data.verify")
     from embedscale.distributed import world
 
     start = time.perf_counter()
