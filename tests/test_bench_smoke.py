@@ -97,6 +97,13 @@ def _gpu_check(ctx, proc):
     assert row["optimizer_steps"] == 2 and row["samples_per_s"] > 0 and row["plan_total_MiB"] > 0
 
 
+def _activation_bytes(ctx, proc):
+    out = ctx.json("activation_bytes_smoke")
+    assert [r["model"] for r in out["rows"]] == ["llama", "mistral", "bert"]
+    assert all(0.95 <= r["ratio"] <= 1.05 for r in out["rows"]), out["rows"]
+    assert len(out["h200_replan"]) == 8 and all(r["new_step_ratio"] > 0 for r in out["h200_replan"])
+
+
 def _gpu_plan_check(ctx, proc):
     out = rows(ctx, "gpu_plan_check_dryrun")
     assert [r["model"] for r in out] == ["tiny-bert", "tiny-llama"]
@@ -223,6 +230,7 @@ def _onnx_export(ctx, proc):
 
 
 CASES: dict[str, Case] = {
+    "activation_bytes": Case("--quick --name activation_bytes_smoke", _activation_bytes),
     "code_metrics": Case("--name code_metrics_smoke", _code_metrics),
     "docker_resolve": _help("--name"),
     "config_properties": Case("--examples 3", _config_properties),

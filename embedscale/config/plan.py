@@ -54,7 +54,9 @@ class PlanConfig:
     cuda_context_gib: float = bounded(0.75, ge=0)
     """Fixed per-process cost: CUDA context, cuBLAS/cuDNN workspaces, allocator slack (0.5-1 GiB); 0 on CPU."""
     flash_attention: bool = False
-    """Fused attention (SDPA flash / memory-efficient kernels) that stores no heads x s x s score matrix."""
+    """Fused attention (SDPA flash / memory-efficient kernels) that stores no heads x s x s score matrix. Not in fp32
+    with grouped-query attention (kv_heads < heads): PyTorch's fused kernels take no GQA in fp32 and SDPA falls back
+    to its math kernel, planned like eager attention."""
     params: float | None = bounded(None, ge=1)
     """Total parameters (e.g. 7.11e9); null: computed from the model's config.json (plan.hidden ... plan.vocab)."""
     hidden: int | None = bounded(None, ge=1)

@@ -7,8 +7,10 @@ behind `embedscale plan`, embedscale/jobs/plan.py).
 Why a closed-form planner and not a dry run: the setups worth planning (a 7B decoder on 8 x 80 GiB) do not fit
 on the machine where one plans them, and the answer is needed before a job queues for hours. Every term is a
 pure function of the model's shape and the plan's settings, with its formula in its docstring, so a user can
-check it by hand and see which knob moves which term. The formulas are estimates: bench/plan_vs_measured.py
-compares them with measured peaks of tiny models on CPU and docs/plan.md reports where they disagree.
+check it by hand and see which knob moves which term. The activation terms are fitted to the bytes autograd saves
+in transformers' Llama, Mistral and BERT layers, counted exactly (bench/activation_bytes.py: within 0.5% on every
+measured case); bench/plan_vs_measured.py and bench/gpu_plan_check.py compare the whole plan with measured peaks
+(CPU, H200) and docs/plan.md reports where they disagree.
 
 What one GradCache step holds at its peak (contrastive/gradcache.py): the weights, gradients and optimizer
 states (per ZeRO stage), the activations of one chunk (the kept chunk's graph is alive while the loss runs),
@@ -53,7 +55,8 @@ class ModelShape:
     intermediate: int
     vocab: int
     gated_mlp: bool
-    """SwiGLU MLP (decoders: three h x i matrices) instead of BERT's two."""
+    """SwiGLU MLP (decoders: three h x i matrices) instead of BERT's two; for the activations also RMSNorm (fp32
+    upcast) and rotary embeddings instead of LayerNorm and learned positions: the Llama family."""
     dropout: bool
     """Dropout active in training (stores 1-byte masks)."""
     source: str
@@ -275,49 +278,128 @@ def autocast_copies_term(shape: ModelShape, plan: PlanConfig) -> Term:
     return Term("autocast copies", "P x 2 B", shape.params * 2)
 
 
-def layer_activation_bytes(
-    shape: ModelShape, *, rows: int, seq: int, act_bytes: int, flash: bool, mask_bytes: int = 1
-) -> float:
-    """Activations one transformer layer keeps for backward (Korthikanti et al. 2022, 'Reducing Activation
-    Recomputation in Large Transformer Models', eq. 1: s b h (34 + 5 a s / h) bytes in 16-bit), generalised:
+def attention_fused(shape: ModelShape, plan: PlanConfig) -> bool:
+    """Whether attention runs in a fused SDPA kernel (flash / memory-efficient) that keeps no a x s x s scores:
+    plan.flash_attention, except fp32 with grouped-query attention, where PyTorch's fused CUDA kernels take no
+    GQA and an unpadded batch (transformers then passes enable_gqa) falls back to SDPA's math kernel, which keeps
+    the same tensors as eager attention (bench/results/gpu_plan_check.json: Llama-1.1B in fp32 on an H200)."""
+    gqa_fp32 = shape.kv_heads < shape.heads and _act_bytes(plan) == 4
+    return plan.flash_attention and not gqa_fp32
 
-        16-bit values x act_bytes / 2:
-          attention  6 s b h + 4 s b kv_dim   (QKV input, Q, K, V, output-projection input)
-          scores     2 a s^2 b (softmax output; + 2 a s^2 b dropout output with dropout); 0 with flash attention
-          MLP        2 s b h + 4 s b i (BERT: GELU input, second linear input); 2 s b h + 8 s b i (SwiGLU)
-          norms      4 s b h
-        dropout masks (only with dropout) x mask_bytes: 2 s b h (+ a s^2 b without flash attention)
 
-    With i = 4h, kv_dim = h, dropout, 1-byte masks and 16-bit activations this is exactly s b h (34 + 5 a s / h).
-    mask_bytes: 1 on CUDA (bool masks of the fused dropout kernel); 4 on CPU, whose dropout saves an fp32 mask.
+def layer_activation_terms(
+    shape: ModelShape, *, rows: int, seq: int, act_bytes: int, fused: bool, mask_bytes: int = 1, padded: bool = True
+) -> dict[str, float]:
+    """Bytes one transformer layer saves for backward, by term: Korthikanti et al. 2022 ('Reducing Activation
+    Recomputation in Large Transformer Models'), refitted to what transformers' Llama/Mistral (decoder: gated_mlp)
+    and BERT layers save, counted exactly by bench/activation_bytes.py. A = act_bytes, M = mask_bytes, 4 = fp32:
+
+      norms      decoder: 2 (s b h (4 + A) + 4 s b)   RMSNorm's fp32 copy of its input, the normalised value, rsqrt
+                 BERT:    2 (s b h A + 8 s b)          LayerNorm's input, mean and rstd (fp32)
+      attention  2 s b h A                             q-projection input, o-projection input
+                 eager:  + 3 s b h A                   q, and k, v repeated to all a heads (repeat_kv)
+                 fused:  + s b h A + 2 s b kv' A + 4 a s b   q, k, v, log-sum-exp; kv' = h when padded (transformers
+                                                       repeats k, v before SDPA under a mask), else kv_dim;
+                                                       + b s^2 A padded (SDPA's float copy of the mask, per layer)
+      scores     eager only: a s^2 b A (softmax output; decoders take it in fp32: a s^2 b (4 + A) with A < 4)
+                 + a s^2 b A with dropout (the dropout output)
+      MLP        s b h A + 4 s b i A (SwiGLU: gate output, SiLU output, up output, product) or s b h A + 2 s b i A
+                 (GELU input and output)
+      masks      with dropout: 2 s b h M (+ a s^2 b M with eager scores)
+
+    mask_bytes: 1 on CUDA (bool masks of the fused dropout kernel); on CPU dropout saves its mask in the activation
+    dtype (4 in fp32). padded: the batch has padding (a mask); the planner assumes it (the larger of the two).
     """
-    s, b, h, a, i = seq, rows, shape.hidden, shape.heads, shape.intermediate
-    sb = s * b
-    half = sb * (6 * h + 4 * shape.kv_dim + 4 * h)
-    half += sb * (2 * h + (8 if shape.gated_mlp else 4) * i)
-    masks = 2 * sb * h if shape.dropout else 0
-    if not flash:
-        half += (4 if shape.dropout else 2) * a * s * sb
-        masks += a * s * sb if shape.dropout else 0
-    return half * act_bytes / 2 + masks * mask_bytes
+    s, b, h, a, i, A = seq, rows, shape.hidden, shape.heads, shape.intermediate, act_bytes
+    sb, decoder = seq * rows, shape.gated_mlp
+    terms = {"norms": 2 * (sb * h * (4 + A) + 4 * sb) if decoder else 2 * (sb * h * A + 8 * sb)}
+    if fused:
+        kv = h if padded else shape.kv_dim
+        terms["attention"] = 3 * sb * h * A + 2 * sb * kv * A + 4 * a * sb + (b * s * s * A if padded else 0)
+        terms["scores"] = 0.0
+    else:
+        terms["attention"] = 5 * sb * h * A
+        softmax = 4 + A if decoder and A < 4 else A
+        terms["scores"] = a * s * sb * (softmax + (A if shape.dropout else 0))
+    terms["mlp"] = sb * h * A + (4 if decoder else 2) * sb * i * A
+    masks = 2 * sb * h + (0 if fused else a * s * sb)
+    terms["dropout masks"] = masks * mask_bytes if shape.dropout else 0.0
+    return terms
 
 
-def activation_bytes(
-    shape: ModelShape, *, rows: int, seq: int, act_bytes: int, checkpointing: bool, flash: bool, mask_bytes: int = 1
-) -> float:
-    """Activations of one forward of `rows` texts of `seq` tokens kept for backward:
-    no checkpointing: L x layer + embedding output (s b h x act_bytes, + s b h mask with dropout);
-    checkpointing: L x s b h x act_bytes (each layer's input) + one layer recomputed in backward."""
-    layer = layer_activation_bytes(shape, rows=rows, seq=seq, act_bytes=act_bytes, flash=flash, mask_bytes=mask_bytes)
-    sbh = seq * rows * shape.hidden
+def layer_activation_bytes(shape: ModelShape, **kw) -> float:
+    """The sum of layer_activation_terms(shape, **kw): one layer's saved activations."""
+    return sum(layer_activation_terms(shape, **kw).values())
+
+
+def forward_activation_terms(
+    shape: ModelShape,
+    *,
+    rows: int,
+    seq: int,
+    act_bytes: int,
+    fused: bool,
+    checkpointing: bool,
+    mask_bytes: int = 1,
+    padded: bool = True,
+) -> dict[str, float]:
+    """What one forward saves outside the layers, by term:
+
+    embeddings  decoder: the rotary cos/sin, 2 s (h/a) A (shared by the batch and the layers);
+                BERT: the embeddings' LayerNorm (s b h A + 8 s b), dropout mask (s b h M), token type ids (8 s)
+    mask        decoder under checkpointing (a checkpoint argument): eager's additive causal mask b s^2 A, or,
+                fused and padded, the boolean padding mask b s^2 (none unpadded: SDPA's is_causal)
+    final norm + pooling   decoder: the final RMSNorm, s b h (4 + A) + 4 s b; BERT: 2 b h A (mean pooling)
+    """
+    s, b, h, A = seq, rows, shape.hidden, act_bytes
+    sbh = s * b * h
+    if shape.gated_mlp:
+        mask = 0 if not checkpointing or (fused and not padded) else b * s * s * (1 if fused else A)
+        final = sbh * (4 + A) + 4 * s * b
+        return {"embeddings": 2 * s * h / shape.heads * A, "mask": mask, "final norm + pooling": final}
+    masks = sbh * mask_bytes if shape.dropout else 0
+    return {"embeddings": sbh * A + 8 * s * b + masks + 8 * s, "mask": 0.0, "final norm + pooling": 2 * b * h * A}
+
+
+def activation_terms(
+    shape: ModelShape,
+    *,
+    rows: int,
+    seq: int,
+    act_bytes: int,
+    checkpointing: bool,
+    fused: bool,
+    mask_bytes: int = 1,
+    padded: bool = True,
+) -> dict[str, float]:
+    """Activations of one forward of `rows` texts of `seq` tokens kept for backward, by term:
+    no checkpointing: L x each layer term + the forward's own terms (forward_activation_terms);
+    checkpointing: L x s b h A (each layer's input, kept by the checkpoint) + one layer recomputed in backward
+    (less its input where the layer saves it as is: BERT, and decoders in fp32) + the forward's own terms."""
+    kw = dict(rows=rows, seq=seq, act_bytes=act_bytes, fused=fused, mask_bytes=mask_bytes, padded=padded)
+    layer = layer_activation_terms(shape, **kw)
     if checkpointing:
-        return shape.layers * sbh * act_bytes + layer
-    return shape.layers * layer + sbh * (act_bytes + (mask_bytes if shape.dropout else 0))
+        sbh_a = seq * rows * shape.hidden * act_bytes
+        own_input = sbh_a if not shape.gated_mlp or act_bytes == 4 else 0
+        terms = {"layer inputs": shape.layers * sbh_a, "recomputed layer": sum(layer.values()) - own_input}
+    else:
+        terms = {f"layers: {k}": shape.layers * v for k, v in layer.items()}
+    return terms | forward_activation_terms(shape, **kw, checkpointing=checkpointing)
+
+
+def activation_bytes(shape: ModelShape, **kw) -> float:
+    """The sum of activation_terms(shape, **kw)."""
+    return sum(activation_terms(shape, **kw).values())
 
 
 def rank_texts(plan: PlanConfig) -> int:
     """Documents per rank, b (1 + k): the larger side GradCache chunks."""
     return plan.global_batch_size // plan.gpus * (1 + plan.num_hard_negatives)
+
+
+def _activation_kwargs(shape: ModelShape, plan: PlanConfig, *, mask_bytes: int = 1) -> dict[str, Any]:
+    fused, ckpt = attention_fused(shape, plan), plan.gradient_checkpointing
+    return dict(act_bytes=_act_bytes(plan), checkpointing=ckpt, fused=fused, mask_bytes=mask_bytes)
 
 
 def step_terms(
@@ -329,12 +411,7 @@ def step_terms(
     W, k, d = plan.gpus, plan.num_hard_negatives, shape.hidden
     b = plan.global_batch_size // W
     N, C = plan.global_batch_size, plan.global_batch_size * (1 + k)
-    act = dict(
-        act_bytes=_act_bytes(plan),
-        checkpointing=plan.gradient_checkpointing,
-        flash=plan.flash_attention,
-        mask_bytes=mask_bytes,
-    )
+    act = _activation_kwargs(shape, plan, mask_bytes=mask_bytes)
     seq = max(plan.query_max_length, plan.document_max_length)
     ckpt = ", checkpointed" if plan.gradient_checkpointing else ""
     if chunk:
@@ -450,6 +527,9 @@ def plan_memory(shape: ModelShape, plan: PlanConfig, *, row_chunk_size: int) -> 
         message = f"set gradcache.chunk_size={chunk}"
     if plan.chunk and not ok:
         message = f"plan.chunk={plan.chunk} does not fit: use plan.chunk=0 to pick one"
+    rows = min(chunk, rank_texts(plan)) if chunk else rank_texts(plan)
+    seq = max(plan.query_max_length, plan.document_max_length)
+    act = activation_terms(shape, rows=rows, seq=seq, **_activation_kwargs(shape, plan))
     return {
         "shape": dataclasses.asdict(shape),
         "trainable_params": trainable(shape, plan)[0],
@@ -458,6 +538,8 @@ def plan_memory(shape: ModelShape, plan: PlanConfig, *, row_chunk_size: int) -> 
         "max_chunk": max_chunk,
         "fits": ok,
         "terms": [{"name": t.name, "basis": t.basis, "gib": t.bytes / GIB} for t in terms],
+        "attention_fused": attention_fused(shape, plan),
+        "activation_terms_gib": {f"{k} ({rows} texts x {seq} tok)": v / GIB for k, v in act.items()},
         "total_gib": total / GIB,
         "budget_gib": budget_bytes(plan) / GIB,
         "message": message,
