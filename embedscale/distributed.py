@@ -234,6 +234,22 @@ def _collective(new: str, old: str):
     return getattr(dist, new, None) or getattr(dist, old)
 
 
+_TRAFFIC = {"gathered": 0, "reduce_scattered": 0}
+
+
+def traffic_bytes() -> dict[str, int]:
+    """Bytes this rank has received from the other ranks since the process began: `gathered` by the all-gathers
+    of this module (forward), `reduce_scattered` by the gradient reduce-scatters (backward). The training step
+    logs their increase per step (train/gathered_MiB, train/reduce_scattered_MiB)."""
+    return dict(_TRAFFIC)
+
+
+def _count(kind: str, out: torch.Tensor) -> None:
+    """Add what a collective that produced `out` received from the other ranks (all but this rank's share)."""
+    _, size = world()
+    _TRAFFIC[kind] += out.numel() * out.element_size() * (size - 1) // size
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all-gather along dim 0 whose backward is a reduce-scatter with SUM (gloo and NCCL alike).
 
@@ -249,6 +265,7 @@ class _GatherWithGrad(torch.autograd.Function):
         _, size = world()
         out_NX = x_bX.new_empty((size * x_bX.shape[0], *x_bX.shape[1:]))
         _collective("all_gather_single", "all_gather_into_tensor")(out_NX, x_bX.contiguous())
+        _count("gathered", out_NX)
         return out_NX
 
     @staticmethod
@@ -256,6 +273,7 @@ class _GatherWithGrad(torch.autograd.Function):
         _, size = world()
         grad_bX = grad_NX.new_empty((grad_NX.shape[0] // size, *grad_NX.shape[1:]))
         _collective("reduce_scatter_single", "reduce_scatter_tensor")(grad_bX, grad_NX.contiguous())
+        _count("reduce_scattered", grad_NX)
         return grad_bX
 
 
@@ -277,7 +295,9 @@ def all_gather_no_grad(x_bX: torch.Tensor, name: str = "tensor") -> torch.Tensor
     check_same_shape(x_bX, name)
     parts = [torch.empty_like(x_bX) for _ in range(size)]
     dist.all_gather(parts, x_bX.contiguous())
-    return torch.cat(parts, dim=0)
+    out_NX = torch.cat(parts, dim=0)
+    _count("gathered", out_NX)
+    return out_NX
 
 
 def _is_dtensor(x: torch.Tensor) -> bool:

@@ -17,6 +17,12 @@ Two messages that say nothing about the user's run are filtered by their exact t
 accelerator to CPU ... unable to detect it" (printed whenever any library imports deepspeed on a machine
 without a GPU, e.g. accelerate while transformers saves a model, also in runs that never use DeepSpeed)
 and Lightning's advertising tip.
+
+Memory follows what the run holds, whatever the user's allocator settings (`tune_allocator`): glibc's malloc raises
+its mmap threshold each time a large block is freed, after which every block of that size comes from the heap and
+stays resident when freed. A GradCache step allocates and frees chunk-sized activations hundreds of times, so peak
+RSS grew ~30% beyond the live tensors (bench/results/gradcache_memory_live.json's note) unless the user knew to set
+MALLOC_MMAP_THRESHOLD_. Every job now pins the threshold at 1 MiB at start-up (bench/scale_rehearsal.py measures it).
 """
 
 from __future__ import annotations
@@ -120,14 +126,45 @@ def exit_with_parent() -> bool:
     return True
 
 
+MMAP_THRESHOLD_BYTES = 1 << 20
+"""Blocks from this size up are mmap'ed and go back to the OS when freed (glibc M_MMAP_THRESHOLD)."""
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def tune_allocator(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> str:
+    """Pin glibc malloc's mmap threshold, so that freed large blocks leave the resident set; returns what was done.
+
+    Left alone when the user set MALLOC_MMAP_THRESHOLD_ (glibc read it at start-up), when EMBEDSCALE_MALLOC=default
+    asks for glibc's own behaviour (how bench/scale_rehearsal.py measures the difference), and off glibc (macOS,
+    musl), where nothing is changed.
+    """
+    import ctypes
+    import ctypes.util
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} (environment)"
+    if os.environ.get("EMBEDSCALE_MALLOC", "").lower() == "default":
+        return "glibc default (EMBEDSCALE_MALLOC=default)"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  AttributeError off glibc
+    except (OSError, AttributeError):
+        return "unchanged (not glibc)"
+    if libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)) != 1:
+        return "unchanged (mallopt refused)"
+    return f"mmap threshold {threshold_bytes} B"
+
+
 def start_run(run_dir: Path, *, seed: int, num_threads: int | None) -> Path:
     """What every training job does first: create the run directory (resolved), set torch's threads, seed
-    Python, numpy and torch (also in DataLoader workers), and quiet the third-party output."""
+    Python, numpy and torch (also in DataLoader workers), pin the allocator (`tune_allocator`) and quiet the
+    third-party output."""
     import lightning as L
     import torch
 
     quiet_third_party_output()  # after Hydra configured logging and Lightning was imported: each message once
     exit_with_parent()
+    logging.getLogger(__name__).debug("allocator: %s", tune_allocator())
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if num_threads:
@@ -167,8 +204,8 @@ def check_run_dir(run_dir: Path, *, resume: str | None, overwrite: bool) -> None
     logging.getLogger(__name__).warning(
         "overwrite=true: removing the previous run's %s in %s", ", ".join(held), run_dir
     )
-    for ckpt in checkpoints:
-        ckpt.unlink(missing_ok=True)
+    for ckpt in checkpoints:  # a file, or a directory of shards (fsdp2, deepspeed)
+        shutil.rmtree(ckpt) if ckpt.is_dir() else ckpt.unlink(missing_ok=True)
     shutil.rmtree(run_dir / "model", ignore_errors=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)
 

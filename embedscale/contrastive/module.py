@@ -26,7 +26,7 @@ from embedscale.contrastive.guard import FiniteGuard
 from embedscale.contrastive.losses import Temperature, contrastive_loss, distillation_loss
 from embedscale.contrastive.optim import build_optimizer
 from embedscale.data.batch import PairBatch, TextIds
-from embedscale.distributed import all_gather_no_grad, all_gather_with_grad, world
+from embedscale.distributed import all_gather_no_grad, all_gather_with_grad, traffic_bytes, world
 from embedscale.encoder.biencoder import BiEncoder
 from embedscale.strategy import StepDriver, driver_for
 
@@ -58,6 +58,8 @@ class ContrastiveModule(L.LightningModule):
         skip = trainer_cfg.skip_nonfinite_steps if trainer_cfg is not None else 0
         self.guard = FiniteGuard(skip_budget=skip) if trainer_cfg is None or trainer_cfg.nonfinite_check else None
         self._step_loss: torch.Tensor | None = None
+        self.steps_this_run = 0
+        """Training steps this process ran (a resumed run that ran none is reported: jobs/train.py)."""
 
     def setup(self, stage: str) -> None:
         self.driver = driver_for(self.trainer.strategy, self.trainer_cfg)
@@ -177,12 +179,18 @@ class ContrastiveModule(L.LightningModule):
         return loss, metrics
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
+        traffic = traffic_bytes()
+        self.steps_this_run += 1
         if self.gradcache is not None:
             loss, metrics = self._gradcache_training_step(batch)
         else:
             loss, metrics = self.compute_loss(batch)
             self._step_loss = loss.detach()
         metrics["temperature"] = 1.0 / self.temperature().detach()
+        if world()[1] > 1:  # what this rank received from the others in this step (embedscale/distributed.py);
+            kinds = traffic if self.gradcache is not None else ("gathered",)  # else the backward runs after this
+            for kind in kinds:
+                metrics[f"{kind}_MiB"] = torch.tensor((traffic_bytes()[kind] - traffic[kind]) / 2**20)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, prog_bar=False, batch_size=batch.batch_size)
         self.log("loss", metrics["loss"], prog_bar=True, logger=False, batch_size=batch.batch_size)
         return loss

@@ -58,14 +58,22 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         cfg.data, sizes, tokenizer=tokenizer, model_cfg=encoder.cfg, root=root, seed=cfg.seed, run_dir=run_dir
     )
     fit_start = time.perf_counter()
+    resume = resume_path(cfg.trainer, run_dir)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.trainer, run_dir), weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except Exception as err:  # a timed-out collective: name the rank that stopped responding
         explained = explain_stall(err, timeout=cfg.trainer.collective_timeout)
         if explained is err:
             raise
         raise explained from err
     fit_seconds = time.perf_counter() - fit_start
+    if resume and module.steps_this_run == 0:  # e.g. a run that ended at max_steps, resumed with only max_steps raised
+        log.warning(
+            "trainer.resume=%s: the checkpoint had already reached the end of training (step %d, epoch %d of "
+            "trainer.max_epochs=%d, trainer.max_steps=%d): no step was trained. A run that stopped at max_steps "
+            "counts its epoch as finished: raise trainer.max_epochs too to continue it (in the next epoch's order)",
+            resume, trainer.global_step, trainer.current_epoch, cfg.trainer.max_epochs, cfg.trainer.max_steps,
+        )  # fmt: skip
     if not trainer.is_global_zero:
         return {}
     result = run_record(cfg, run_dir, trainer, datamodule, sizes, eval_cb, parent=parent, fit_seconds=fit_seconds)
@@ -101,6 +109,7 @@ def run_record(cfg, run_dir: Path, trainer, datamodule, sizes, eval_cb, *, paren
         "config": to_jsonable(cfg),
         "train": {
             "optimizer_steps": trainer.global_step,
+            "steps_this_run": trainer.lightning_module.steps_this_run,  # fewer than optimizer_steps after a resume
             **datamodule.summary(),
             "global_batch_size": sizes.global_batch_size,
             "batch_size_per_rank": sizes.batch_size_per_rank,
