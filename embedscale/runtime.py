@@ -139,14 +139,13 @@ def tune_allocator(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> str:
     musl), where nothing is changed.
     """
     import ctypes
-    import ctypes.util
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} (environment)"
     if os.environ.get("EMBEDSCALE_MALLOC", "").lower() == "default":
         return "glibc default (EMBEDSCALE_MALLOC=default)"
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname (ctypes.util.find_library would run ldconfig)
         libc.gnu_get_libc_version  # noqa: B018  AttributeError off glibc
     except (OSError, AttributeError):
         return "unchanged (not glibc)"

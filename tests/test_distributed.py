@@ -17,6 +17,7 @@ from dist import spawn
 
 from embedscale.config import LossConfig, ModelConfig, OptimConfig
 from embedscale.data.batch import PairExample, TextIds, text_id
+from embedscale.distributed import traffic_bytes
 
 pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
 
@@ -82,8 +83,14 @@ def _rank(rank: int, world_size: int, tiny_bert: str, cfg: dict, out: str) -> No
     b = N // world_size
     rows = examples()[rank * b : (rank + 1) * b]
     teacher_BG = teacher(rank * b, (rank + 1) * b, cfg)
-    loss, _ = module.loss_from_embeddings(*encode_rows(module, tokenizer, rows, seed=100 + rank), teacher_BG=teacher_BG)
+    embeddings = encode_rows(module, tokenizer, rows, seed=100 + rank)
+    before = traffic_bytes()
+    loss, _ = module.loss_from_embeddings(*embeddings, teacher_BG=teacher_BG)
     loss.backward()
+    # what this rank received: the other ranks' gradient shares of its query, positive and negative embeddings
+    local = sum(e.numel() * e.element_size() for e in embeddings[:3] if e is not None)
+    assert traffic_bytes()["reduce_scattered"] - before["reduce_scattered"] == local * (world_size - 1)
+    assert traffic_bytes()["gathered"] - before["gathered"] >= local * (world_size - 1)  # (+ the ids)
     for p in module.parameters():  # what DDP does: average the gradients over ranks
         if p.grad is not None:
             dist.all_reduce(p.grad)

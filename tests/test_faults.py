@@ -575,3 +575,22 @@ def test_module_form_cli_relaunches_its_ranks(tiny_bert, tiny_data, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["optimizer_steps"] == 3
+
+
+def test_the_allocator_is_pinned_unless_the_user_chose(monkeypatch):
+    """Every job pins glibc's mmap threshold (embedscale/runtime.py), so that a GradCache step's freed chunks leave
+    the resident set; a threshold the user set in the environment, or EMBEDSCALE_MALLOC=default, is left alone."""
+    import platform
+
+    from embedscale.runtime import MMAP_THRESHOLD_BYTES, tune_allocator
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("EMBEDSCALE_MALLOC", raising=False)
+    if platform.libc_ver()[0] == "glibc":
+        assert tune_allocator() == f"mmap threshold {MMAP_THRESHOLD_BYTES} B"
+    else:
+        assert tune_allocator() == "unchanged (not glibc)"
+    monkeypatch.setenv("EMBEDSCALE_MALLOC", "default")
+    assert tune_allocator().startswith("glibc default")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tune_allocator() == "MALLOC_MMAP_THRESHOLD_=65536 (environment)"
