@@ -207,6 +207,7 @@ def test_deepspeed_keys_are_checked_at_compose_time(kw, key):
 def test_deepspeed_config_setup_and_refusals(monkeypatch, tiny_bert_nodrop, tmp_path):
     import importlib.util
 
+    from embedscale.checkpoints import check_resume_path as check_resume_strategy
     from embedscale.config import (
         EvalConfig,
         GradCacheConfig,
@@ -219,7 +220,6 @@ def test_deepspeed_config_setup_and_refusals(monkeypatch, tiny_bert_nodrop, tmp_
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.encoder.biencoder import load_encoder
     from embedscale.strategy import build_strategy
-    from embedscale.strategy.deepspeed import check_resume_path as check_resume_strategy
     from embedscale.strategy.deepspeed import deepspeed_config
 
     with pytest.raises(ValueError, match=r"trainer\.offload_optimizer=true needs trainer\.strategy=deepspeed"):

@@ -4,7 +4,9 @@ Each run is the real entry point (`python -m embedscale.jobs.train`, a subproces
 tiny dropout-free BERT, 3 optimizer steps, global batch 8, learnable temperature, clipping at 1.0 on; the
 exported model.safetensors are compared. Proven here: plain FSDP2 == ddp == one process; GradCache (chunk 2)
 under FSDP2 == plain FSDP2 == ddp; reshard_after_forward true and false give the same weights; the checkpoint
-an FSDP2 run writes resumes one more step as ddp's does (not across strategies: optimizer state order differs).
+an FSDP2 run writes is sharded (one file per rank), reads back to the exported weights and resumes one more step as
+ddp's does (not across strategies: refused by name); a resume with nothing left to train says so; LoRA under FSDP2
++ GradCache == ddp + LoRA.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import torch
 pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
 
 
-def _train(args: list[str], run_dir) -> None:
+def _train(args: list[str], run_dir) -> subprocess.CompletedProcess:
     launch = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "embedscale.jobs.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def _max_diff(a: dict, b: dict) -> tuple[float, float]:
@@ -152,3 +155,71 @@ def test_build_strategy_passes_lightning_names_through_and_resume_across_strateg
     module.on_load_checkpoint({})  # ddp checkpoint into a ddp run: fine
     with pytest.raises(ValueError, match="written under fsdp2"):
         module.on_load_checkpoint({"embedscale_fsdp2": True})
+
+
+def test_fsdp2_checkpoints_are_sharded_and_read_back(fsdp_runs):
+    """An FSDP2 run's last.ckpt is a directory holding one shard per rank (torch.distributed.checkpoint), not a
+    gathered file; read on one process it holds the weights the run exported (step 3); it resumed above
+    (fsdp2_resumed == ddp_resumed) and ddp refuses it by name."""
+    from embedscale.checkpoints import check_resume_path, checkpoint_meta, read_model_state
+    from embedscale.config import TrainerConfig
+
+    last = fsdp_runs["fsdp2_gc"][0] / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and checkpoint_meta(last) == {"strategy": "fsdp2"}
+    shards = sorted(p.name for p in last.glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"], shards  # each rank wrote its own shard
+    state = read_model_state(last)
+    exported = fsdp_runs["fsdp2_gc"][1]
+    trained = {name: state[f"encoder.query_backbone.{name}"] for name in exported if not name.startswith("pooler.")}
+    assert len(trained) > 20  # (the export adds the backbone's untrained pooler)
+    for name, tensor in trained.items():
+        torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0, msg=name)
+    check_resume_path(TrainerConfig(strategy="fsdp2"), str(last))
+    with pytest.raises(
+        ValueError, match=r"written under fsdp2 \(a sharded checkpoint directory\).*trainer.strategy=ddp"
+    ):
+        check_resume_path(TrainerConfig(strategy="ddp"), str(last))
+
+
+def test_lora_under_fsdp2_with_gradcache_equals_ddp(tiny_data, tmp_path):
+    """LoRA adapters on a tiny Mistral (last-token pooling, gradient checkpointing) under FSDP2 + GradCache train to
+    ddp's weights, and export merged."""
+    from helpers import make_tiny_mistral
+    from safetensors.torch import load_file
+
+    mistral = make_tiny_mistral(tmp_path / "tiny_mistral")
+    lora = [
+        f"model.name_or_path={mistral}",
+        "model.pooling=last_token",
+        "model.padding_side=left",
+        "model.lora_r=4",
+        "model.gradient_checkpointing=true",
+        f"data.root={tiny_data}",
+        *COMMON,
+        *TWO,
+    ]
+    runs = {"ddp": ["trainer=ddp_cpu"], "fsdp2_gc": ["trainer=fsdp2_cpu", "gradcache.chunk_size=2"]}
+    weights = {}
+    for name, args in runs.items():
+        _train([*lora, *args], tmp_path / name)
+        weights[name] = load_file(tmp_path / name / "model" / "model.safetensors")
+    assert not any("lora" in k or "base_layer" in k for k in weights["fsdp2_gc"])  # merged at export
+    start = load_file(mistral / "model.safetensors")
+    assert _max_diff(weights["ddp"], {n: start[n] for n in weights["ddp"]})[0] > 1e-4  # the adapters trained
+    diff, rel = _max_diff(weights["fsdp2_gc"], weights["ddp"])
+    print(f"LoRA fsdp2_gc vs ddp: max |diff| = {diff:.1e}, / max |w| = {rel:.1e}")
+    for name in weights["ddp"]:
+        torch.testing.assert_close(weights["fsdp2_gc"][name], weights["ddp"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_resume_with_nothing_left_to_train_says_so(fsdp_runs, tiny_bert_nodrop, tiny_data, tmp_path):
+    """Resuming the sharded checkpoint of a run that ended at max_steps with the same limits trains no step: the run
+    says so (and how to continue) instead of exiting as if it had trained, and metrics.json counts 0 steps."""
+    last = fsdp_runs["fsdp2_gc"][0] / "checkpoints" / "last.ckpt"
+    common = [f"model.name_or_path={tiny_bert_nodrop}", f"data.root={tiny_data}", *COMMON]
+    proc = _train([*common, *RUNS["fsdp2_gc"], f"trainer.resume={last}"], tmp_path / "noop")
+    assert (
+        "no step was trained" in proc.stderr + proc.stdout and "raise trainer.max_epochs" in proc.stderr + proc.stdout
+    )
+    train = json.loads((tmp_path / "noop" / "metrics.json").read_text())["train"]
+    assert train["steps_this_run"] == 0 and train["optimizer_steps"] == 3

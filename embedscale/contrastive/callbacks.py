@@ -130,7 +130,9 @@ def export_best_weights(module: L.LightningModule, eval_cb: EvalCallback) -> dic
     """Load the best evaluation's weights (checkpoints/best.ckpt) into `module` (eval.export_best); returns that
     evaluation's metrics, for the model card."""
     best = eval_cb.best
-    state = torch.load(best["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    from embedscale.checkpoints import read_model_state
+
+    state = read_model_state(best["checkpoint"])  # a file, or the shards of an fsdp2 run
     module.load_state_dict(state)  # the encoder inside the module is the one exported
     log.info("exporting the best weights: %s = %.4f at step %d", best["metric"], best["value"], best["step"])
     return next(h["metrics"] for h in eval_cb.history if h["step"] == best["step"])

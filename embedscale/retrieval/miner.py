@@ -105,19 +105,20 @@ def _refused_global(err: Exception) -> str:
 
 def load_biencoder(cfg: MineJobConfig):
     """The mining model: model.* (an export or a hub model), with mine.checkpoint's weights when given."""
+    from embedscale.checkpoints import read_model_state
     from embedscale.encoder.biencoder import load_encoder
 
     encoder, tokenizer = load_encoder(cfg.model)
     if cfg.mine.checkpoint:
         try:
-            ckpt = torch.load(cfg.mine.checkpoint, map_location="cpu", weights_only=True)
+            model_state = read_model_state(cfg.mine.checkpoint)  # a file, or the shards of an fsdp2 run
         except pickle.UnpicklingError as err:  # weights_only refused an object: never unpickle it
             raise ValueError(
                 f"mine.checkpoint={cfg.mine.checkpoint} holds objects other than tensors and plain containers, which "
                 f"could run code when loaded; it is refused. Give a Lightning checkpoint written by embedscale train "
                 f"(runs/train/<time>/checkpoints/*.ckpt). torch: {_refused_global(err)}"
             ) from err
-        state = {k.removeprefix("encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
+        state = {k.removeprefix("encoder."): v for k, v in model_state.items() if k.startswith("encoder.")}
         missing, unexpected = encoder.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if not m.startswith("document_backbone.")]:
             raise ValueError(

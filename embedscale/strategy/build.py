@@ -68,7 +68,7 @@ def after_fit_callbacks(cfg: TrainerConfig, model_cfg) -> list:
 
 def check_resume(cfg: TrainerConfig, checkpoint: str) -> None:
     """Refuse (ValueError) a checkpoint written under another strategy before anything reads it."""
-    from embedscale.strategy.deepspeed import check_resume_path
+    from embedscale.checkpoints import check_resume_path
 
     check_resume_path(cfg, checkpoint)
 

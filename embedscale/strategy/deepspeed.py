@@ -26,11 +26,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from embedscale.checkpoints import CHECKPOINT_META
 from embedscale.config import Accelerator, Precision, TrainerConfig
 from embedscale.strategy.base import StepDriver, max_grad_norm
-
-CHECKPOINT_META = "embedscale.json"
-"""Written into every DeepSpeed checkpoint directory: {"strategy": "deepspeed", "zero_stage": 2|3}."""
 
 
 class DeepSpeedDriver(StepDriver):
@@ -163,40 +161,6 @@ def deepspeed_strategy(cfg: TrainerConfig, *, gradcache: bool = False, timeout=N
     cls = CPUDeepSpeedStrategy if _on_cpu(cfg) else EmbedscaleDeepSpeedStrategy
     kwargs = {"timeout": timeout} if timeout is not None else {}
     return cls(config=deepspeed_config(cfg, gradcache=gradcache), **kwargs)
-
-
-def checkpoint_meta(path: str | Path) -> dict | None:
-    """The strategy record of a checkpoint: {"strategy": ..., "zero_stage": ...} for a DeepSpeed checkpoint
-    directory (None when the directory has no record), {"strategy": "file"} for a one-file checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
-        return {"strategy": "file"}
-    meta = path / CHECKPOINT_META
-    return json.loads(meta.read_text()) if meta.is_file() else None
-
-
-def check_resume_path(cfg: TrainerConfig, checkpoint: str) -> None:
-    """Raise ValueError when `checkpoint` was written under another strategy than `cfg` trains with, before anything
-    reads it: DeepSpeed checkpoints are directories of per-rank shards (of one ZeRO stage), every other strategy
-    writes one file (whose own record the driver checks when it loads)."""
-    meta = checkpoint_meta(checkpoint)
-    written = "a one-file checkpoint (ddp, fsdp2, ...)" if meta and meta["strategy"] == "file" else None
-    if cfg.strategy == "deepspeed":
-        if meta is None:
-            return  # a DeepSpeed directory written without our record: let DeepSpeed read it
-        if meta["strategy"] == "deepspeed" and meta.get("zero_stage") == cfg.zero_stage:
-            return
-        written = written or f"deepspeed with trainer.zero_stage={meta.get('zero_stage')}"
-        now = f"deepspeed with trainer.zero_stage={cfg.zero_stage}"
-    else:
-        if meta and meta["strategy"] == "file":
-            return
-        written, now = "deepspeed (a checkpoint directory)", f"trainer.strategy={cfg.strategy}"
-    raise ValueError(
-        f"trainer.resume={checkpoint}: the checkpoint was written under {written} and this run uses {now}; the "
-        "optimizer state does not carry over between them: resume with the trainer.strategy (and trainer.zero_stage) "
-        "that wrote it"
-    )
 
 
 def consolidate_for_export(module, model_cfg) -> None:

@@ -12,9 +12,10 @@ the explicit all-reduce skips the (already reduced) DTensor gradients. We do not
 `set_requires_gradient_sync(False)`: it would keep a full unsharded gradient per layer alive across the step,
 which is the memory FSDP exists to save. Clipping takes the global norm over all shards.
 
-Checkpoints are saved consolidated (one file, like ddp's) so that the checkpoint callbacks work unchanged; their
-optimizer state is indexed in another parameter order than ddp's, so they resume under fsdp2 only. After fit the
-backbones are unsharded into plain modules for export and evaluation.
+Checkpoints are sharded: every rank writes its own shard of the weights and optimizer state in parallel
+(torch.distributed.checkpoint, a directory; embedscale/checkpoints.py), and no rank ever holds the full state. They
+resume under fsdp2 only (at any world size). After fit the backbones are unsharded into plain modules for export
+and evaluation.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def fsdp2_strategy(*, max_norm: float, reshard_after_forward: bool = True, timeo
             )
 
     kwargs = {"timeout": timeout} if timeout is not None else {}
-    strategy = FSDP2Strategy(save_distributed_checkpoint=False, **kwargs)
+    strategy = FSDP2Strategy(save_distributed_checkpoint=True, **kwargs)
     strategy.reshard_after_forward = reshard_after_forward
     return strategy
 
