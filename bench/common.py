@@ -91,3 +91,34 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def weights(path: Path) -> dict:
+    """The exported weights of a training run directory (its model/), or of a model directory itself."""
+    from safetensors.torch import load_file
+
+    exported = path / "model" / "model.safetensors"
+    return load_file(exported if exported.exists() else path / "model.safetensors")
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    """max |a - b| / max |b| over all tensors of two state dicts with the same names."""
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:4]
+    return max((a[k] - b[k]).abs().max().item() for k in b) / max(b[k].abs().max().item() for k in b)
+
+
+def train_env(**extra: str) -> dict:
+    """The environment of a training subprocess: no launcher variables of this process (MASTER_*, RANK, ...), no
+    allocator setting, offline hub, no W&B, one OpenMP thread; plus `extra`."""
+    launch = (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MALLOC_MMAP_THRESHOLD_",
+        "EMBEDSCALE_MALLOC",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in launch}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1", **extra)
+    return env

@@ -279,6 +279,7 @@ CASES: dict[str, Case] = {
         "--name step_throughput_smoke",
         _step_throughput,
     ),
+    "multinode": _help("--no-slurm"),  # its runs are tests/test_multinode.py's
     "verify_cost": Case("--rounds 1 --per-shard 50 --limit 200", _verify_cost),
     "sweeps": Case(f"--name sweeps_smoke {TINY_MODEL} data_root={{scifact}} sweep.output={{tmp}}/sweep.json", _sweeps),
 }
