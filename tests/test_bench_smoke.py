@@ -92,9 +92,14 @@ def _export_roundtrip(ctx, proc):
 
 
 def _gpu_check(ctx, proc):
-    [row] = ctx.json("gpu_check_dryrun")["rows"]
-    assert "error" not in row, row.get("error")
-    assert row["optimizer_steps"] == 2 and row["samples_per_s"] > 0 and row["plan_total_MiB"] > 0
+    doctor, bert, llama = ctx.json("gpu_check_dryrun")["rows"]  # the three parts, each row its own process
+    for row in (doctor, bert, llama):
+        assert "error" not in row and "skipped" not in row, row
+    assert doctor["backend"] == "gloo" and doctor["ok"] and doctor["report"]["checks"], doctor
+    assert bert["model"] == "tiny-bert" and bert["batch"] == 256 and bert["optimizer_steps"] == 2, bert
+    assert bert["tokens_per_s"] > 0 and bert["flops_per_step"] > 0 and bert["plan_total_MiB"] > 0, bert
+    assert llama["optimizer_steps"] == 2 and llama["samples_per_s"] > 0 and llama["plan_total_MiB"] > 0, llama
+    assert "| check |" in proc.stdout, proc.stdout
 
 
 def _activation_bytes(ctx, proc):
@@ -236,7 +241,7 @@ CASES: dict[str, Case] = {
     "config_properties": Case("--examples 3", _config_properties),
     "export_roundtrip": Case("{run}/model --num-texts 4 --data-root {scifact}", _export_roundtrip),
     "fault_table": Case("--name fault_table_smoke --only trainer.max_steps=0", _fault_table),
-    "gpu_check": Case("--dry-run --warmup 1 --steps 1", _gpu_check),
+    "gpu_check": Case("--dry-run --warmup 1 --steps 1 --bert-steps 1", _gpu_check),
     "gpu_plan_check": Case("--dry-run", _gpu_plan_check),
     "gradcache_memory": Case(
         "--sizes 8 --chunk 4 --threads 1 --warmup-pairs 4 --model {bert} --name gradcache_memory_smoke",
