@@ -198,6 +198,19 @@ def _nonfinite_cost(ctx, proc):
     assert out["ratio_on_over_off"] > 0 and len(out["interleaved_steps_s"]["on"]) == 1
 
 
+def _scale_rehearsal(ctx, proc):
+    out = ctx.json("scale_rehearsal_smoke")
+    assert [(r["W"], r["ranks_seen"], r["steps"]) for r in out["rows"]] == [(2, 2, 2), (1, 1, 2)]
+    assert out["rows"][0]["gathered_MiB_per_rank"] > 0 and out["rows"][0]["peak_rss_MiB_max_rank"] > 0
+    assert all(e["max_rel_diff"] < 1e-5 for e in out["equivalence"] if e["case"].startswith("W="))
+
+
+def _sharded_equivalence(ctx, proc):
+    out = ctx.json("sharded_equivalence_smoke")
+    assert len(out["rows"]) == 3 and all(r["within_1e-5"] for r in out["rows"])
+    assert out["checkpoint_shards"] == ["__0_0.distcp", "__1_0.distcp"]
+
+
 def _verify_cost(ctx, proc):
     out = ctx.json("verify_cost")
     assert out["dataset"]["pairs"] == 200 and out["dataset"]["shards"] == 4
@@ -285,6 +298,14 @@ CASES: dict[str, Case] = {
         _step_throughput,
     ),
     "multinode": _help("--no-slurm"),  # its runs are tests/test_multinode.py's
+    "scale_rehearsal": Case(
+        "--sizes 64 --worlds 2 --allocators embedscale --allocators-at 64 --chunk 16 --row-chunk 16 "
+        "--name scale_rehearsal_smoke",
+        _scale_rehearsal,
+    ),
+    "sharded_equivalence": Case(
+        "--world 2 --batch 16 --chunk 4 --steps 2 --no-lora --name sharded_equivalence_smoke", _sharded_equivalence
+    ),
     "verify_cost": Case("--rounds 1 --per-shard 50 --limit 200", _verify_cost),
     "sweeps": Case(f"--name sweeps_smoke {TINY_MODEL} data_root={{scifact}} sweep.output={{tmp}}/sweep.json", _sweeps),
 }
