@@ -73,7 +73,7 @@ def tiny_pipeline_overrides(tiny_bert, tiny_data, tmp_path) -> list[str]:
     ]
 
 
-def build_module(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0):
+def build_module(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0, same_side=False):
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.encoder.biencoder import load_encoder
 
@@ -86,7 +86,13 @@ def build_module(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0):
         document_max_length=24,
     )
     encoder, tokenizer = load_encoder(mcfg)
-    loss_cfg = LossConfig(symmetric_weight=symmetric, learnable_temperature=True, distill_weight=distill)
+    loss_cfg = LossConfig(
+        symmetric_weight=symmetric,
+        learnable_temperature=True,
+        distill_weight=distill,
+        query_query=same_side,
+        document_document=same_side,
+    )
     return ContrastiveModule(encoder, loss_cfg=loss_cfg, optim_cfg=OptimConfig()).double().train(), tokenizer
 
 

@@ -40,7 +40,11 @@ def build(tiny_bert: str, cfg: dict):
     mcfg = ModelConfig(name_or_path=tiny_bert, shared_towers=cfg["shared"], matryoshka_dims=cfg["matryoshka"])
     encoder, tokenizer = load_encoder(mcfg)
     lcfg = LossConfig(
-        symmetric_weight=cfg["symmetric"], learnable_temperature=True, distill_weight=cfg.get("distill", 0.0)
+        symmetric_weight=cfg["symmetric"],
+        learnable_temperature=True,
+        distill_weight=cfg.get("distill", 0.0),
+        query_query=cfg.get("qq", False),
+        document_document=cfg.get("dd", False),
     )
     module = ContrastiveModule(encoder.double(), loss_cfg=lcfg, optim_cfg=OptimConfig()).double().train()
     return module, tokenizer
@@ -114,6 +118,7 @@ CASES = {
     "shared, symmetric, matryoshka": {"shared": True, "symmetric": 1.0, "matryoshka": [32, 16]},
     "separate towers, q->d only": {"shared": False, "symmetric": 0.0, "matryoshka": []},
     "distillation from teacher scores": {"shared": True, "symmetric": 0.0, "matryoshka": [], "distill": 0.5},
+    "q->q and d->d terms, symmetric": {"shared": False, "symmetric": 0.5, "matryoshka": [], "qq": True, "dd": True},
 }
 
 

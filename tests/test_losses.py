@@ -236,3 +236,49 @@ def test_distillation_loss_matches_a_per_row_loop():
     s_teacher = torch.einsum("bd,bgd->bg", q, torch.cat([pos[:, None], neg], 1)) * 20.0
     same, _ = distillation_loss(q, pos, neg, s_teacher, inverse_temperature=20.0)
     assert abs(same.item()) < 1e-12 and 0 <= metrics["teacher_agreement"] <= 1
+
+
+def naive_same_side(q, p, n, qid, pid, nid, *, inv_tau, rows, qq, dd):
+    """GTE's improved contrastive loss, one candidate at a time: row g's softmax holds its q->d candidates
+    (masked as naive_loss masks them), then s(q_g, q_j) and s(d_g, d_j) for j != g that are not duplicates."""
+    N = p.shape[0]
+    k = 0 if n is None else n.shape[1]
+    total = 0.0
+    for g in rows:
+        cands = []
+        for j in range(N):
+            if j != g and (pid[j] == pid[g] or qid[j] == qid[g]):
+                continue
+            cands.append(((q[g] * p[j]).sum() * inv_tau, j == g))
+        for j in range(N):
+            for m in range(k):
+                if nid[j][m] != pid[g]:
+                    cands.append(((q[g] * n[j, m]).sum() * inv_tau, False))
+        for on, side in ((qq, q), (dd, p)):
+            for j in range(N):
+                if on and j != g and pid[j] != pid[g] and qid[j] != qid[g]:
+                    cands.append(((side[g] * side[j]).sum() * inv_tau, False))
+        logz = torch.logsumexp(torch.stack([s for s, _ in cands]), 0)
+        total = total + logz - [s for s, is_label in cands if is_label][0]
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize(("qq", "dd"), [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("local", [None, slice(4, 8)])
+@pytest.mark.parametrize("row_chunk_size", [0, 3])
+def test_query_query_and_document_document_terms_equal_naive_loop(k, qq, dd, local, row_chunk_size):
+    q, p, n, qid, pid, nid, ids = make_batch(k=k)
+    loss, metrics = contrastive_loss(
+        q, p, n, inverse_temperature=20.0, ids=ids, local=local, row_chunk_size=row_chunk_size,
+        query_query=qq, document_document=dd,
+    )  # fmt: skip
+    rows = range(8) if local is None else range(local.start, local.stop)
+    ref = naive_same_side(q, p, n, qid, pid, nid, inv_tau=20.0, rows=rows, qq=qq, dd=dd)
+    assert abs(loss.item() - ref.item()) <= TOL
+    plain, plain_metrics = contrastive_loss(q, p, n, inverse_temperature=20.0, ids=ids, local=local)
+    assert loss.item() > plain.item()  # more negatives in the same softmax
+    # every row gains N - 1 same-side negatives per term, minus its duplicates (rows 1, 5 and 2, 6: one each)
+    dup = sum(1 for g in rows if g in (1, 5, 2, 6)) / len(rows)
+    extra = (int(qq) + int(dd)) * (7 - dup)
+    assert metrics["negatives_per_query"].item() == pytest.approx(plain_metrics["negatives_per_query"].item() + extra)

@@ -33,6 +33,12 @@ class LossConfig:
     mask_duplicates: bool = True
     """Never count as a negative a candidate with the same text as the query's positive, or the positive
     of a row whose query is the same text."""
+    query_query: bool = False
+    """Also put the other in-batch queries, scored against the query (q->q), in each query's softmax as negatives
+    (GTE's improved contrastive loss); a query of the same text, or whose positive is the same text, is masked."""
+    document_document: bool = False
+    """Also put the other in-batch positives, scored against this row's positive (d->d), in its softmax as
+    negatives, masked as query_query is."""
     distill_weight: float = bounded(0.0, ge=0)
     """Weight of the distillation term: KL(teacher || student) over each query's own [positive, hard negatives]
     (teacher scores from data.teacher_scores, softmax at distill_temperature; student at loss.temperature)."""

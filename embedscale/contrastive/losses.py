@@ -11,7 +11,8 @@ Candidate layout for query row i: [positives (N) | negatives of row 0 (k) | ... 
 Duplicate masking (by content ids, never by embedding similarity): for query g, a positive column j
 != g is masked when it is the same text as g's positive or belongs to a row whose query is the same
 text as g's query (then it is a correct answer too); a hard negative is masked when it is the same
-text as g's positive. The symmetric (document -> query) term masks the same rows.
+text as g's positive. The symmetric (document -> query) term masks the same rows, and so do the optional
+same-side columns (loss.query_query: s(q_g, q_j); loss.document_document: s(d_g, d_j); j = g always masked).
 
 `distillation_loss` pulls the student's softmax over a query's own candidates towards a teacher's
 scores (stored with mined negatives); it is local to a rank's rows.
@@ -97,8 +98,14 @@ def _rows(
     ids: TextIds | None,
     symmetric_weight: float,
     in_batch_negatives: bool = True,
+    query_query: bool = False,
+    document_document: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Sums over query rows `rows` (c of them): q->d loss, d->q loss, correct, negatives, positive cosine."""
+    """Sums over query rows `rows` (c of them): q->d loss, d->q loss, correct, negatives, positive cosine.
+
+    query_query / document_document add, to each row's q->d softmax, the other queries scored from its query
+    (s(q_i, q_j)) / the other positives scored from its positive (s(d_i, d_j)), j != i, masked as the in-batch
+    positives are (the same query or positive text): GTE's "improved contrastive loss" terms."""
     labels_c = torch.arange(rows.start, rows.stop, device=queries_ND.device)
     mask_dq_cN, mask_cC = duplicate_masks(ids, rows) if ids is not None else (None, None)
     if not in_batch_negatives:
@@ -107,15 +114,25 @@ def _rows(
         mask_dq_cN = own_dq_cN if mask_dq_cN is None else mask_dq_cN | own_dq_cN
         mask_cC = own_cC if mask_cC is None else mask_cC | own_cC
     s_cC = queries_ND[rows] @ cand_CD.T * inverse_temperature  # (c, C): the only score block alive
-    loss_q2d = _masked_cross_entropy_sum(s_cC, labels_c, mask_cC)
+    s_cX, mask_cX = s_cC, mask_cC  # X = C plus the same-side columns (N each) when asked for
+    if query_query or document_document:
+        N = positives_ND.shape[0]
+        self_cN = torch.arange(N, device=queries_ND.device)[None, :] == labels_c[:, None]
+        same_cN = self_cN if mask_dq_cN is None else self_cN | mask_dq_cN  # never itself, nor a duplicate
+        blocks = [(query_query, queries_ND), (document_document, positives_ND)]
+        side_cN = [(side_ND[rows] @ side_ND.T * inverse_temperature, same_cN) for on, side_ND in blocks if on]
+        mask_first = mask_cC if mask_cC is not None else torch.zeros_like(s_cC, dtype=torch.bool)
+        s_cX = torch.cat([s_cC, *(s for s, _ in side_cN)], dim=1)
+        mask_cX = torch.cat([mask_first, *(m for _, m in side_cN)], dim=1)
+    loss_q2d = _masked_cross_entropy_sum(s_cX, labels_c, mask_cX)
     loss_d2q = torch.zeros_like(loss_q2d)
     if symmetric_weight > 0:
         s_cN = positives_ND[rows] @ queries_ND.T * inverse_temperature  # (c, N): documents -> queries
         loss_d2q = _masked_cross_entropy_sum(s_cN, labels_c, mask_dq_cN)
-    with torch.no_grad():
-        masked = mask_cC.sum(1) if mask_cC is not None else torch.zeros_like(labels_c)
+    with torch.no_grad():  # accuracy over the documents; negatives: every column of the softmax
+        masked = mask_cX.sum(1) if mask_cX is not None else torch.zeros_like(labels_c)
         correct = (s_cC.argmax(dim=1) == labels_c).sum().to(s_cC.dtype)
-        negatives = (cand_CD.shape[0] - 1 - masked).sum().to(s_cC.dtype)
+        negatives = (s_cX.shape[1] - 1 - masked).sum().to(s_cC.dtype)
         positive = s_cC[torch.arange(len(labels_c)), labels_c].sum() / inverse_temperature
     return loss_q2d, loss_d2q, correct, negatives, positive
 
@@ -131,6 +148,8 @@ def info_nce(
     symmetric_weight: float = 0.0,
     row_chunk_size: int = 0,
     in_batch_negatives: bool = True,
+    query_query: bool = False,
+    document_document: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE of the local query rows over every gathered candidate, plus the optional d->q term.
 
@@ -146,6 +165,7 @@ def info_nce(
     for start in range(local.start, local.stop, step):
         rows = slice(start, min(start + step, local.stop))
         args = (queries_ND, positives_ND, cand_CD, inverse_temperature, rows, ids, symmetric_weight, in_batch_negatives)
+        args += (query_query, document_document)
         part = checkpoint(_rows, *args, use_reentrant=False) if step < b else _rows(*args)
         totals = part if totals is None else tuple(t + p for t, p in zip(totals, part, strict=True))
     loss_q2d, loss_d2q, correct, negatives, positive = (t / b for t in totals)
@@ -175,6 +195,8 @@ def contrastive_loss(
     normalize: bool = True,
     row_chunk_size: int = 0,
     in_batch_negatives: bool = True,
+    query_query: bool = False,
+    document_document: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE with in-batch + hard negatives, duplicate masking, symmetric term and Matryoshka dims.
 
@@ -191,6 +213,8 @@ def contrastive_loss(
             b x C); 0 scores all local rows at once. Same loss and gradient either way.
         in_batch_negatives: False scores each query against its own positive and own hard negatives only
             (a source whose other rows are not true negatives, e.g. many near-duplicates).
+        query_query, document_document: also put the other in-batch queries (scored from the query) and the
+            other in-batch positives (scored from the positive) in each row's softmax, duplicates masked.
     Returns:
         (loss, metrics): a scalar mean over the local rows, and detached scalar metrics.
     """
@@ -202,6 +226,8 @@ def contrastive_loss(
         symmetric_weight=symmetric_weight,
         row_chunk_size=row_chunk_size,
         in_batch_negatives=in_batch_negatives,
+        query_query=query_query,
+        document_document=document_document,
     )
     if not matryoshka_dims:
         loss, metrics = info_nce(queries_ND, positives_ND, negatives_NkD, **kwargs)

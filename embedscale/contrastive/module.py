@@ -149,6 +149,8 @@ class ContrastiveModule(L.LightningModule):
             normalize=cfg.normalize,
             row_chunk_size=self.loss_cfg.row_chunk_size,
             in_batch_negatives=in_batch_negatives,
+            query_query=self.loss_cfg.query_query,
+            document_document=self.loss_cfg.document_document,
         )
         if teacher_BG is not None and self.loss_cfg.distill_weight > 0 and neg_BkD is not None:
             kl, distill = distillation_loss(
