@@ -73,7 +73,8 @@ def tiny_pipeline_overrides(tiny_bert, tiny_data, tmp_path) -> list[str]:
     ]
 
 
-def build_module(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0, same_side=False):
+def build_module(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0, extras=False):
+    """extras: the q->q and d->d terms and the margin guard (0.1) on."""
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.encoder.biencoder import load_encoder
 
@@ -90,8 +91,9 @@ def build_module(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0, same_
         symmetric_weight=symmetric,
         learnable_temperature=True,
         distill_weight=distill,
-        query_query=same_side,
-        document_document=same_side,
+        query_query=extras,
+        document_document=extras,
+        margin_guard=0.1 if extras else None,
     )
     return ContrastiveModule(encoder, loss_cfg=loss_cfg, optim_cfg=OptimConfig()).double().train(), tokenizer
 

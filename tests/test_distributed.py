@@ -45,6 +45,7 @@ def build(tiny_bert: str, cfg: dict):
         distill_weight=cfg.get("distill", 0.0),
         query_query=cfg.get("qq", False),
         document_document=cfg.get("dd", False),
+        margin_guard=cfg.get("margin"),
     )
     module = ContrastiveModule(encoder.double(), loss_cfg=lcfg, optim_cfg=OptimConfig()).double().train()
     return module, tokenizer
@@ -89,8 +90,9 @@ def _rank(rank: int, world_size: int, tiny_bert: str, cfg: dict, out: str) -> No
     teacher_BG = teacher(rank * b, (rank + 1) * b, cfg)
     embeddings = encode_rows(module, tokenizer, rows, seed=100 + rank)
     before = traffic_bytes()
-    loss, _ = module.loss_from_embeddings(*embeddings, teacher_BG=teacher_BG)
+    loss, metrics = module.loss_from_embeddings(*embeddings, teacher_BG=teacher_BG)
     loss.backward()
+    assert cfg.get("margin") is None or metrics["margin_guard_masked"] > 0  # the guard really masked something
     # what this rank received: the other ranks' gradient shares of its query, positive and negative embeddings
     local = sum(e.numel() * e.element_size() for e in embeddings[:3] if e is not None)
     assert traffic_bytes()["reduce_scattered"] - before["reduce_scattered"] == local * (world_size - 1)
@@ -119,6 +121,7 @@ CASES = {
     "separate towers, q->d only": {"shared": False, "symmetric": 0.0, "matryoshka": []},
     "distillation from teacher scores": {"shared": True, "symmetric": 0.0, "matryoshka": [], "distill": 0.5},
     "q->q and d->d terms, symmetric": {"shared": False, "symmetric": 0.5, "matryoshka": [], "qq": True, "dd": True},
+    "margin guard 0.02": {"shared": True, "symmetric": 0.0, "matryoshka": [], "margin": 0.02},
 }
 
 

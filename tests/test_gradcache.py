@@ -38,15 +38,13 @@ PLANS = [
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
 @pytest.mark.parametrize(
-    "shared, matryoshka, symmetric, same_side",
+    "shared, matryoshka, symmetric, extras",
     [(True, [], 0.0, False), (True, [32, 16], 1.0, False), (False, [32, 8], 0.5, False), (False, [32, 16], 0.5, True)],
 )
-def test_gradcache_equals_uncached(tiny_bert, plan, shared, matryoshka, symmetric, same_side):
+def test_gradcache_equals_uncached(tiny_bert, plan, shared, matryoshka, symmetric, extras):
     grads, losses = [], []
     for cached in (False, True):
-        module, tokenizer = build(
-            tiny_bert, shared=shared, matryoshka=matryoshka, symmetric=symmetric, same_side=same_side
-        )
+        module, tokenizer = build(tiny_bert, shared=shared, matryoshka=matryoshka, symmetric=symmetric, extras=extras)
         batch = make_batch(tokenizer, module.encoder.cfg)
         torch.manual_seed(123)  # dropout stays on: both paths draw the same masks
         if cached:

@@ -238,12 +238,12 @@ def test_distillation_loss_matches_a_per_row_loop():
     assert abs(same.item()) < 1e-12 and 0 <= metrics["teacher_agreement"] <= 1
 
 
-def naive_same_side(q, p, n, qid, pid, nid, *, inv_tau, rows, qq, dd):
+def naive_same_side(q, p, n, qid, pid, nid, *, inv_tau, rows, qq, dd, margin=None):
     """GTE's improved contrastive loss, one candidate at a time: row g's softmax holds its q->d candidates
     (masked as naive_loss masks them), then s(q_g, q_j) and s(d_g, d_j) for j != g that are not duplicates."""
     N = p.shape[0]
     k = 0 if n is None else n.shape[1]
-    total = 0.0
+    total, guarded = 0.0, []
     for g in rows:
         cands = []
         for j in range(N):
@@ -254,12 +254,19 @@ def naive_same_side(q, p, n, qid, pid, nid, *, inv_tau, rows, qq, dd):
             for m in range(k):
                 if nid[j][m] != pid[g]:
                     cands.append(((q[g] * n[j, m]).sum() * inv_tau, False))
+        if margin is not None:  # the guard: q->d candidates above the positive's cosine minus the margin
+            positive = [c for c, is_label in cands if is_label][0] / inv_tau
+            kept = [(c, lab) for c, lab in cands if lab or c / inv_tau <= positive - margin]
+            guarded.append(len(cands) - len(kept))
+            cands = kept
         for on, side in ((qq, q), (dd, p)):
             for j in range(N):
                 if on and j != g and pid[j] != pid[g] and qid[j] != qid[g]:
                     cands.append(((side[g] * side[j]).sum() * inv_tau, False))
         logz = torch.logsumexp(torch.stack([s for s, _ in cands]), 0)
         total = total + logz - [s for s, is_label in cands if is_label][0]
+    if margin is not None:
+        return total / len(rows), sum(guarded) / len(rows)
     return total / len(rows)
 
 
@@ -282,3 +289,29 @@ def test_query_query_and_document_document_terms_equal_naive_loop(k, qq, dd, loc
     dup = sum(1 for g in rows if g in (1, 5, 2, 6)) / len(rows)
     extra = (int(qq) + int(dd)) * (7 - dup)
     assert metrics["negatives_per_query"].item() == pytest.approx(plain_metrics["negatives_per_query"].item() + extra)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("qq", [False, True])
+@pytest.mark.parametrize("row_chunk_size", [0, 3])
+def test_margin_guard_equals_naive_loop_and_counts_what_it_masked(k, margin, qq, row_chunk_size):
+    """The guard drops, per row, the q->d candidates whose cosine is above the positive's minus the margin (random
+    unit vectors in 16 dims: cosines spread over about +-0.5, so each margin masks a different number)."""
+    q, p, n, qid, pid, nid, ids = make_batch(k=k)
+    p = F.normalize(p + 0.8 * q, dim=-1)  # positives near their queries, as after some training
+    loss, metrics = contrastive_loss(
+        q, p, n, inverse_temperature=20.0, ids=ids, local=slice(2, 8), row_chunk_size=row_chunk_size,
+        query_query=qq, margin_guard=margin,
+    )  # fmt: skip
+    ref, guarded = naive_same_side(
+        q, p, n, qid, pid, nid, inv_tau=20.0, rows=range(2, 8), qq=qq, dd=False, margin=margin
+    )
+    assert abs(loss.item() - ref.item()) <= TOL
+    assert metrics["margin_guard_masked"].item() == pytest.approx(guarded)
+    off, off_metrics = contrastive_loss(q, p, n, inverse_temperature=20.0, ids=ids, local=slice(2, 8), query_query=qq)
+    assert "margin_guard_masked" not in off_metrics
+    dropped = off_metrics["negatives_per_query"].item() - metrics["negatives_per_query"].item()
+    assert dropped == pytest.approx(guarded)
+    if guarded:
+        assert loss.item() < off.item()  # the masked candidates scored high: the loss without them is lower

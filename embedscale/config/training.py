@@ -39,6 +39,10 @@ class LossConfig:
     document_document: bool = False
     """Also put the other in-batch positives, scored against this row's positive (d->d), in its softmax as
     negatives, masked as query_query is."""
+    margin_guard: float | None = bounded(None, ge=0, le=2)
+    """In-batch false-negative guard on the model's own scores: mask every candidate (but the positive) whose
+    cosine to the query is above the positive's minus this margin (0: only those above the positive); null: off.
+    Logged per step as train/margin_guard_masked (candidates per query)."""
     distill_weight: float = bounded(0.0, ge=0)
     """Weight of the distillation term: KL(teacher || student) over each query's own [positive, hard negatives]
     (teacher scores from data.teacher_scores, softmax at distill_temperature; student at loss.temperature)."""

@@ -100,8 +100,14 @@ def _rows(
     in_batch_negatives: bool = True,
     query_query: bool = False,
     document_document: bool = False,
+    margin_guard: float | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Sums over query rows `rows` (c of them): q->d loss, d->q loss, correct, negatives, positive cosine.
+    """Sums over query rows `rows` (c of them): q->d loss, d->q loss, correct, negatives, positive cosine, and
+    the candidates the margin guard masked.
+
+    margin_guard masks, for each row, every q->d candidate but its positive whose cosine to the query exceeds the
+    positive's minus the margin: a likely unlabelled positive (the rule positive-aware mining applies offline,
+    here on the model's own scores of the step; a decision without gradient).
 
     query_query / document_document add, to each row's q->d softmax, the other queries scored from its query
     (s(q_i, q_j)) / the other positives scored from its positive (s(d_i, d_j)), j != i, masked as the in-batch
@@ -114,6 +120,18 @@ def _rows(
         mask_dq_cN = own_dq_cN if mask_dq_cN is None else mask_dq_cN | own_dq_cN
         mask_cC = own_cC if mask_cC is None else mask_cC | own_cC
     s_cC = queries_ND[rows] @ cand_CD.T * inverse_temperature  # (c, C): the only score block alive
+    guarded = s_cC.new_zeros(())
+    if margin_guard is not None:
+        with torch.no_grad():
+            label_cC = torch.zeros_like(s_cC, dtype=torch.bool)
+            label_cC[torch.arange(len(labels_c)), labels_c] = True
+            cos_cC = s_cC / inverse_temperature
+            positive_c = cos_cC[label_cC]
+            near_cC = (cos_cC > (positive_c - margin_guard)[:, None]) & ~label_cC
+            if mask_cC is not None:
+                near_cC &= ~mask_cC  # count what the guard adds to duplicate masking
+            guarded = near_cC.sum().to(s_cC.dtype)
+        mask_cC = near_cC if mask_cC is None else mask_cC | near_cC
     s_cX, mask_cX = s_cC, mask_cC  # X = C plus the same-side columns (N each) when asked for
     if query_query or document_document:
         N = positives_ND.shape[0]
@@ -134,7 +152,7 @@ def _rows(
         correct = (s_cC.argmax(dim=1) == labels_c).sum().to(s_cC.dtype)
         negatives = (s_cX.shape[1] - 1 - masked).sum().to(s_cC.dtype)
         positive = s_cC[torch.arange(len(labels_c)), labels_c].sum() / inverse_temperature
-    return loss_q2d, loss_d2q, correct, negatives, positive
+    return loss_q2d, loss_d2q, correct, negatives, positive, guarded
 
 
 def info_nce(
@@ -150,6 +168,7 @@ def info_nce(
     in_batch_negatives: bool = True,
     query_query: bool = False,
     document_document: bool = False,
+    margin_guard: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE of the local query rows over every gathered candidate, plus the optional d->q term.
 
@@ -165,10 +184,10 @@ def info_nce(
     for start in range(local.start, local.stop, step):
         rows = slice(start, min(start + step, local.stop))
         args = (queries_ND, positives_ND, cand_CD, inverse_temperature, rows, ids, symmetric_weight, in_batch_negatives)
-        args += (query_query, document_document)
+        args += (query_query, document_document, margin_guard)
         part = checkpoint(_rows, *args, use_reentrant=False) if step < b else _rows(*args)
         totals = part if totals is None else tuple(t + p for t, p in zip(totals, part, strict=True))
-    loss_q2d, loss_d2q, correct, negatives, positive = (t / b for t in totals)
+    loss_q2d, loss_d2q, correct, negatives, positive, guarded = (t / b for t in totals)
     loss = loss_q2d + symmetric_weight * loss_d2q if symmetric_weight > 0 else loss_q2d
     metrics = {
         "loss_q2d": loss_q2d.detach(),
@@ -178,6 +197,8 @@ def info_nce(
     }
     if symmetric_weight > 0:
         metrics["loss_d2q"] = loss_d2q.detach()
+    if margin_guard is not None:
+        metrics["margin_guard_masked"] = guarded  # candidates per query the guard took out of the softmax
     return loss, metrics
 
 
@@ -197,6 +218,7 @@ def contrastive_loss(
     in_batch_negatives: bool = True,
     query_query: bool = False,
     document_document: bool = False,
+    margin_guard: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE with in-batch + hard negatives, duplicate masking, symmetric term and Matryoshka dims.
 
@@ -215,6 +237,8 @@ def contrastive_loss(
             (a source whose other rows are not true negatives, e.g. many near-duplicates).
         query_query, document_document: also put the other in-batch queries (scored from the query) and the
             other in-batch positives (scored from the positive) in each row's softmax, duplicates masked.
+        margin_guard: mask every candidate (but the positive) whose cosine to the query exceeds the positive's
+            minus this margin; None: off. Logged as margin_guard_masked (candidates per query).
     Returns:
         (loss, metrics): a scalar mean over the local rows, and detached scalar metrics.
     """
@@ -228,6 +252,7 @@ def contrastive_loss(
         in_batch_negatives=in_batch_negatives,
         query_query=query_query,
         document_document=document_document,
+        margin_guard=margin_guard,
     )
     if not matryoshka_dims:
         loss, metrics = info_nce(queries_ND, positives_ND, negatives_NkD, **kwargs)

@@ -151,6 +151,7 @@ class ContrastiveModule(L.LightningModule):
             in_batch_negatives=in_batch_negatives,
             query_query=self.loss_cfg.query_query,
             document_document=self.loss_cfg.document_document,
+            margin_guard=self.loss_cfg.margin_guard,
         )
         if teacher_BG is not None and self.loss_cfg.distill_weight > 0 and neg_BkD is not None:
             kl, distill = distillation_loss(
