@@ -9,6 +9,7 @@ fixed length so that mask shapes agree. float64 throughout.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,16 +84,34 @@ def grads(module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+def guide_of(module, tokenizer, rows: list[PairExample], cfg: dict):
+    """The guide's (queries, positives, negatives) of some rows (guide cases only): a frozen, dropout-free copy of
+    the starting encoder, as loss.guide_model would load the starting checkpoint."""
+    if not cfg.get("guide"):
+        return None
+    import copy
+
+    guide = copy.deepcopy(module.encoder).eval()
+    with torch.no_grad():
+        q, pos, neg, _ = encode_rows(SimpleNamespace(encoder=guide), tokenizer, rows, seed=0)
+    return q, pos, neg
+
+
 def _rank(rank: int, world_size: int, tiny_bert: str, cfg: dict, out: str) -> None:
     module, tokenizer = build(tiny_bert, cfg)
     b = N // world_size
     rows = examples()[rank * b : (rank + 1) * b]
     teacher_BG = teacher(rank * b, (rank + 1) * b, cfg)
+    guide = guide_of(module, tokenizer, rows, cfg)
     embeddings = encode_rows(module, tokenizer, rows, seed=100 + rank)
     before = traffic_bytes()
-    loss, metrics = module.loss_from_embeddings(*embeddings, teacher_BG=teacher_BG)
+    loss, metrics = module.loss_from_embeddings(*embeddings, teacher_BG=teacher_BG, guide=guide)
     loss.backward()
-    assert cfg.get("margin") is None or metrics["margin_guard_masked"] > 0  # the guard really masked something
+    for key, on in (("margin_guard_masked", cfg.get("margin") is not None), ("guide_masked", cfg.get("guide"))):
+        if on:  # the guard really masked something, on some rank (all ranks take part in the sum)
+            total = metrics[key].clone()
+            dist.all_reduce(total)
+            assert total > 0, key
     # what this rank received: the other ranks' gradient shares of its query, positive and negative embeddings
     local = sum(e.numel() * e.element_size() for e in embeddings[:3] if e is not None)
     assert traffic_bytes()["reduce_scattered"] - before["reduce_scattered"] == local * (world_size - 1)
@@ -111,7 +130,8 @@ def reference(tiny_bert: str, cfg: dict, chunks: int) -> dict[str, torch.Tensor]
     parts = [encode_rows(module, tokenizer, examples()[r * b : (r + 1) * b], seed=100 + r) for r in range(chunks)]
     q, pos, neg = (torch.cat([p[i] for p in parts]) for i in range(3))
     ids = TextIds(*(torch.cat([getattr(p[3], f) for p in parts]) for f in ("query_B", "positive_B", "negatives_Bk")))
-    loss, _ = module.loss_from_embeddings(q, pos, neg, ids, teacher_BG=teacher(0, N, cfg))
+    guide = guide_of(module, tokenizer, examples(), cfg)
+    loss, _ = module.loss_from_embeddings(q, pos, neg, ids, teacher_BG=teacher(0, N, cfg), guide=guide)
     loss.backward()
     return grads(module)
 
@@ -122,6 +142,7 @@ CASES = {
     "distillation from teacher scores": {"shared": True, "symmetric": 0.0, "matryoshka": [], "distill": 0.5},
     "q->q and d->d terms, symmetric": {"shared": False, "symmetric": 0.5, "matryoshka": [], "qq": True, "dd": True},
     "margin guard 0.02": {"shared": True, "symmetric": 0.0, "matryoshka": [], "margin": 0.02},
+    "guide model (GISTEmbed)": {"shared": False, "symmetric": 0.0, "matryoshka": [], "guide": True},
 }
 
 

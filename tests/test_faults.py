@@ -594,3 +594,19 @@ def test_the_allocator_is_pinned_unless_the_user_chose(monkeypatch):
     assert tune_allocator().startswith("glibc default")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert tune_allocator() == "MALLOC_MMAP_THRESHOLD_=65536 (environment)"
+
+
+def test_a_guide_model_with_another_tokenizer_is_refused(tiny_bert, tmp_path):
+    """loss.guide_model encodes the trained model's tokens: a guide with another vocabulary fails by name."""
+    from helpers import make_tiny_mistral
+
+    from embedscale.config import ModelConfig
+    from embedscale.encoder.biencoder import load_encoder, load_guide
+
+    cfg = ModelConfig(name_or_path=str(tiny_bert))
+    _, tokenizer = load_encoder(cfg)
+    guide = load_guide(cfg, str(tiny_bert), tokenizer)
+    assert not any(p.requires_grad for p in guide.parameters()) and not guide.training
+    mistral = make_tiny_mistral(tmp_path / "mistral")
+    with pytest.raises(ValueError, match=r"loss.guide_model=.*mistral has another tokenizer than model.name_or_path"):
+        load_guide(cfg, str(mistral), tokenizer)

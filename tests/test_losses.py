@@ -315,3 +315,42 @@ def test_margin_guard_equals_naive_loop_and_counts_what_it_masked(k, margin, qq,
     assert dropped == pytest.approx(guarded)
     if guarded:
         assert loss.item() < off.item()  # the masked candidates scored high: the loss without them is lower
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("guide_margin", [0.0, 0.2])
+@pytest.mark.parametrize("row_chunk_size", [0, 3])
+def test_guide_model_masks_what_the_guide_scores_above_the_positive(k, guide_margin, row_chunk_size):
+    """GISTEmbed's rule with the guide's own embeddings (another space, other dims): per row, every q->d candidate
+    but the positive whose guide score exceeds the guide's score of the positive minus the margin is masked."""
+    q, p, n, qid, pid, nid, ids = make_batch(k=k)
+    gq, gp, gn, *_ = make_batch(k=k, D=12, seed=5)  # the guide's view of the same 8 rows
+    loss, metrics = contrastive_loss(
+        q, p, n, inverse_temperature=20.0, ids=ids, local=slice(1, 7), row_chunk_size=row_chunk_size,
+        guide=(gq, gp, gn), guide_margin=guide_margin,
+    )  # fmt: skip
+    masked, total, kept = [], 0.0, 0
+    for g in range(1, 7):
+        gpos = (gq[g] * gp[g]).sum()
+        cands, dropped = [], 0
+        for j in range(8):
+            if j != g and (pid[j] == pid[g] or qid[j] == qid[g]):
+                continue
+            if j != g and (gq[g] * gp[j]).sum() > gpos - guide_margin:
+                dropped += 1
+                continue
+            cands.append(((q[g] * p[j]).sum() * 20.0, j == g))
+        for j in range(8):
+            for m in range(k):
+                if nid[j][m] == pid[g]:
+                    continue
+                if (gq[g] * gn[j, m]).sum() > gpos - guide_margin:
+                    dropped += 1
+                    continue
+                cands.append(((q[g] * n[j, m]).sum() * 20.0, False))
+        masked.append(dropped)
+        kept += len(cands) - 1
+        total = total + torch.logsumexp(torch.stack([s for s, _ in cands]), 0) - [s for s, lab in cands if lab][0]
+    assert abs(loss.item() - (total / 6).item()) <= TOL
+    assert metrics["guide_masked"].item() == pytest.approx(sum(masked) / 6) and sum(masked) > 0
+    assert metrics["negatives_per_query"].item() == pytest.approx(kept / 6)

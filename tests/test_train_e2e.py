@@ -110,6 +110,14 @@ def _triplets(path: Path, n=16):
             "logger=wandb",
             "logger.wandb_mode=offline",
         ],
+        [  # issue 23's objectives together: q->q and d->d terms, the margin guard, a guide model (the start)
+            "loss.query_query=true",
+            "loss.document_document=true",
+            "loss.margin_guard=0.1",
+            "loss.guide_model={tiny_bert}",
+            "loss.guide_margin=0.05",
+            "gradcache.chunk_size=2",
+        ],
     ],
 )
 @pytest.mark.slow  # DataLoader workers in one case
@@ -117,6 +125,7 @@ def test_training_options_with_hard_negatives(tiny_bert, tiny_data, tmp_path, ex
     from embedscale.jobs.train import run
 
     data = _triplets(tmp_path / "triplets.jsonl")
+    extra = [e.format(tiny_bert=tiny_bert) for e in extra]
     cfg = _cfg(
         tiny_overrides(tiny_bert, tiny_data, tmp_path)
         + [

@@ -43,6 +43,13 @@ class LossConfig:
     """In-batch false-negative guard on the model's own scores: mask every candidate (but the positive) whose
     cosine to the query is above the positive's minus this margin (0: only those above the positive); null: off.
     Logged per step as train/margin_guard_masked (candidates per query)."""
+    guide_model: str | None = None
+    """In-batch false-negative guard by a frozen guide embedder (GISTEmbed): a path or hub name, loaded with this
+    run's model.* settings and tokenizer (it must tokenize as the trained model does; e.g. the starting
+    checkpoint). A candidate the guide scores above its score of the positive minus guide_margin is masked; logged
+    as train/guide_masked. Computed once per step under GradCache (no gradient); never trained or exported."""
+    guide_margin: float = bounded(0.0, ge=0, le=2)
+    """Margin of the guide rule (0: mask what the guide scores above the positive)."""
     distill_weight: float = bounded(0.0, ge=0)
     """Weight of the distillation term: KL(teacher || student) over each query's own [positive, hard negatives]
     (teacher scores from data.teacher_scores, softmax at distill_temperature; student at loss.temperature)."""

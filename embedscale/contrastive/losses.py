@@ -101,9 +101,15 @@ def _rows(
     query_query: bool = False,
     document_document: bool = False,
     margin_guard: float | None = None,
+    guide: tuple[torch.Tensor, torch.Tensor] | None = None,
+    guide_margin: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
     """Sums over query rows `rows` (c of them): q->d loss, d->q loss, correct, negatives, positive cosine, and
-    the candidates the margin guard masked.
+    the candidates the margin guard and the guide masked.
+
+    guide = (guide queries (N, G), guide candidates (C, G)): a frozen embedder's view of the same texts; every
+    q->d candidate but the positive that the guide scores above its score of the positive minus guide_margin is
+    masked (GISTEmbed).
 
     margin_guard masks, for each row, every q->d candidate but its positive whose cosine to the query exceeds the
     positive's minus the margin: a likely unlabelled positive (the rule positive-aware mining applies offline,
@@ -120,7 +126,18 @@ def _rows(
         mask_dq_cN = own_dq_cN if mask_dq_cN is None else mask_dq_cN | own_dq_cN
         mask_cC = own_cC if mask_cC is None else mask_cC | own_cC
     s_cC = queries_ND[rows] @ cand_CD.T * inverse_temperature  # (c, C): the only score block alive
-    guarded = s_cC.new_zeros(())
+    guarded, guided = s_cC.new_zeros(()), s_cC.new_zeros(())
+    if guide is not None:
+        with torch.no_grad():
+            guide_q_ND, guide_cand_CD = guide
+            g_cC = guide_q_ND[rows] @ guide_cand_CD.T
+            label_cC = torch.zeros_like(g_cC, dtype=torch.bool)
+            label_cC[torch.arange(len(labels_c)), labels_c] = True
+            above_cC = (g_cC > (g_cC[label_cC] - guide_margin)[:, None]) & ~label_cC
+            if mask_cC is not None:
+                above_cC &= ~mask_cC
+            guided = above_cC.sum().to(s_cC.dtype)
+        mask_cC = above_cC if mask_cC is None else mask_cC | above_cC
     if margin_guard is not None:
         with torch.no_grad():
             label_cC = torch.zeros_like(s_cC, dtype=torch.bool)
@@ -152,7 +169,7 @@ def _rows(
         correct = (s_cC.argmax(dim=1) == labels_c).sum().to(s_cC.dtype)
         negatives = (s_cX.shape[1] - 1 - masked).sum().to(s_cC.dtype)
         positive = s_cC[torch.arange(len(labels_c)), labels_c].sum() / inverse_temperature
-    return loss_q2d, loss_d2q, correct, negatives, positive, guarded
+    return loss_q2d, loss_d2q, correct, negatives, positive, guarded, guided
 
 
 def info_nce(
@@ -169,6 +186,8 @@ def info_nce(
     query_query: bool = False,
     document_document: bool = False,
     margin_guard: float | None = None,
+    guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    guide_margin: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE of the local query rows over every gathered candidate, plus the optional d->q term.
 
@@ -180,14 +199,19 @@ def info_nce(
     b = local.stop - local.start
     cand_CD = positives_ND if negatives_NkD is None else torch.cat([positives_ND, negatives_NkD.reshape(-1, D)])
     step = row_chunk_size if 0 < row_chunk_size < b else b
+    guide_pair = None
+    if guide is not None:  # the guide's (queries, candidates) in the candidates' layout
+        g_q_NG, g_pos_NG, g_neg_NkG = guide
+        g_cand_CG = g_pos_NG if g_neg_NkG is None else torch.cat([g_pos_NG, g_neg_NkG.reshape(-1, g_pos_NG.shape[1])])
+        guide_pair = (g_q_NG, g_cand_CG)
     totals = None
     for start in range(local.start, local.stop, step):
         rows = slice(start, min(start + step, local.stop))
         args = (queries_ND, positives_ND, cand_CD, inverse_temperature, rows, ids, symmetric_weight, in_batch_negatives)
-        args += (query_query, document_document, margin_guard)
+        args += (query_query, document_document, margin_guard, guide_pair, guide_margin)
         part = checkpoint(_rows, *args, use_reentrant=False) if step < b else _rows(*args)
         totals = part if totals is None else tuple(t + p for t, p in zip(totals, part, strict=True))
-    loss_q2d, loss_d2q, correct, negatives, positive, guarded = (t / b for t in totals)
+    loss_q2d, loss_d2q, correct, negatives, positive, guarded, guided = (t / b for t in totals)
     loss = loss_q2d + symmetric_weight * loss_d2q if symmetric_weight > 0 else loss_q2d
     metrics = {
         "loss_q2d": loss_q2d.detach(),
@@ -199,6 +223,8 @@ def info_nce(
         metrics["loss_d2q"] = loss_d2q.detach()
     if margin_guard is not None:
         metrics["margin_guard_masked"] = guarded  # candidates per query the guard took out of the softmax
+    if guide is not None:
+        metrics["guide_masked"] = guided  # candidates per query the guide model took out
     return loss, metrics
 
 
@@ -219,6 +245,8 @@ def contrastive_loss(
     query_query: bool = False,
     document_document: bool = False,
     margin_guard: float | None = None,
+    guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    guide_margin: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE with in-batch + hard negatives, duplicate masking, symmetric term and Matryoshka dims.
 
@@ -239,6 +267,9 @@ def contrastive_loss(
             other in-batch positives (scored from the positive) in each row's softmax, duplicates masked.
         margin_guard: mask every candidate (but the positive) whose cosine to the query exceeds the positive's
             minus this margin; None: off. Logged as margin_guard_masked (candidates per query).
+        guide, guide_margin: a frozen guide model's embeddings of the same N rows (queries (N, G), positives
+            (N, G), negatives (N, k, G) or None): mask every candidate but the positive that the guide scores
+            above its positive's score minus guide_margin (GISTEmbed). Logged as guide_masked.
     Returns:
         (loss, metrics): a scalar mean over the local rows, and detached scalar metrics.
     """
@@ -253,6 +284,8 @@ def contrastive_loss(
         query_query=query_query,
         document_document=document_document,
         margin_guard=margin_guard,
+        guide=guide,
+        guide_margin=guide_margin,
     )
     if not matryoshka_dims:
         loss, metrics = info_nce(queries_ND, positives_ND, negatives_NkD, **kwargs)

@@ -60,6 +60,33 @@ class ContrastiveModule(L.LightningModule):
         self._step_loss: torch.Tensor | None = None
         self.steps_this_run = 0
         """Training steps this process ran (a resumed run that ran none is reported: jobs/train.py)."""
+        object.__setattr__(self, "guide", None)  # not a submodule: never trained, checkpointed or exported
+
+    def set_guide(self, guide: BiEncoder | None) -> None:
+        """The frozen guide embedder of loss.guide_model (or None), kept outside the module's parameters."""
+        if guide is not None:
+            guide.eval().requires_grad_(False)
+        object.__setattr__(self, "guide", guide)
+
+    @torch.no_grad()
+    def guide_embeddings(self, batch: PairBatch, *, rows_per_pass: int = 0):
+        """The guide's (queries (B, G), positives (B, G), negatives (B, k, G) or None) of this rank's batch, or None
+        without a guide; `rows_per_pass` texts at a time (0: all; GradCache passes its chunk size)."""
+        if self.guide is None:
+            return None
+        device = batch.queries["input_ids"].device
+        if next(self.guide.parameters()).device != device:
+            self.guide.to(device)
+
+        def encode(tokens: dict, side: str) -> torch.Tensor:
+            n = tokens["input_ids"].shape[0]
+            step = rows_per_pass or n
+            parts = [{k: v[i : i + step] for k, v in tokens.items()} for i in range(0, n, step)]
+            return torch.cat([self.guide.encode(part, side=side) for part in parts]).float()
+
+        B, k = batch.batch_size, batch.num_negatives_per_query
+        q_BG, docs_XG = encode(batch.queries, "query"), encode(batch.documents, "document")
+        return q_BG, docs_XG[:B], docs_XG[B:].view(B, k, -1) if k else None
 
     def setup(self, stage: str) -> None:
         self.driver = driver_for(self.trainer.strategy, self.trainer_cfg)
@@ -105,7 +132,13 @@ class ContrastiveModule(L.LightningModule):
         docs_XD = self.encoder.encode(batch.documents, side="document")  # (B * (1 + k), D)
         neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
         return self.loss_from_embeddings(
-            q_BD, docs_XD[:B], neg_BkD, batch.ids, batch.in_batch_negatives, teacher_BG=batch.teacher_BG
+            q_BD,
+            docs_XD[:B],
+            neg_BkD,
+            batch.ids,
+            batch.in_batch_negatives,
+            teacher_BG=batch.teacher_BG,
+            guide=self.guide_embeddings(batch),
         )
 
     def loss_from_embeddings(
@@ -117,6 +150,7 @@ class ContrastiveModule(L.LightningModule):
         in_batch_negatives: bool = True,
         *,
         teacher_BG: torch.Tensor | None = None,
+        guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Gather this rank's embeddings into the global batch and score the local query rows; with teacher
         scores (and loss.distill_weight > 0) add the distillation term over each local row's own candidates."""
@@ -135,6 +169,17 @@ class ContrastiveModule(L.LightningModule):
                 all_gather_no_grad(ids.positive_B, "positive ids"),
                 None if ids.negatives_Bk is None else all_gather_no_grad(ids.negatives_Bk, "negative ids"),
             )
+        guide_all = None
+        if guide is not None:  # the guide's view of the global batch, gathered like the embeddings (no gradient)
+            g_q, g_pos, g_neg = guide
+            g_neg_all = None
+            if g_neg is not None:
+                g_neg_all = torch.stack(
+                    [all_gather_no_grad(g_neg[:, m], f"guide negative column {m}") for m in range(g_neg.shape[1])],
+                    dim=1,
+                )
+            guide_all = (all_gather_no_grad(g_q, "guide queries"), all_gather_no_grad(g_pos, "guide positives"))
+            guide_all += (g_neg_all,)
         cfg = self.encoder.cfg
         loss, metrics = contrastive_loss(
             q_ND,
@@ -152,6 +197,8 @@ class ContrastiveModule(L.LightningModule):
             query_query=self.loss_cfg.query_query,
             document_document=self.loss_cfg.document_document,
             margin_guard=self.loss_cfg.margin_guard,
+            guide=guide_all,
+            guide_margin=self.loss_cfg.guide_margin,
         )
         if teacher_BG is not None and self.loss_cfg.distill_weight > 0 and neg_BkD is not None:
             kl, distill = distillation_loss(

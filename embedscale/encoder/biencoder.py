@@ -314,3 +314,19 @@ def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
     document = adapt_backbone(document, cfg) if document is not None else None
     tokenizer = load_tokenizer(tokenizer_path, cfg)
     return BiEncoder(query, document, cfg), tokenizer
+
+
+def load_guide(cfg: ModelConfig, name_or_path: str, tokenizer) -> BiEncoder:
+    """The frozen guide embedder of loss.guide_model: `name_or_path` loaded with the run's model.* settings (no
+    LoRA, no checkpointing). It encodes the trained model's tokens, so its tokenizer must have the same vocabulary;
+    otherwise ValueError naming both."""
+    guide, guide_tokenizer = load_encoder(
+        dataclasses.replace(cfg, name_or_path=name_or_path, lora_r=0, gradient_checkpointing=False)
+    )
+    if guide_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"loss.guide_model={name_or_path} has another tokenizer than model.name_or_path={cfg.name_or_path}: the "
+            "guide encodes the trained model's tokens, so give a guide with the same tokenizer (e.g. the starting "
+            "checkpoint, or a larger model of the same family)"
+        )
+    return guide.eval().requires_grad_(False)

@@ -28,7 +28,7 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     from embedscale.data.datamodule import DataProgress, build_datamodule
     from embedscale.data.records import resolve_data_root
     from embedscale.distributed import explain_stall
-    from embedscale.encoder.biencoder import load_encoder
+    from embedscale.encoder.biencoder import load_encoder, load_guide
     from embedscale.export import export_model, resolve_init_from
     from embedscale.runtime import check_run_dir, start_run
     from embedscale.strategy import after_fit_callbacks, build_strategy
@@ -50,6 +50,8 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     module = ContrastiveModule(
         encoder, loss_cfg=cfg.loss, optim_cfg=cfg.optim, gradcache=cfg.gradcache, trainer_cfg=cfg.trainer
     )
+    if cfg.loss.guide_model:
+        module.set_guide(load_guide(cfg.model, cfg.loss.guide_model, tokenizer))
     callbacks = [eval_cb, RngResume(), DataProgress(), Heartbeat(), *after_fit_callbacks(cfg.trainer, cfg.model)]
     strategy = build_strategy(cfg.trainer, gradcache=cfg.gradcache.enabled)
     trainer = build_trainer(cfg.trainer, cfg.logger, run_dir, callbacks, strategy=strategy)
