@@ -74,7 +74,8 @@ def tiny_pipeline_overrides(tiny_bert, tiny_data, tmp_path) -> list[str]:
 
 
 def build_module(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0, extras=False):
-    """extras: the q->q and d->d terms and the margin guard (0.1) on."""
+    """extras: the q->q and d->d terms, the margin guard (0.1) and a guide model (a frozen copy of the starting
+    encoder, GISTEmbed's usual choice; guide margin 0.05) on."""
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.encoder.biencoder import load_encoder
 
@@ -94,8 +95,14 @@ def build_module(tiny_bert, *, shared, matryoshka, symmetric, distill=0.0, extra
         query_query=extras,
         document_document=extras,
         margin_guard=0.1 if extras else None,
+        guide_margin=0.05,
     )
-    return ContrastiveModule(encoder, loss_cfg=loss_cfg, optim_cfg=OptimConfig()).double().train(), tokenizer
+    module = ContrastiveModule(encoder, loss_cfg=loss_cfg, optim_cfg=OptimConfig()).double().train()
+    if extras:
+        import copy
+
+        module.set_guide(copy.deepcopy(module.encoder))
+    return module, tokenizer
 
 
 def make_batch(tokenizer, cfg, n=6, k=2):

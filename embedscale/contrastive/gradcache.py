@@ -167,7 +167,7 @@ def gradcache_step(
     q_BD = in_batch_order(embeddings[:num_q], q_chunks).requires_grad_(True)
     docs_XD = in_batch_order(embeddings[num_q:], d_chunks).requires_grad_(True)  # (B * (1 + k), D)
     neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
-    guide = module.guide_embeddings(batch, rows_per_pass=plan.chunk_size)  # once per step, no gradient
+    guide = module.guide_embeddings(batch)  # once per step, no gradient
     loss, metrics = module.loss_from_embeddings(
         q_BD, docs_XD[:B], neg_BkD, batch.ids, batch.in_batch_negatives, teacher_BG=batch.teacher_BG, guide=guide
     )

@@ -89,6 +89,20 @@ def _masked_cross_entropy_sum(s_cC: torch.Tensor, labels_c: torch.Tensor, mask_c
     return F.cross_entropy(s_cC, labels_c, reduction="sum")
 
 
+@torch.no_grad()
+def _mask_near_positive(
+    score_cC: torch.Tensor, labels_c: torch.Tensor, margin: float, mask_cC: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask_cC with every candidate but the label scoring above the label's score minus `margin` added, how many
+    that added): the guards' shared rule (a decision, no gradient)."""
+    label_cC = torch.zeros_like(score_cC, dtype=torch.bool)
+    label_cC[torch.arange(len(labels_c)), labels_c] = True
+    near_cC = (score_cC > (score_cC[label_cC] - margin)[:, None]) & ~label_cC
+    if mask_cC is None:
+        return near_cC, near_cC.sum()
+    return mask_cC | near_cC, (near_cC & ~mask_cC).sum()
+
+
 def _rows(
     queries_ND: torch.Tensor,
     positives_ND: torch.Tensor,
@@ -127,28 +141,12 @@ def _rows(
         mask_cC = own_cC if mask_cC is None else mask_cC | own_cC
     s_cC = queries_ND[rows] @ cand_CD.T * inverse_temperature  # (c, C): the only score block alive
     guarded, guided = s_cC.new_zeros(()), s_cC.new_zeros(())
-    if guide is not None:
-        with torch.no_grad():
-            guide_q_ND, guide_cand_CD = guide
-            g_cC = guide_q_ND[rows] @ guide_cand_CD.T
-            label_cC = torch.zeros_like(g_cC, dtype=torch.bool)
-            label_cC[torch.arange(len(labels_c)), labels_c] = True
-            above_cC = (g_cC > (g_cC[label_cC] - guide_margin)[:, None]) & ~label_cC
-            if mask_cC is not None:
-                above_cC &= ~mask_cC
-            guided = above_cC.sum().to(s_cC.dtype)
-        mask_cC = above_cC if mask_cC is None else mask_cC | above_cC
-    if margin_guard is not None:
-        with torch.no_grad():
-            label_cC = torch.zeros_like(s_cC, dtype=torch.bool)
-            label_cC[torch.arange(len(labels_c)), labels_c] = True
-            cos_cC = s_cC / inverse_temperature
-            positive_c = cos_cC[label_cC]
-            near_cC = (cos_cC > (positive_c - margin_guard)[:, None]) & ~label_cC
-            if mask_cC is not None:
-                near_cC &= ~mask_cC  # count what the guard adds to duplicate masking
-            guarded = near_cC.sum().to(s_cC.dtype)
-        mask_cC = near_cC if mask_cC is None else mask_cC | near_cC
+    if guide is not None:  # the guide's scores of the same candidates
+        guide_q_ND, guide_cand_CD = guide
+        mask_cC, guided = _mask_near_positive(guide_q_ND[rows] @ guide_cand_CD.T, labels_c, guide_margin, mask_cC)
+    if margin_guard is not None:  # the model's own cosines
+        mask_cC, guarded = _mask_near_positive(s_cC / inverse_temperature, labels_c, margin_guard, mask_cC)
+    guarded, guided = guarded.to(s_cC.dtype), guided.to(s_cC.dtype)
     s_cX, mask_cX = s_cC, mask_cC  # X = C plus the same-side columns (N each) when asked for
     if query_query or document_document:
         N = positives_ND.shape[0]

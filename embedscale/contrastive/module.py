@@ -21,7 +21,7 @@ import lightning as L
 import torch
 
 from embedscale.config import GradCacheConfig, LossConfig, OptimConfig, TrainerConfig
-from embedscale.contrastive.gradcache import gradcache_step
+from embedscale.contrastive.gradcache import gradcache_step, split_tokens
 from embedscale.contrastive.guard import FiniteGuard
 from embedscale.contrastive.losses import Temperature, contrastive_loss, distillation_loss
 from embedscale.contrastive.optim import build_optimizer
@@ -69,20 +69,25 @@ class ContrastiveModule(L.LightningModule):
         object.__setattr__(self, "guide", guide)
 
     @torch.no_grad()
-    def guide_embeddings(self, batch: PairBatch, *, rows_per_pass: int = 0):
+    def guide_embeddings(self, batch: PairBatch):
         """The guide's (queries (B, G), positives (B, G), negatives (B, k, G) or None) of this rank's batch, or None
-        without a guide; `rows_per_pass` texts at a time (0: all; GradCache passes its chunk size)."""
+        without a guide; in the chunks GradCache would use (gradcache.*), so that the guide's forward never holds
+        more activations than the trained encoder's."""
         if self.guide is None:
             return None
         device = batch.queries["input_ids"].device
         if next(self.guide.parameters()).device != device:
             self.guide.to(device)
+        plan = self.gradcache
 
         def encode(tokens: dict, side: str) -> torch.Tensor:
-            n = tokens["input_ids"].shape[0]
-            step = rows_per_pass or n
-            parts = [{k: v[i : i + step] for k, v in tokens.items()} for i in range(0, n, step)]
-            return torch.cat([self.guide.encode(part, side=side) for part in parts]).float()
+            if plan is None:  # without GradCache the encoder's own forward takes the whole batch too
+                return self.guide.encode(tokens, side=side).float()
+            chunks = split_tokens(
+                tokens, plan.chunk_size, token_budget=plan.token_budget, sort_by_length=plan.sort_by_length
+            )
+            parts = [self.guide.encode(c.tokens, side=side).float() for c in chunks]
+            return torch.cat(parts)[torch.argsort(torch.cat([c.rows_c for c in chunks]))]  # batch order
 
         B, k = batch.batch_size, batch.num_negatives_per_query
         q_BG, docs_XG = encode(batch.queries, "query"), encode(batch.documents, "document")
@@ -158,10 +163,7 @@ class ContrastiveModule(L.LightningModule):
         B = q_BD.shape[0]
         q_ND = all_gather_with_grad(q_BD, "query embeddings")
         pos_ND = all_gather_with_grad(pos_BD, "positive embeddings")
-        neg_NkD = None
-        if neg_BkD is not None:  # one column at a time: concatenating first would interleave ranks
-            cols = [all_gather_with_grad(neg_BkD[:, m], f"negative column {m}") for m in range(neg_BkD.shape[1])]
-            neg_NkD = torch.stack(cols, dim=1)
+        neg_NkD = None if neg_BkD is None else _gather_columns(neg_BkD, all_gather_with_grad, "negative")
         gathered_ids = None
         if self.loss_cfg.mask_duplicates:
             gathered_ids = TextIds(
@@ -172,14 +174,11 @@ class ContrastiveModule(L.LightningModule):
         guide_all = None
         if guide is not None:  # the guide's view of the global batch, gathered like the embeddings (no gradient)
             g_q, g_pos, g_neg = guide
-            g_neg_all = None
-            if g_neg is not None:
-                g_neg_all = torch.stack(
-                    [all_gather_no_grad(g_neg[:, m], f"guide negative column {m}") for m in range(g_neg.shape[1])],
-                    dim=1,
-                )
-            guide_all = (all_gather_no_grad(g_q, "guide queries"), all_gather_no_grad(g_pos, "guide positives"))
-            guide_all += (g_neg_all,)
+            guide_all = (
+                all_gather_no_grad(g_q, "guide queries"),
+                all_gather_no_grad(g_pos, "guide positives"),
+                None if g_neg is None else _gather_columns(g_neg, all_gather_no_grad, "guide negative"),
+            )
         cfg = self.encoder.cfg
         loss, metrics = contrastive_loss(
             q_ND,
@@ -254,3 +253,8 @@ class ContrastiveModule(L.LightningModule):
             temperature=temperature,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _gather_columns(x_BkX: torch.Tensor, gather, name: str) -> torch.Tensor:
+    """(B, k, X) -> (N, k, X), one column at a time: gathering the rows whole would interleave the ranks."""
+    return torch.stack([gather(x_BkX[:, m], f"{name} column {m}") for m in range(x_BkX.shape[1])], dim=1)
