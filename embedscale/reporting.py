@@ -55,7 +55,8 @@ class RunRecord:
 
 
 def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Lightning CSV log -> {column: [(step, value)]}, skipping empty cells (each row logs a few columns)."""
+    """Lightning CSV log -> {column: [(step, value)]}, skipping empty cells (each row logs a few columns) and NaN
+    (a metric of another source's objective, not logged at this step: embedscale/contrastive/module.py)."""
     series: dict[str, list[tuple[int, float]]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -63,7 +64,7 @@ def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
             if not step:
                 continue
             for name, value in row.items():
-                if name in ("step", "epoch") or value in ("", None):
+                if name in ("step", "epoch") or value in ("", None, "nan"):
                     continue
                 series.setdefault(name, []).append((int(float(step)), float(value)))
     return series

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dist import spawn
 
 from embedscale.config import LossConfig, ModelConfig, OptimConfig
-from embedscale.data.batch import PairExample, TextIds, text_id
+from embedscale.data.batch import Objective, PairExample, TextIds, text_id
 from embedscale.distributed import traffic_bytes
 
 pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
@@ -80,6 +80,22 @@ def teacher(lo: int, hi: int, cfg: dict) -> torch.Tensor | None:
     return torch.tensor([[1.0 + 0.1 * i, 0.5 - 0.3 * i] for i in range(lo, hi)], dtype=torch.float64)
 
 
+def objective_of(lo: int, hi: int, cfg: dict) -> Objective | None:
+    """Rows lo..hi's targets of a per-source objective (data.sources[].loss cases only): gold scores with ties, or a
+    teacher's embeddings (the model's dimension 32 for mse, 24 for kl: kl compares scores only)."""
+    kind = cfg.get("objective")
+    if kind is None:
+        return None
+    if kind in ("cosent", "angle"):
+        scores = torch.tensor([4.0, 1.5, 1.5, 0.2, 3.0, 5.0, 1.5, 2.5], dtype=torch.float64)
+        return Objective(kind, 0.7, scores_B=scores[lo:hi])
+    g = torch.Generator().manual_seed(7)
+    T = 32 if kind == "mse" else 24
+    teacher_q = torch.nn.functional.normalize(torch.randn(N, T, generator=g, dtype=torch.float64), dim=-1)
+    teacher_pos = torch.nn.functional.normalize(torch.randn(N, T, generator=g, dtype=torch.float64), dim=-1)
+    return Objective(kind, 0.7, teacher_query_BT=teacher_q[lo:hi], teacher_positive_BT=teacher_pos[lo:hi])
+
+
 def grads(module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
@@ -104,8 +120,9 @@ def _rank(rank: int, world_size: int, tiny_bert: str, cfg: dict, out: str) -> No
     teacher_BG = teacher(rank * b, (rank + 1) * b, cfg)
     guide = guide_of(module, tokenizer, rows, cfg)
     embeddings = encode_rows(module, tokenizer, rows, seed=100 + rank)
+    objective = objective_of(rank * b, (rank + 1) * b, cfg)
     before = traffic_bytes()
-    loss, metrics = module.loss_from_embeddings(*embeddings, teacher_BG=teacher_BG, guide=guide)
+    loss, metrics = module.loss_from_embeddings(*embeddings, teacher_BG=teacher_BG, guide=guide, objective=objective)
     loss.backward()
     for key, on in (("margin_guard_masked", cfg.get("margin") is not None), ("guide_masked", cfg.get("guide"))):
         if on:  # the guard really masked something, on some rank (all ranks take part in the sum)
@@ -114,6 +131,9 @@ def _rank(rank: int, world_size: int, tiny_bert: str, cfg: dict, out: str) -> No
             assert total > 0, key
     # what this rank received: the other ranks' gradient shares of its query, positive and negative embeddings
     local = sum(e.numel() * e.element_size() for e in embeddings[:3] if e is not None)
+    if objective is not None:  # cosent, angle: the pair similarities (b per dimension); kl: queries and positives
+        sims = b * 8 * max(1, len(cfg["matryoshka"]))
+        local = {"cosent": sims, "angle": sims, "mse": 0}.get(cfg["objective"], local - embeddings[2].numel() * 8)
     assert traffic_bytes()["reduce_scattered"] - before["reduce_scattered"] == local * (world_size - 1)
     assert traffic_bytes()["gathered"] - before["gathered"] >= local * (world_size - 1)  # (+ the ids)
     for p in module.parameters():  # what DDP does: average the gradients over ranks
@@ -131,7 +151,10 @@ def reference(tiny_bert: str, cfg: dict, chunks: int) -> dict[str, torch.Tensor]
     q, pos, neg = (torch.cat([p[i] for p in parts]) for i in range(3))
     ids = TextIds(*(torch.cat([getattr(p[3], f) for p in parts]) for f in ("query_B", "positive_B", "negatives_Bk")))
     guide = guide_of(module, tokenizer, examples(), cfg)
-    loss, _ = module.loss_from_embeddings(q, pos, neg, ids, teacher_BG=teacher(0, N, cfg), guide=guide)
+    objective = objective_of(0, N, cfg)
+    loss, _ = module.loss_from_embeddings(
+        q, pos, neg, ids, teacher_BG=teacher(0, N, cfg), guide=guide, objective=objective
+    )
     loss.backward()
     return grads(module)
 
@@ -143,6 +166,10 @@ CASES = {
     "q->q and d->d terms, symmetric": {"shared": False, "symmetric": 0.5, "matryoshka": [], "qq": True, "dd": True},
     "margin guard 0.02": {"shared": True, "symmetric": 0.0, "matryoshka": [], "margin": 0.02},
     "guide model (GISTEmbed)": {"shared": False, "symmetric": 0.0, "matryoshka": [], "guide": True},
+    "CoSENT source, matryoshka": {"shared": True, "symmetric": 0.0, "matryoshka": [32, 16], "objective": "cosent"},
+    "AnglE source": {"shared": False, "symmetric": 0.0, "matryoshka": [], "objective": "angle"},
+    "MSE to teacher embeddings": {"shared": True, "symmetric": 0.0, "matryoshka": [], "objective": "mse"},
+    "KL to teacher embeddings": {"shared": False, "symmetric": 0.0, "matryoshka": [], "objective": "kl"},
 }
 
 

@@ -23,7 +23,13 @@ def uncached_chunked(module, batch, plan):
 
     q, d = encode(batch.queries, "query"), encode(batch.documents, "document")
     loss, metrics = module.loss_from_embeddings(
-        q, d[:B], d[B:].view(B, k, -1), batch.ids, teacher_BG=batch.teacher_BG, guide=module.guide_embeddings(batch)
+        q,
+        d[:B],
+        d[B:].view(B, k, -1) if k else None,
+        batch.ids,
+        teacher_BG=batch.teacher_BG,
+        guide=module.guide_embeddings(batch),
+        objective=batch.objective,
     )
     loss.backward()
     return loss.detach(), metrics
@@ -127,5 +133,41 @@ def test_gradcache_with_distillation_equals_uncached(tiny_bert, plan):
         losses.append((loss.item(), metrics["distill_kl"].item()))
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
     assert losses[0] == pytest.approx(losses[1], rel=1e-12) and losses[0][1] > 0
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["cosent", "angle", "mse", "kl"])
+def test_gradcache_with_source_objectives_equals_uncached(tiny_bert, kind):
+    """A non-contrastive source's batch (data.sources[].loss): no hard negatives, its targets; Matryoshka on."""
+    from embedscale.data.batch import Objective
+
+    plan = dict(chunk_size=2)
+    grads, losses = [], []
+    for cached in (False, True):
+        module, tokenizer = build(tiny_bert, shared=False, matryoshka=[32, 16], symmetric=0.0)
+        batch = make_batch(tokenizer, module.encoder.cfg, k=0)
+        B = batch.batch_size
+        g = torch.Generator().manual_seed(3)
+        if kind in ("cosent", "angle"):
+            batch.objective = Objective(kind, 0.5, scores_B=torch.tensor([3.0, 1.0, 1.0, 4.5, 0.0, 2.0]))
+        else:
+            T = 32 if kind == "mse" else 12
+            batch.objective = Objective(
+                kind,
+                0.5,
+                teacher_query_BT=torch.randn(B, T, generator=g),
+                teacher_positive_BT=torch.randn(B, T, generator=g),
+            )
+        torch.manual_seed(123)
+        loss, metrics = (
+            gradcache_step(module, batch, plan=GradCacheConfig(sort_by_length=False, **plan))
+            if cached
+            else uncached_chunked(module, batch, plan)
+        )
+        losses.append((loss.item(), metrics[f"loss_{kind}"].item()))
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12) and losses[0][0] > 0
+    assert set(grads[0]) == set(grads[1]) and any(n.startswith("encoder.query") for n in grads[0])
     for name, want in grads[0].items():
         torch.testing.assert_close(grads[1][name], want, rtol=1e-5, atol=1e-12)

@@ -121,6 +121,14 @@ class TeacherScores(enum.StrEnum):
     retriever = "retriever"
 
 
+class SourceLoss(enum.StrEnum):
+    contrastive = "contrastive"
+    cosent = "cosent"
+    angle = "angle"
+    mse = "mse"
+    kl = "kl"
+
+
 class PretrainTask(enum.StrEnum):
     ict = "ict"
     spans = "spans"
@@ -196,6 +204,7 @@ class ShardFormat(enum.StrEnum):
     tsv = "tsv"
     csv = "csv"
     hf = "hf"
+    sts = "sts"
 
 
 class MineFormat(enum.StrEnum):

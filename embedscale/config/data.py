@@ -9,6 +9,7 @@ from embedscale.config.choices import (
     OnError,
     PretrainTask,
     ShardFormat,
+    SourceLoss,
     TeacherScores,
     Verify,
 )
@@ -35,6 +36,17 @@ class SourceConfig:
     find evidence\\nQuery: "); None: the model's (model.query_prefix)."""
     document_prefix: str | None = None
     """The same for this source's documents; None: the model's (model.document_prefix)."""
+    loss: SourceLoss = SourceLoss.contrastive
+    """The objective of this source's global batches (docs/training.md, "Per-source objectives"):
+    contrastive: InfoNCE over the gathered batch (the loss.* terms); cosent / angle: scored pairs (query = first
+    text, positive = second, each sample's `score`, e.g. STS data sharded with shard.format=sts), the CoSENT
+    ranking of every pair of the global batch by cosine (cosent) or by AnglE's angle similarity (angle);
+    mse: each text's embedding pulled to the teacher's stored with it (`query_embedding`, `positive_embedding`,
+    written by shard.embedding_fields); kl: the student's in-batch softmax over the gathered positives pulled to
+    the teacher's (from the same stored embeddings). Needs data.homogeneous_batches; every non-contrastive source
+    reads (query, positive) only (no hard negatives)."""
+    loss_weight: float = bounded(1.0, gt=0)
+    """Multiplies this source's loss (e.g. to balance a CoSENT source against a contrastive one)."""
 
     def __post_init__(self) -> None:
         check_fields(self, "data.sources[]")
@@ -155,6 +167,12 @@ class DataConfig:
         check_fields(self, "data")
         if self.batch_size_per_rank is None and self.global_batch_size is None:
             raise ValueError("data.batch_size_per_rank and data.global_batch_size are both null: set one of them")
+        for i, source in enumerate(self.sources):
+            if source.loss != SourceLoss.contrastive and not self.homogeneous_batches:
+                raise ValueError(
+                    f"data.sources[{i}].loss={source.loss.value} needs batches of one source: set "
+                    "data.homogeneous_batches=true (a global batch mixing objectives has no single loss)"
+                )
         if self.format is DataFormat.corpus and self.num_hard_negatives:
             raise ValueError(
                 f"data.format=corpus makes (query, positive) pairs only, but data.num_hard_negatives="
@@ -170,7 +188,8 @@ class ShardConfig:
     """Input files (jsonl/tsv/csv, optionally .gz) or directories (beir layout, hf save_to_disk),
     relative to data_root unless absolute; each is converted in parallel with the others."""
     format: ShardFormat = ShardFormat.jsonl
-    """jsonl, beir, tsv, csv or hf (a `datasets` save_to_disk directory)."""
+    """jsonl, beir, tsv, csv, hf (a `datasets` save_to_disk directory) or sts (a TSV with sentence1, sentence2,
+    score: scored pairs, e.g. STS-B train, for a source with loss cosent or angle)."""
     name: str | None = None
     """Dataset name: shard file prefix, the samples' `source` and key prefix. Default: the first input's stem."""
     output: str | None = None
@@ -184,6 +203,13 @@ class ShardConfig:
     negatives_field: str = "negatives"
     """Field holding the negatives (jsonl, hf: a string or a list); for tsv/csv, every column whose name starts
     with it."""
+    score_field: str | None = None
+    """Field or column holding each pair's gold score (a number), written as the sample's `score` (for a source with
+    loss cosent or angle); None: no score (shard.format=sts always writes its score column)."""
+    embedding_fields: list[str] = field(default_factory=list)
+    """jsonl, hf: the two fields holding a teacher's embeddings of the query and of the positive (lists of numbers,
+    as the trained model would output them: normalised if it normalises), written as query_embedding and
+    positive_embedding (for a source with loss mse or kl); empty: none."""
     target_mb: float = bounded(64.0, ge=0)
     """Close a shard before it exceeds this size (MB = 2**20 bytes). 0: no byte limit."""
     samples_per_shard: int = bounded(0, ge=0)
@@ -197,5 +223,14 @@ class ShardConfig:
         check_fields(self, "shard")
         if self.target_mb <= 0 and self.samples_per_shard <= 0:
             raise ValueError("shard.target_mb and shard.samples_per_shard are both 0: set a shard size")
+        if self.embedding_fields and len(self.embedding_fields) != 2:
+            raise ValueError(
+                f"shard.embedding_fields={list(self.embedding_fields)}: name two fields, the query's embedding and "
+                "the positive's"
+            )
+        if self.embedding_fields and self.format not in (ShardFormat.jsonl, ShardFormat.hf):
+            raise ValueError(
+                f"shard.embedding_fields needs shard.format=jsonl or hf (lists of numbers), not {self.format}"
+            )
         if self.name is not None and (not self.name or any(c in self.name for c in "./ ")):
             raise ValueError(f"shard.name={self.name!r} must be non-empty without '.', '/' or spaces")

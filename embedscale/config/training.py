@@ -55,6 +55,11 @@ class LossConfig:
     (teacher scores from data.teacher_scores, softmax at distill_temperature; student at loss.temperature)."""
     distill_temperature: float = bounded(1.0, gt=0)
     """Temperature of the teacher's softmax (cross-encoder logits: ~1; cosine scores: ~0.05)."""
+    cosent_scale: float = bounded(20.0, gt=0)
+    """CoSENT / AnglE sources (data.sources[].loss): the scale lambda of log(1 + sum exp(lambda (s_j - s_i))) over
+    the pairs (i, j) of the global batch whose gold scores order i above j (20, as the CoSENT and AnglE papers)."""
+    embedding_teacher_temperature: float = bounded(0.05, gt=0)
+    """kl sources: temperature of the teacher's in-batch softmax over its stored embeddings' cosines."""
     row_chunk_size: int = bounded(1024, ge=0)
     """Score at most this many of a rank's query rows at once (checkpointed): peak score memory is
     row_chunk_size x global candidates instead of local x global. 0 scores all local rows at once."""

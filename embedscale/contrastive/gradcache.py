@@ -169,7 +169,14 @@ def gradcache_step(
     neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
     guide = module.guide_embeddings(batch)  # once per step, no gradient
     loss, metrics = module.loss_from_embeddings(
-        q_BD, docs_XD[:B], neg_BkD, batch.ids, batch.in_batch_negatives, teacher_BG=batch.teacher_BG, guide=guide
+        q_BD,
+        docs_XD[:B],
+        neg_BkD,
+        batch.ids,
+        batch.in_batch_negatives,
+        teacher_BG=batch.teacher_BG,
+        guide=guide,
+        objective=batch.objective,
     )
     # the cache's backward: fills q_BD.grad, docs_XD.grad (the cache) and the temperature's gradient; unscaled
     driver.backward(module, loss, is_last=False, cache=True)

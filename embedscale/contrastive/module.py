@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from embedscale.config import GradCacheConfig, LossConfig, OptimConfig, TrainerConfig
 from embedscale.contrastive.gradcache import gradcache_step, split_tokens
 from embedscale.contrastive.guard import FiniteGuard
 from embedscale.contrastive.losses import Temperature, contrastive_loss, distillation_loss
+from embedscale.contrastive.objectives import angle_similarity, cosent_loss, embedding_kl_loss, embedding_mse_loss
 from embedscale.contrastive.optim import build_optimizer
-from embedscale.data.batch import PairBatch, TextIds
+from embedscale.data.batch import Objective, PairBatch, TextIds
 from embedscale.distributed import all_gather_no_grad, all_gather_with_grad, traffic_bytes, world
-from embedscale.encoder.biencoder import BiEncoder
+from embedscale.encoder.biencoder import BiEncoder, truncate
 from embedscale.strategy import StepDriver, driver_for
 
 
@@ -61,6 +63,8 @@ class ContrastiveModule(L.LightningModule):
         self.steps_this_run = 0
         """Training steps this process ran (a resumed run that ran none is reported: jobs/train.py)."""
         object.__setattr__(self, "guide", None)  # not a submodule: never trained, checkpointed or exported
+        self._logged_keys: set[str] = set()
+        """Metrics logged so far: a step whose objective has none of one logs it as NaN (mixtures of objectives)."""
 
     def set_guide(self, guide: BiEncoder | None) -> None:
         """The frozen guide embedder of loss.guide_model (or None), kept outside the module's parameters."""
@@ -73,7 +77,7 @@ class ContrastiveModule(L.LightningModule):
         """The guide's (queries (B, G), positives (B, G), negatives (B, k, G) or None) of this rank's batch, or None
         without a guide; in the chunks GradCache would use (gradcache.*), so that the guide's forward never holds
         more activations than the trained encoder's."""
-        if self.guide is None:
+        if self.guide is None or not batch.objective.contrastive:
             return None
         device = batch.queries["input_ids"].device
         if next(self.guide.parameters()).device != device:
@@ -144,6 +148,7 @@ class ContrastiveModule(L.LightningModule):
             batch.in_batch_negatives,
             teacher_BG=batch.teacher_BG,
             guide=self.guide_embeddings(batch),
+            objective=batch.objective,
         )
 
     def loss_from_embeddings(
@@ -156,9 +161,85 @@ class ContrastiveModule(L.LightningModule):
         *,
         teacher_BG: torch.Tensor | None = None,
         guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        objective: Objective | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Gather this rank's embeddings into the global batch and score the local query rows; with teacher
-        scores (and loss.distill_weight > 0) add the distillation term over each local row's own candidates."""
+        scores (and loss.distill_weight > 0) add the distillation term over each local row's own candidates.
+        `objective`: the batch's source objective (data.sources[].loss); None or contrastive: the above, else
+        `objective_loss`. Either way multiplied by the source's loss_weight."""
+        if objective is not None and not objective.contrastive:
+            return self.objective_loss(q_BD, pos_BD, objective)
+        loss, metrics = self._contrastive(q_BD, pos_BD, neg_BkD, ids, in_batch_negatives, teacher_BG, guide)
+        if objective is not None and objective.weight != 1.0:
+            loss = loss * objective.weight
+            metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def objective_loss(
+        self, q_BD: torch.Tensor, pos_BD: torch.Tensor, objective: Objective
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A non-contrastive source's loss (contrastive/objectives.py) over the global batch, at each Matryoshka
+        dimension (model.matryoshka_dims, weighted; mse compares full embeddings), times the source's weight.
+
+        CoSENT / AnglE: every rank gathers the pair similarities (N scalars, with gradient) and the gold scores and
+        computes the same global loss. KL: the local queries against the gathered positives. MSE: local rows. A
+        learnable temperature unused by the objective is kept in the graph (x 0) so that every strategy sees the
+        same parameters take part in every step."""
+        rank, _ = world()
+        B, cfg, kind = q_BD.shape[0], self.encoder.cfg, objective.loss
+        if kind == "mse":
+            loss, metrics = embedding_mse_loss(q_BD, pos_BD, objective.teacher_query_BT, objective.teacher_positive_BT)
+            loss = loss + 0.0 * self.temperature()
+        else:
+            dims = list(cfg.matryoshka_dims) or [None]
+            weights = list(cfg.matryoshka_weights) or [1.0] * len(dims)
+            if kind == "kl":
+                q_all = all_gather_with_grad(q_BD, "query embeddings")
+                pos_all = all_gather_with_grad(pos_BD, "positive embeddings")
+                t_q = all_gather_no_grad(objective.teacher_query_BT.to(q_BD.device), "teacher query embeddings")
+                t_pos = all_gather_no_grad(objective.teacher_positive_BT.to(q_BD.device), "teacher positive embeddings")
+            else:
+                scores_N = all_gather_no_grad(objective.scores_B.to(q_BD.device), "gold scores")
+            loss, metrics = 0.0, {}
+            for dim, weight in zip(dims, weights, strict=True):
+                cut = (lambda x: x) if dim is None else (lambda x, d=dim: truncate(x, d, normalize=cfg.normalize))
+                if kind == "kl":
+                    loss_d, metrics_d = embedding_kl_loss(
+                        cut(q_all),
+                        cut(pos_all),
+                        t_q,
+                        t_pos,
+                        local=slice(rank * B, rank * B + B),
+                        inverse_temperature=self.temperature(),
+                        teacher_temperature=self.loss_cfg.embedding_teacher_temperature,
+                    )
+                else:
+                    similarity = angle_similarity if kind == "angle" else F.cosine_similarity
+                    sim_N = all_gather_with_grad(similarity(cut(q_BD), cut(pos_BD)), "pair similarities")
+                    loss_d, metrics_d = cosent_loss(
+                        sim_N, scores_N, scale=self.loss_cfg.cosent_scale, row_chunk_size=self.loss_cfg.row_chunk_size
+                    )
+                    loss_d = loss_d + 0.0 * self.temperature()
+                loss = loss + weight * loss_d
+                if dim is not None:
+                    metrics[f"loss_dim{dim}"] = loss_d.detach()
+                if dim is None or dim == max(dims):
+                    metrics.update(metrics_d)
+        loss = loss * objective.weight
+        metrics[f"loss_{kind}"] = loss.detach()
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def _contrastive(
+        self,
+        q_BD: torch.Tensor,
+        pos_BD: torch.Tensor,
+        neg_BkD: torch.Tensor | None,
+        ids: TextIds,
+        in_batch_negatives: bool,
+        teacher_BG: torch.Tensor | None,
+        guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rank, _ = world()
         B = q_BD.shape[0]
         q_ND = all_gather_with_grad(q_BD, "query embeddings")
@@ -240,6 +321,9 @@ class ContrastiveModule(L.LightningModule):
             kinds = traffic if self.gradcache is not None else ("gathered",)  # else the backward runs after this
             for kind in kinds:
                 metrics[f"{kind}_MiB"] = torch.tensor((traffic_bytes()[kind] - traffic[kind]) / 2**20)
+        for key in self._logged_keys - metrics.keys():  # another source's objective logged it: not this step's value
+            metrics[key] = torch.tensor(float("nan"))  # (Lightning would repeat its last value)
+        self._logged_keys |= metrics.keys()
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, prog_bar=False, batch_size=batch.batch_size)
         self.log("loss", metrics["loss"], prog_bar=True, logger=False, batch_size=batch.batch_size)
         return loss

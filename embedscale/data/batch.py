@@ -33,6 +33,10 @@ class PairExample:
     """Stable sample key (source:line or query-id:doc-id), for provenance and exact resume."""
     teacher_scores: list[float] | None = None
     """Teacher scores of [positive, negatives...] (mined shards; data.teacher_scores), for distillation."""
+    score: float | None = None
+    """The gold score of a scored pair (STS-style data; a source with loss cosent or angle)."""
+    teacher_embeddings: tuple[list[float], list[float]] | None = None
+    """A teacher's embeddings of (query, positive), stored in the shards (a source with loss mse or kl)."""
 
 
 @dataclass
@@ -42,6 +46,25 @@ class TextIds:
     query_B: torch.Tensor  # (B,) int64
     positive_B: torch.Tensor  # (B,) int64
     negatives_Bk: torch.Tensor | None  # (B, k) int64
+
+
+@dataclass
+class Objective:
+    """What a global batch trains: its source's `data.sources[].loss` and `loss_weight`, and that loss's targets
+    (contrastive/objectives.py). The same on every rank (homogeneous batches)."""
+
+    loss: str = "contrastive"
+    weight: float = 1.0
+    scores_B: torch.Tensor | None = None
+    """(B,) gold scores (cosent, angle)."""
+    teacher_query_BT: torch.Tensor | None = None
+    """(B, T) the teacher's query embeddings (mse, kl)."""
+    teacher_positive_BT: torch.Tensor | None = None
+    """(B, T) the teacher's positive embeddings (mse, kl)."""
+
+    @property
+    def contrastive(self) -> bool:
+        return self.loss == "contrastive"
 
 
 @dataclass
@@ -63,6 +86,8 @@ class PairBatch:
     """False: each query is scored against its own positive and hard negatives only (a per-source switch)."""
     teacher_BG: torch.Tensor | None = None
     """(B, 1 + k) teacher scores of each row's positive and hard negatives (data.teacher_scores), or None."""
+    objective: Objective = field(default_factory=Objective)
+    """The loss this batch trains (its source's data.sources[].loss); contrastive unless a source says otherwise."""
 
     @property
     def batch_size(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from embedscale.config import ModelConfig
-from embedscale.data.batch import GroupBatch, PairBatch, PairExample, TextIds, text_id
+from embedscale.data.batch import GroupBatch, Objective, PairBatch, PairExample, TextIds, text_id
 from embedscale.encoder.tokenize import tokenize
 
 
@@ -32,10 +32,14 @@ class PairCollator:
         *,
         query_prefix: str | None | list[str | None] = None,
         document_prefix: str | None | list[str | None] = None,
+        num_hard_negatives: int | None = None,
+        loss: str = "contrastive",
+        loss_weight: float = 1.0,
     ) -> PairBatch:
         """Prefixes (the model's, or a source's instruction templates: one for the batch or one per
-        example, None meaning the model's), tokenisation, ids."""
-        k = self.num_hard_negatives
+        example, None meaning the model's), tokenisation, ids; a source's objective (`loss`, `loss_weight`) with
+        its targets (scores, teacher embeddings) and hard negatives per row (None: the collator's)."""
+        k = self.num_hard_negatives if num_hard_negatives is None else num_hard_negatives
         cfg = self.model_cfg
 
         def per_example(given, default: str) -> list[str]:
@@ -58,6 +62,7 @@ class PairCollator:
             else None,
         )
         return PairBatch(
+            objective=_objective(examples, loss, loss_weight),
             queries=self._tokenize([ex.query for ex in examples], q_prefix, cfg.query_max_length),
             documents=self._tokenize(
                 [ex.positive for ex in examples] + negatives,
@@ -71,6 +76,24 @@ class PairCollator:
             if examples and all(with_teacher)
             else None,
         )
+
+
+def _objective(examples: list[PairExample], loss: str, weight: float) -> Objective:
+    """The batch's Objective with the targets its loss needs, checked present in every example (the stream turns a
+    sample without them into a counted BadSample first, so a miss here is a caller's bug)."""
+    objective = Objective(str(loss), float(weight))
+    if loss in ("cosent", "angle"):
+        if any(ex.score is None for ex in examples):
+            raise ValueError(f"loss={loss} needs a gold score in every sample (a source of scored pairs)")
+        objective.scores_B = torch.tensor([float(ex.score) for ex in examples], dtype=torch.float32)
+    elif loss in ("mse", "kl"):
+        if any(ex.teacher_embeddings is None for ex in examples):
+            raise ValueError(f"loss={loss} needs the teacher's query_embedding and positive_embedding in every sample")
+        objective.teacher_query_BT = torch.tensor([ex.teacher_embeddings[0] for ex in examples], dtype=torch.float32)
+        objective.teacher_positive_BT = torch.tensor([ex.teacher_embeddings[1] for ex in examples], dtype=torch.float32)
+    elif loss != "contrastive":
+        raise ValueError(f"unknown loss {loss!r}: use contrastive, cosent, angle, mse or kl")
+    return objective
 
 
 class GroupCollator:
@@ -91,9 +114,25 @@ class GroupCollator:
                     "lower reranker.num_negatives or mine more negatives per query"
                 )
 
-    def __call__(self, examples: list[PairExample], *, query_prefix=None, document_prefix=None) -> GroupBatch:
-        # The prefixes are the bi-encoder stream's per-source templates; the reranker's sources carry none.
+    def __call__(
+        self,
+        examples: list[PairExample],
+        *,
+        query_prefix=None,
+        document_prefix=None,
+        num_hard_negatives: int | None = None,
+        loss: str = "contrastive",
+        loss_weight: float = 1.0,
+    ) -> GroupBatch:
+        # The prefixes, negatives per row and objective are the bi-encoder stream's per-source settings: the
+        # re-ranker's groups carry reranker.num_negatives and train listwise, whatever a source says.
         from embedscale.encoder.crossencoder import tokenize_pairs
+
+        if loss != "contrastive":
+            raise ValueError(
+                f"a source with loss={loss}: the re-ranker trains listwise on groups; data.sources[].loss is the "
+                "bi-encoder's (remove it from the re-ranker's sources)"
+            )
 
         self.check(examples)
         n = self.num_negatives

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from embedscale.config import ShardConfig
 from embedscale.data.records import Fields, pairs
-from embedscale.data.shards import FORMAT_VERSION, MANIFEST, SAMPLE_FIELDS, sha256_file, write_records
+from embedscale.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    OPTIONAL_FIELDS,
+    SAMPLE_FIELDS,
+    sha256_file,
+    write_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +125,14 @@ def _convert(job: tuple[ShardConfig, int, str, str, str]) -> dict:
     cfg, index, path, out_dir, name = job
     start = time.perf_counter()
     limits = dict(max_bytes=int(cfg.target_mb * 2**20), max_samples=cfg.samples_per_shard)
-    fields = Fields(cfg.query_field, cfg.positive_field, cfg.negatives_field, section="shard")
+    fields = Fields(
+        cfg.query_field,
+        cfg.positive_field,
+        cfg.negatives_field,
+        section="shard",
+        score=cfg.score_field,
+        embeddings=tuple(cfg.embedding_fields),
+    )
     records = pairs(str(cfg.format), Path(path), fields, split=cfg.split)
     result = write_records(records, Path(out_dir), name=name, file_index=index, **limits)
     if not result["samples"]:
@@ -145,7 +159,17 @@ def shard_inputs(cfg: ShardConfig, inputs: list[Path], out: Path, *, name: str) 
     negatives = [r["negatives"] for r in results if r["samples"]]
     k_range = (min(n[0] for n in negatives), max(n[1] for n in negatives)) if negatives else (0, 0)
     total = sum(r["samples"] for r in results)
-    manifest = new_manifest(name, shards, samples=total, negatives=k_range, created_by="shard")
+    optional = (["score"] if cfg.score_field or str(cfg.format) == "sts" else []) + (
+        ["query_embedding", "positive_embedding"] if cfg.embedding_fields else []
+    )
+    manifest = new_manifest(
+        name,
+        shards,
+        samples=total,
+        negatives=k_range,
+        created_by="shard",
+        extra_fields={f: OPTIONAL_FIELDS[f] for f in optional},
+    )
     manifest["sources"] = [r["source"] for r in results]
     manifest["params"] = {
         "format": str(cfg.format),
@@ -153,6 +177,8 @@ def shard_inputs(cfg: ShardConfig, inputs: list[Path], out: Path, *, name: str) 
         "query_field": cfg.query_field,
         "positive_field": cfg.positive_field,
         "negatives_field": cfg.negatives_field,
+        "score_field": cfg.score_field,
+        "embedding_fields": list(cfg.embedding_fields),
         "target_mb": cfg.target_mb,
         "samples_per_shard": cfg.samples_per_shard,
     }

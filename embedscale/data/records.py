@@ -42,6 +42,10 @@ class Fields:
     positive: str = "positive"
     negatives: str = "negatives"
     section: str = "data"
+    score: str | None = None
+    """The field holding a pair's gold score (a number), or None."""
+    embeddings: tuple[str, ...] = ()
+    """The two fields holding a teacher's embeddings of the query and the positive (lists of numbers), or ()."""
 
 
 def resolve_data_root(root: str | None) -> Path:
@@ -146,7 +150,32 @@ def pair_from_row(row: dict, where: str, fields: Fields, *, key: str, min_negati
             f"{fields.section}.num_hard_negatives={min_negatives}",
             "lower it or mine more negatives",
         )
-    return PairExample(row[fields.query], row[fields.positive], negatives, key=key)
+    example = PairExample(row[fields.query], row[fields.positive], negatives, key=key)
+    if fields.score is not None:
+        example.score = _number(row.get(fields.score), where, f"{fields.section}.score_field={fields.score!r}")
+    if fields.embeddings:
+        vectors = [_numbers(row.get(f), where, f"{fields.section}.embedding_fields: {f!r}") for f in fields.embeddings]
+        if len(vectors[0]) != len(vectors[1]):
+            raise RecordError(where, f"the two embeddings have {len(vectors[0])} and {len(vectors[1])} numbers")
+        example.teacher_embeddings = (vectors[0], vectors[1])
+    return example
+
+
+def _number(value, where: str, key: str) -> float:
+    """A finite number from a JSON number or a TSV/CSV cell."""
+    try:
+        number = float(value) if isinstance(value, int | float | str) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or number != number or number in (float("inf"), float("-inf")):
+        raise RecordError(where, f"{key} holds {value!r}, not a finite number", "fix the record or the field name")
+    return number
+
+
+def _numbers(value, where: str, key: str) -> list[float]:
+    if not isinstance(value, list) or not value:
+        raise RecordError(where, f"{key} holds {type(value).__name__}, not a list of numbers", "fix the field name")
+    return [_number(v, where, key) for v in value]
 
 
 def jsonl_pairs(path: Path, fields: Fields, *, min_negatives: int = 0) -> Iterator[PairExample]:
@@ -269,7 +298,7 @@ def beir_pairs(dataset_dir: Path, split: str) -> Iterator[PairExample]:
 
 
 def pairs(fmt: str, path: Path, fields: Fields, *, split: str = "train", min_negatives: int = 0):
-    """The pairs of one input in any format: jsonl, tsv, csv, beir or hf."""
+    """The pairs of one input in any format: jsonl, tsv, csv, beir, hf or sts (scored pairs)."""
     if not path.exists() and fmt != "jsonl":
         raise RecordError(path, "does not exist", f"check {fields.section}'s paths and the data root")
     if fmt == "jsonl":
@@ -282,7 +311,11 @@ def pairs(fmt: str, path: Path, fields: Fields, *, split: str = "train", min_neg
         return beir_pairs(path, split)
     if fmt == "hf":
         return hf_pairs(path, fields, split=split, min_negatives=min_negatives)
-    raise ValueError(f"unknown input format {fmt!r}: use jsonl, tsv, csv, beir or hf")
+    if fmt == "sts":
+        if min_negatives:
+            raise ValueError(f"{fields.section}.format=sts yields scored pairs only: set no hard negatives")
+        return sts_pairs(path)
+    raise ValueError(f"unknown input format {fmt!r}: use jsonl, tsv, csv, beir, hf or sts")
 
 
 # -- documents and sentence pairs ---------------------------------------------------------------------------------
@@ -340,9 +373,9 @@ def read_corpus_texts(path: Path, *, section: str = "mine.corpus") -> list[tuple
     return documents
 
 
-def read_sts(path: Path) -> tuple[list[str], list[str], list[float]]:
-    """STS TSV with header sentence1, sentence2, score (unquoted fields, split on tabs)."""
-    left, right, scores = [], [], []
+def sts_rows(path: Path) -> Iterator[tuple[int, str, str, float]]:
+    """(line, sentence1, sentence2, score) of an STS TSV with header sentence1, sentence2, score (unquoted fields,
+    split on tabs: STS text holds quotes that a CSV reader would take as quoting)."""
     lines = iter_lines(path)
     _, header_line = next(lines, (1, ""))
     header = header_line.rstrip("\n").split("\t")
@@ -354,10 +387,23 @@ def read_sts(path: Path) -> tuple[list[str], list[str], list[float]]:
         fields = line.rstrip("\n").split("\t")
         if len(fields) <= max(i1, i2, i3):
             raise RecordError(f"{path}:{line_no}", f"expected {len(header)} tab-separated fields")
-        left.append(fields[i1])
-        right.append(fields[i2])
         try:
-            scores.append(float(fields[i3]))
+            score = float(fields[i3])
         except ValueError as err:
             raise RecordError(f"{path}:{line_no}", f"score {fields[i3]!r} is not a number") from err
-    return left, right, scores
+        yield line_no, fields[i1], fields[i2], score
+
+
+def sts_pairs(path: Path) -> Iterator[PairExample]:
+    """Scored pairs of an STS TSV as training records: query = sentence1, positive = sentence2, their score."""
+    for line_no, left, right, score in sts_rows(path):
+        where = f"{path}:{line_no}"
+        if not left.strip() or not right.strip():
+            raise RecordError(where, "an empty sentence", "fix or remove that line")
+        yield PairExample(left, right, [], key=f"{path.name}:{line_no}", score=score)
+
+
+def read_sts(path: Path) -> tuple[list[str], list[str], list[float]]:
+    """STS TSV with header sentence1, sentence2, score, as three lists (evaluation)."""
+    rows = list(sts_rows(path))
+    return [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]

@@ -127,6 +127,10 @@ def write_records(records: Iterable[PairExample], out_dir: Path, *, name: str, f
             "source": name,
             "origin": rec.key,  # where the converter read it (file:line, query-id:doc-id)
         }
+        if rec.score is not None:
+            sample["score"] = rec.score
+        if rec.teacher_embeddings is not None:
+            sample["query_embedding"], sample["positive_embedding"] = map(list, rec.teacher_embeddings)
         writer.write(key, sample)
         count += 1
         k_min = len(rec.negatives) if k_min is None else min(k_min, len(rec.negatives))
@@ -141,6 +145,11 @@ SAMPLE_FIELDS = {
     "negatives": "list[str]",
     "source": "str",
     "origin": "str",
+}
+OPTIONAL_FIELDS = {  # written when the input has them (shard.score_field / format=sts, shard.embedding_fields)
+    "score": "float",
+    "query_embedding": "list[float]",
+    "positive_embedding": "list[float]",
 }
 
 

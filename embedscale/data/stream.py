@@ -48,6 +48,8 @@ SKIP_REASONS = (  # every BadSample.reason (data/shards.py, to_example below): c
     "empty or missing positive",
     "too few negatives",
     "missing teacher scores",
+    "missing score",
+    "missing teacher embeddings",
 )  # source choices are drawn in blocks of this many steps
 
 
@@ -134,8 +136,11 @@ TEACHER_FIELDS = {  # data.teacher_scores -> (positive's field, negatives' field
 }
 
 
-def to_example(row: dict | BadSample, num_hard_negatives: int, teacher: str | None = None) -> PairExample | BadSample:
-    """A decoded sample -> PairExample, or the BadSample saying what is wrong with it."""
+def to_example(
+    row: dict | BadSample, num_hard_negatives: int, teacher: str | None = None, loss: str = "contrastive"
+) -> PairExample | BadSample:
+    """A decoded sample -> PairExample, or the BadSample saying what is wrong with it. `loss`: the source's
+    objective (data.sources[].loss), whose targets the sample must hold (a score, the teacher's embeddings)."""
     if isinstance(row, BadSample):
         return row
     where = f"sample {row.get('key', '?')} of source {row.get('source', '?')}"
@@ -158,7 +163,32 @@ def to_example(row: dict | BadSample, num_hard_negatives: int, teacher: str | No
                 f"data.teacher_scores={teacher} needs {pos_field} and {num_hard_negatives} {neg_field} per sample "
                 "(mine with a cross-encoder for cross_encoder; random-fill negatives have none)",
             )
-    return PairExample(row["query"], row["positive"], list(negatives), key=row.get("key", ""), teacher_scores=scores)
+    example = PairExample(row["query"], row["positive"], list(negatives), key=row.get("key", ""), teacher_scores=scores)
+    if loss in ("cosent", "angle"):
+        score = row.get("score")
+        if not isinstance(score, int | float) or isinstance(score, bool) or score != score:
+            return BadSample(
+                "missing score",
+                where,
+                f"loss={loss} trains on scored pairs: shard the source with a score (shard.score_field, or "
+                "shard.format=sts)",
+            )
+        example.score = float(score)
+    elif loss in ("mse", "kl"):
+        embeddings = [row.get("query_embedding"), row.get("positive_embedding")]
+        if not all(_vector(e) for e in embeddings) or len(embeddings[0]) != len(embeddings[1]):
+            return BadSample(
+                "missing teacher embeddings",
+                where,
+                f"loss={loss} needs query_embedding and positive_embedding (equal-length lists of numbers) in every "
+                "sample: shard the source with shard.embedding_fields",
+            )
+        example.teacher_embeddings = (embeddings[0], embeddings[1])
+    return example
+
+
+def _vector(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int | float) for v in value)
 
 
 @dataclass
@@ -195,6 +225,14 @@ class Source:
     @property
     def document_prefix(self) -> str | None:
         return self.spec.document_prefix
+
+    @property
+    def loss(self) -> str:
+        return str(self.spec.loss)
+
+    def hard_negatives(self, k: int) -> int:
+        """Hard negatives per row this source's batches carry: the run's k, none for a non-contrastive objective."""
+        return k if self.loss == "contrastive" else 0
 
 
 @dataclass
@@ -234,11 +272,15 @@ class MixtureStream(torch.utils.data.IterableDataset):
         if not sources:
             raise ValueError("no data sources")
         if not homogeneous:
-            odd = [s.name for s in sources if s.global_batch_size or not s.in_batch_negatives]
+            odd = [
+                s.name
+                for s in sources
+                if s.global_batch_size or not s.in_batch_negatives or s.loss != "contrastive" or s.spec.loss_weight != 1
+            ]
             if odd:
                 raise ValueError(
                     f"data.homogeneous_batches=false mixes sources inside a batch: sources {odd} set their own "
-                    "global_batch_size or in_batch_negatives=false, which needs one source per batch"
+                    "global_batch_size, in_batch_negatives=false, loss or loss_weight, which needs one source per batch"
                 )
         self.homogeneous = homogeneous
         self.G = global_batch_size
@@ -346,7 +388,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
             a, z = max(lo, at), min(hi, at + n)  # this rank's part of source s's rows
             if a < z:
                 got = self.orders[s].read(cursors[s] + a - at, z - a, errors=errors)
-                rows += [to_example(r, self.k, self.teacher) for r in got]
+                src = self.sources[s]
+                teacher = self.teacher if src.loss == "contrastive" else None
+                rows += [to_example(r, src.hard_negatives(self.k), teacher, src.loss) for r in got]
                 owners += [s] * (z - a)
             at += n
         bad = [r for r in rows if isinstance(r, BadSample)]
@@ -376,10 +420,14 @@ class MixtureStream(torch.utils.data.IterableDataset):
                     yield examples
                 else:
                     srcs = [self.sources[s] for s in owners]
+                    first = srcs[0]  # a non-contrastive objective needs homogeneous batches: one source
                     batch = self.collate(
                         examples,
                         query_prefix=[src.query_prefix for src in srcs],
                         document_prefix=[src.document_prefix for src in srcs],
+                        num_hard_negatives=first.hard_negatives(self.k),
+                        loss=first.loss,
+                        loss_weight=first.spec.loss_weight,
                     )
                     batch.source, batch.skipped = name, skipped
                     batch.skip_notes = {reason: self.skip_notes[reason] for reason in skipped}
