@@ -211,6 +211,17 @@ def _sharded_equivalence(ctx, proc):
     assert out["checkpoint_shards"] == ["__0_0.distcp", "__1_0.distcp"]
 
 
+def _loss_equivalence(ctx, proc):
+    out = ctx.json("loss_equivalence_smoke")
+    assert [(r["case"], r["check"]) for r in out["rows"]] == [
+        ("margin guard 0.02", "W=2 vs 1"),
+        ("margin guard 0.02", "GradCache chunk 5 vs uncached"),
+    ]
+    assert all(r["max_rel_diff"] < 1e-10 and r["loss_abs_diff"] < 1e-10 for r in out["rows"]), out["rows"]
+    assert all(r["masked_per_query"]["margin_guard_masked"] > 0 for r in out["rows"]), out["rows"]
+    assert out["failures"] == [] and out["control_other_dropout_masks"]["max_rel_diff"] > 1e-3
+
+
 def _verify_cost(ctx, proc):
     out = ctx.json("verify_cost")
     assert out["dataset"]["pairs"] == 200 and out["dataset"]["shards"] == 4
@@ -268,6 +279,9 @@ CASES: dict[str, Case] = {
     "install_time": _help("--rounds"),
     "loader_throughput": Case("--workers 1 --batch 4 --batches 2", _loader_throughput),
     "local_loss_scale": Case("--n 8192 --world 64 --dim 8 --full-n 256", _local_loss_scale),
+    "loss_equivalence": Case(
+        "--worlds 2 --cases margin --chunks 5 --model {bert} --name loss_equivalence_smoke", _loss_equivalence
+    ),
     "metrics_vs_pytrec": Case("{run} --data-root {data}", _metrics_vs_pytrec),
     "nonfinite_cost": Case("--pairs 4 --repeats 2 --rounds 1 --steps 1 --threads 1 --model {bert}", _nonfinite_cost),
     "plain_overhead": Case(
