@@ -192,6 +192,15 @@ def _sweeps(ctx, proc):
     assert (ctx.tmp / "sweep.json").is_file()
 
 
+def _objective_quality(ctx, proc):
+    out = ctx.json("objective_quality_smoke")
+    assert [(c["row"], c["seed"]) for c in out["cells"]] == [("base", 1), ("cosent", 1)]
+    assert all(0 <= c["scifact/ndcg@10"] <= 1 and -1 <= c["stsb/spearman"] <= 1 for c in out["cells"])
+    assert [r["n"] for r in out["rows"][:2]] == [1, 1] and out["cells"][1]["steps"] == 2
+    again = subprocess.run(proc.args, capture_output=True, text=True, cwd=REPO, env=bench_env(ctx.tmp), timeout=TIMEOUT)
+    assert again.returncode == 0 and again.stdout.count("already in the results: skipped") == 2, again.stdout[-2000:]
+
+
 def _nonfinite_cost(ctx, proc):
     out = ctx.json("nonfinite_cost")
     assert len(out["rows"]) == 5 and all(r["ms"] > 0 for r in out["rows"])
@@ -319,6 +328,12 @@ CASES: dict[str, Case] = {
     ),
     "sharded_equivalence": Case(
         "--world 2 --batch 16 --chunk 4 --steps 2 --no-lora --name sharded_equivalence_smoke", _sharded_equivalence
+    ),
+    "objective_quality": Case(
+        "--rows base,cosent --seeds 1 --model {bert} --data-root {scifact} --sts-train {data}/sts/test.tsv "
+        "--sts-test {data}/sts/test.tsv --steps-per-epoch 2 --work {tmp}/oq --name objective_quality_smoke "
+        "--extra model.query_max_length=16;model.document_max_length=16;trainer.max_epochs=1;data.batch_size_per_rank=4",
+        _objective_quality,
     ),
     "verify_cost": Case("--rounds 1 --per-shard 50 --limit 200", _verify_cost),
     "sweeps": Case(f"--name sweeps_smoke {TINY_MODEL} data_root={{scifact}} sweep.output={{tmp}}/sweep.json", _sweeps),
