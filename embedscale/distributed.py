@@ -102,6 +102,19 @@ def any_rank(flag: bool, device: torch.device | None = None) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: int, device: torch.device | None = None) -> int:
+    """The largest `value` over all ranks (one small all-reduce; `value` itself on one rank): e.g. the common
+    token width that every rank pads its token matrices to before a gather."""
+    _, size = world()
+    if size == 1:
+        return int(value)
+    t = torch.tensor([float(value)], device=device or torch.device("cpu"))
+    if backend() == "nccl" and t.device.type != "cuda":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 HEARTBEAT = "embedscale/step/{rank}"
 
 

@@ -165,7 +165,12 @@ def export_model(
     """Write the encoder to `out_dir` for sentence-transformers and HF; returns the directory.
 
     LoRA adapters (model.lora_r) are merged into the encoder's weights first, in place: the export is a
-    plain model that needs no peft, and the encoder computes the same embeddings as before."""
+    plain model that needs no peft, and the encoder computes the same embeddings as before. A model.multivector
+    encoder is written for sentence-transformers' MultiVectorEncoder instead (embedscale/export_multivector.py)."""
+    if encoder.cfg.multivector:
+        from embedscale.export_multivector import export_multivector
+
+        return export_multivector(encoder, tokenizer, out_dir, metrics=metrics, config=config)
     out = Path(out_dir)
     encoder.merge_adapters()
     refuse_nonfinite(encoder, out)

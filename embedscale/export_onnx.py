@@ -81,6 +81,11 @@ def export_onnx(encoder: BiEncoder, tokenizer, out_dir: str | Path, cfg: OnnxCon
     import onnxruntime
 
     model_cfg = encoder.cfg
+    if model_cfg.multivector:
+        raise ValueError(
+            "model.multivector: the ONNX export writes one pooled vector per text; a multi-vector model's token "
+            "matrices are not exported to ONNX yet (its export is sentence-transformers' MultiVectorEncoder layout)"
+        )
     if model_cfg.pool_exclude_prefix:
         raise ValueError(
             "model.pool_exclude_prefix=true pools a different token set than the attention mask, which the ONNX "

@@ -65,6 +65,20 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass (transformers' gradient checkpointing,
     non-reentrant): activation memory of one layer instead of all, for ~30% more compute. Works with LoRA."""
+    multivector: bool = False
+    """ColBERT-style late interaction (docs/late_interaction.md): every token's state goes through a linear
+    projection to model.multivector_dim and is L2-normalised; a query scores a document by MaxSim (for each query
+    token its best document token, summed). model.pooling and model.normalize do not apply."""
+    multivector_dim: int = bounded(128, ge=1)
+    """multivector: the dimension of each token vector (ColBERT: 128)."""
+    query_augment_length: int | None = bounded(32, ge=1)
+    """multivector: pad every query to this many tokens with the tokenizer's mask token (ColBERT's query
+    augmentation: the expansion tokens are encoded and scored, a learned query expansion); needs right padding and
+    model.query_max_length <= it. null: queries keep their own length."""
+    attend_to_expansion_tokens: bool = False
+    """multivector: whether the other tokens attend to the expansion tokens (ColBERTv2 and PyLate: no)."""
+    skip_punctuation: bool = True
+    """multivector: document tokens made only of punctuation are encoded but not scored (ColBERT's skiplist)."""
     attn_implementation: str | None = None
     """The attention kernel, passed to transformers as `attn_implementation`: eager, sdpa, flash_attention_2, ...;
     None: transformers' default for the architecture (sdpa where supported). Not saved in the export."""
@@ -78,6 +92,20 @@ class ModelConfig:
                 f"model.pool_exclude_prefix=true needs model.pooling=mean or weighted_mean, got {self.pooling}: "
                 "set model.pool_exclude_prefix=false"
             )
+        if self.multivector:
+            if self.matryoshka_dims:
+                raise ValueError("model.multivector=true does not train Matryoshka dims: set model.matryoshka_dims=[]")
+            if self.query_augment_length is not None and self.query_max_length > self.query_augment_length:
+                raise ValueError(
+                    f"model.query_max_length={self.query_max_length} is above model.query_augment_length="
+                    f"{self.query_augment_length}: queries are padded to the augment length, so set "
+                    "model.query_max_length <= it (ColBERT: both 32), or model.query_augment_length=null"
+                )
+            if self.query_augment_length is not None and self.padding_side == PaddingSide.left:
+                raise ValueError(
+                    "model.query_augment_length appends expansion tokens after the query: it needs right padding "
+                    "(model.padding_side=right), or set model.query_augment_length=null"
+                )
         if any(not name for name in self.lora_target_modules):
             raise ValueError(f"model.lora_target_modules has an empty name: {list(self.lora_target_modules)}")
         if any(d < 1 for d in self.matryoshka_dims):

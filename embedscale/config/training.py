@@ -60,6 +60,18 @@ class LossConfig:
     the pairs (i, j) of the global batch whose gold scores order i above j (20, as the CoSENT and AnglE papers)."""
     embedding_teacher_temperature: float = bounded(0.05, gt=0)
     """kl sources: temperature of the teacher's in-batch softmax over its stored embeddings' cosines."""
+    maxsim_normalize: bool = True
+    """model.multivector: divide each MaxSim score by its query's number of scored tokens before the temperature
+    (a mean best-match cosine in [-1, 1]), so loss.temperature means what it means for one cosine; a query's
+    ranking does not change. false: raw sums (ColBERTv2 trains raw sums at temperature 1, which with 32-token
+    queries equals true at loss.temperature=1/32)."""
+    maxsim_row_chunk_size: int = bounded(32, ge=1)
+    """model.multivector: score at most this many of a rank's query rows at once (checkpointed)."""
+    maxsim_doc_chunk_size: int = bounded(128, ge=1)
+    """model.multivector: and each such row chunk against at most this many candidate documents at once. Peak score
+    memory: maxsim_row_chunk_size x maxsim_doc_chunk_size x query tokens x document tokens x 4 bytes (32 x 128 x
+    32 x 256 x 4 B = 128 MiB), plus the row chunk's argmax indices over all candidates (32 x C x 32 x 8 B);
+    never the full local x global x tokens x tokens tensor (docs/late_interaction.md)."""
     row_chunk_size: int = bounded(1024, ge=0)
     """Score at most this many of a rank's query rows at once (checkpointed): peak score memory is
     row_chunk_size x global candidates instead of local x global. 0 scores all local rows at once."""

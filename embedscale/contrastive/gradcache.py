@@ -68,6 +68,28 @@ class Chunk:
 
     rows_c: torch.Tensor
     tokens: dict[str, torch.Tensor]
+    cols_l: torch.Tensor | None = None
+    """The batch's columns the trimmed tokens kept (a multi-vector encoder's token matrices go back there)."""
+
+
+def in_batch_order(parts: list[torch.Tensor], chunks: list[Chunk], width: int | None = None) -> torch.Tensor:
+    """The chunks' outputs back in batch order: embeddings (c, D) -> (R, D); token matrices (c, l, D) -> (R, width,
+    D), each row's vectors back in the batch's columns (zeros in the columns a chunk trimmed away: padding).
+    A normal tensor, also from inference-mode parts."""
+    order_R = torch.cat([c.rows_c for c in chunks])
+    if parts[0].dim() == 2:
+        return torch.cat(parts)[torch.argsort(order_R)]
+    R, D = int(order_R.numel()), parts[0].shape[-1]
+    out_RLD = parts[0].new_zeros((R, width, D))
+    for part, chunk in zip(parts, chunks, strict=True):
+        out_RLD[chunk.rows_c[:, None], chunk.cols_l[None, :]] = part
+    return out_RLD
+
+
+def chunk_of(grad_R: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """A chunk's slice of a batch-order tensor (the cached gradient): its rows, and for token matrices its columns."""
+    part = grad_R[chunk.rows_c]
+    return part if part.dim() == 2 else part[:, chunk.cols_l]
 
 
 def split_tokens(
@@ -90,6 +112,8 @@ def split_tokens(
     if chunk_size <= 0 and token_budget <= 0:
         raise ValueError("split_tokens needs chunk_size > 0 or token_budget > 0")
     mask_RL = tokens["attention_mask"]
+    if "token_mask" in tokens:  # multi-vector: expansion tokens are scored but not attended to
+        mask_RL = mask_RL.bool() | tokens["token_mask"].bool()
     lengths_R = mask_RL.sum(dim=1)
     if sort_by_length or token_budget:
         order_R = torch.argsort(lengths_R, descending=True, stable=True)
@@ -110,8 +134,8 @@ def split_tokens(
     for group in groups:
         rows_c = torch.tensor(group, device=mask_RL.device)
         part = {k: v[rows_c] for k, v in tokens.items()}
-        keep_L = part["attention_mask"].any(dim=0)  # columns holding at least one real token
-        chunks.append(Chunk(rows_c, {k: v[:, keep_L] for k, v in part.items()}))
+        keep_L = mask_RL[rows_c].any(dim=0)  # columns holding at least one real (or scored) token
+        chunks.append(Chunk(rows_c, {k: v[:, keep_L] for k, v in part.items()}, keep_L.nonzero().view(-1)))
     return chunks
 
 
@@ -158,15 +182,12 @@ def gradcache_step(
         with no_grad():
             embeddings.append(encoder.encode(chunk.tokens, side=side))
 
-    def in_batch_order(parts: list[torch.Tensor], chunks: list[Chunk]) -> torch.Tensor:
-        order_R = torch.cat([c.rows_c for c in chunks])
-        return torch.cat(parts)[torch.argsort(order_R)]  # a normal tensor, also from inference-mode parts
-
     q_chunks = [c for _, c in jobs[:num_q]]
     d_chunks = [c for _, c in jobs[num_q:]]
-    q_BD = in_batch_order(embeddings[:num_q], q_chunks).requires_grad_(True)
-    docs_XD = in_batch_order(embeddings[num_q:], d_chunks).requires_grad_(True)  # (B * (1 + k), D)
-    neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
+    widths = batch.queries["input_ids"].shape[1], batch.documents["input_ids"].shape[1]
+    q_BD = in_batch_order(embeddings[:num_q], q_chunks, widths[0]).requires_grad_(True)  # (B, D) or (B, L, D)
+    docs_XD = in_batch_order(embeddings[num_q:], d_chunks, widths[1]).requires_grad_(True)  # (B * (1 + k), ...)
+    neg_BkD = docs_XD[B:].view(B, k, *docs_XD.shape[1:]) if k else None
     guide = module.guide_embeddings(batch)  # once per step, no gradient
     loss, metrics = module.loss_from_embeddings(
         q_BD,
@@ -177,6 +198,7 @@ def gradcache_step(
         teacher_BG=batch.teacher_BG,
         guide=guide,
         objective=batch.objective,
+        token_masks=batch.token_masks,
     )
     # the cache's backward: fills q_BD.grad, docs_XD.grad (the cache) and the temperature's gradient; unscaled
     driver.backward(module, loss, is_last=False, cache=True)
@@ -185,7 +207,7 @@ def gradcache_step(
         dtype = torch.promote_types(e_cD.dtype, torch.float32)  # fp32 at least (bf16 autocast), fp64 kept
         return (e_cD.to(dtype) * grad_cD.to(dtype)).sum()
 
-    cache = [q_BD.grad[c.rows_c] for c in q_chunks] + [docs_XD.grad[c.rows_c] for c in d_chunks]
+    cache = [chunk_of(q_BD.grad, c) for c in q_chunks] + [chunk_of(docs_XD.grad, c) for c in d_chunks]
     last = len(jobs) - 1 if kept != len(jobs) - 1 else len(jobs) - 2  # the last chunk re-encoded below
     driver.backward(module, surrogate(kept_cD, cache[kept]), is_last=len(jobs) == 1)  # frees the kept graph first
     del kept_cD

@@ -28,7 +28,7 @@ from embedscale.contrastive.losses import Temperature, contrastive_loss, distill
 from embedscale.contrastive.objectives import angle_similarity, cosent_loss, embedding_kl_loss, embedding_mse_loss
 from embedscale.contrastive.optim import build_optimizer
 from embedscale.data.batch import Objective, PairBatch, TextIds
-from embedscale.distributed import all_gather_no_grad, all_gather_with_grad, traffic_bytes, world
+from embedscale.distributed import all_gather_no_grad, all_gather_with_grad, max_over_ranks, traffic_bytes, world
 from embedscale.encoder.biencoder import BiEncoder, truncate
 from embedscale.strategy import StepDriver, driver_for
 
@@ -51,6 +51,8 @@ class ContrastiveModule(L.LightningModule):
         self.trainer_cfg = trainer_cfg
         self.automatic_optimization = self.gradcache is None
         self.encoder = encoder.train()  # from_pretrained returns eval mode: dropout must be on while training
+        if encoder.cfg.multivector:
+            _check_late_interaction(loss_cfg)
         self.loss_cfg = loss_cfg
         self.optim_cfg = optim_cfg
         self.temperature = Temperature(
@@ -138,8 +140,8 @@ class ContrastiveModule(L.LightningModule):
     def compute_loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B, k = batch.batch_size, batch.num_negatives_per_query
         q_BD = self.encoder.encode(batch.queries, side="query")
-        docs_XD = self.encoder.encode(batch.documents, side="document")  # (B * (1 + k), D)
-        neg_BkD = docs_XD[B:].view(B, k, -1) if k else None
+        docs_XD = self.encoder.encode(batch.documents, side="document")  # (B * (1 + k), D) or (.., M, D)
+        neg_BkD = docs_XD[B:].view(B, k, *docs_XD.shape[1:]) if k else None
         return self.loss_from_embeddings(
             q_BD,
             docs_XD[:B],
@@ -149,6 +151,7 @@ class ContrastiveModule(L.LightningModule):
             teacher_BG=batch.teacher_BG,
             guide=self.guide_embeddings(batch),
             objective=batch.objective,
+            token_masks=batch.token_masks,
         )
 
     def loss_from_embeddings(
@@ -162,14 +165,28 @@ class ContrastiveModule(L.LightningModule):
         teacher_BG: torch.Tensor | None = None,
         guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
         objective: Objective | None = None,
+        token_masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Gather this rank's embeddings into the global batch and score the local query rows; with teacher
         scores (and loss.distill_weight > 0) add the distillation term over each local row's own candidates.
         `objective`: the batch's source objective (data.sources[].loss); None or contrastive: the above, else
-        `objective_loss`. Either way multiplied by the source's loss_weight."""
+        `objective_loss`. Either way multiplied by the source's loss_weight. model.multivector: the embeddings
+        are token matrices (B, L, D), (B, M, D), (B, k, M, D) with `token_masks` (queries (B, L), documents
+        (B * (1 + k), M)), scored by MaxSim (`late_interaction_loss`)."""
         if objective is not None and not objective.contrastive:
+            if self.encoder.cfg.multivector:
+                raise ValueError(
+                    f"data.sources[].loss={objective.loss}: a model.multivector model trains contrastive sources only"
+                )
             return self.objective_loss(q_BD, pos_BD, objective)
-        loss, metrics = self._contrastive(q_BD, pos_BD, neg_BkD, ids, in_batch_negatives, teacher_BG, guide)
+        if self.encoder.cfg.multivector:
+            if token_masks is None:
+                raise ValueError("model.multivector: loss_from_embeddings needs the batch's token_masks")
+            loss, metrics = self.late_interaction_loss(
+                q_BD, pos_BD, neg_BkD, token_masks, ids, in_batch_negatives, teacher_BG
+            )
+        else:
+            loss, metrics = self._contrastive(q_BD, pos_BD, neg_BkD, ids, in_batch_negatives, teacher_BG, guide)
         if objective is not None and objective.weight != 1.0:
             loss = loss * objective.weight
             metrics["loss"] = loss.detach()
@@ -230,6 +247,82 @@ class ContrastiveModule(L.LightningModule):
         metrics["loss"] = loss.detach()
         return loss, metrics
 
+    def late_interaction_loss(
+        self,
+        q_BLD: torch.Tensor,
+        pos_BMD: torch.Tensor,
+        neg_BkMD: torch.Tensor | None,
+        token_masks: tuple[torch.Tensor, torch.Tensor],
+        ids: TextIds,
+        in_batch_negatives: bool,
+        teacher_BG: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """ColBERT's loss over the global batch (contrastive/maxsim.py): every rank pads its token matrices to the
+        widest of all ranks, gathers them with gradient (their masks without), and scores its own query rows by
+        MaxSim against every gathered positive and hard negative, in (maxsim_row_chunk_size x
+        maxsim_doc_chunk_size) blocks; plus distillation to teacher scores over each row's own candidates."""
+        from embedscale.contrastive.maxsim import maxsim_distillation_loss, maxsim_loss
+
+        rank, _ = world()
+        B, k = q_BLD.shape[0], 0 if neg_BkMD is None else neg_BkMD.shape[1]
+        q_mask_BL, docs_mask_XM = token_masks
+        q_mask_BL, docs_mask_XM = q_mask_BL.to(q_BLD.device).bool(), docs_mask_XM.to(q_BLD.device).bool()
+        pos_mask_BM = docs_mask_XM[:B]
+        neg_mask_BkM = docs_mask_XM[B:].view(B, k, -1) if k else None
+        L, M = max_over_ranks(q_BLD.shape[1]), max_over_ranks(pos_BMD.shape[1])  # one width for every rank's
+        q_BLD, q_mask_BL = _pad_tokens(q_BLD, q_mask_BL, L)
+        pos_BMD, pos_mask_BM = _pad_tokens(pos_BMD, pos_mask_BM, M)
+        if k:
+            neg_BkMD, neg_mask_BkM = _pad_tokens(neg_BkMD, neg_mask_BkM, M)
+        q_NLD = all_gather_with_grad(q_BLD, "query token matrices")
+        pos_NMD = all_gather_with_grad(pos_BMD, "positive token matrices")
+        neg_NkMD = _gather_columns(neg_BkMD, all_gather_with_grad, "negative token matrices") if k else None
+        q_mask_NL = all_gather_no_grad(q_mask_BL, "query token masks")
+        pos_mask_NM = all_gather_no_grad(pos_mask_BM, "positive token masks")
+        neg_mask_NkM = _gather_columns(neg_mask_BkM, all_gather_no_grad, "negative token masks") if k else None
+        loss, metrics = maxsim_loss(
+            q_NLD,
+            q_mask_NL,
+            pos_NMD,
+            pos_mask_NM,
+            neg_NkMD,
+            neg_mask_NkM,
+            inverse_temperature=self.temperature(),
+            local=slice(rank * B, rank * B + B),
+            ids=self._gathered_ids(ids),
+            row_chunk_size=self.loss_cfg.maxsim_row_chunk_size,
+            doc_chunk_size=self.loss_cfg.maxsim_doc_chunk_size,
+            in_batch_negatives=in_batch_negatives,
+            normalize=self.loss_cfg.maxsim_normalize,
+        )
+        if teacher_BG is not None and self.loss_cfg.distill_weight > 0 and k:
+            kl, distill = maxsim_distillation_loss(
+                q_BLD,
+                q_mask_BL,
+                pos_BMD,
+                pos_mask_BM,
+                neg_BkMD,
+                neg_mask_BkM,
+                teacher_BG,
+                inverse_temperature=self.temperature(),
+                teacher_temperature=self.loss_cfg.distill_temperature,
+                normalize=self.loss_cfg.maxsim_normalize,
+            )
+            loss = loss + self.loss_cfg.distill_weight * kl
+            metrics.update(distill)
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def _gathered_ids(self, ids: TextIds) -> TextIds | None:
+        """The global batch's content ids (duplicate masking), or None with loss.mask_duplicates off."""
+        if not self.loss_cfg.mask_duplicates:
+            return None
+        return TextIds(
+            all_gather_no_grad(ids.query_B, "query ids"),
+            all_gather_no_grad(ids.positive_B, "positive ids"),
+            None if ids.negatives_Bk is None else all_gather_no_grad(ids.negatives_Bk, "negative ids"),
+        )
+
     def _contrastive(
         self,
         q_BD: torch.Tensor,
@@ -245,13 +338,7 @@ class ContrastiveModule(L.LightningModule):
         q_ND = all_gather_with_grad(q_BD, "query embeddings")
         pos_ND = all_gather_with_grad(pos_BD, "positive embeddings")
         neg_NkD = None if neg_BkD is None else _gather_columns(neg_BkD, all_gather_with_grad, "negative")
-        gathered_ids = None
-        if self.loss_cfg.mask_duplicates:
-            gathered_ids = TextIds(
-                all_gather_no_grad(ids.query_B, "query ids"),
-                all_gather_no_grad(ids.positive_B, "positive ids"),
-                None if ids.negatives_Bk is None else all_gather_no_grad(ids.negatives_Bk, "negative ids"),
-            )
+        gathered_ids = self._gathered_ids(ids)
         guide_all = None
         if guide is not None:  # the guide's view of the global batch, gathered like the embeddings (no gradient)
             g_q, g_pos, g_neg = guide
@@ -337,6 +424,30 @@ class ContrastiveModule(L.LightningModule):
             temperature=temperature,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _pad_tokens(x_BLD: torch.Tensor, mask_BL: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token matrices (and their masks) padded with unscored zero vectors to `width` tokens (dim -2 / -1)."""
+    extra = width - x_BLD.shape[-2]
+    if extra == 0:
+        return x_BLD, mask_BL
+    return F.pad(x_BLD, (0, 0, 0, extra)), F.pad(mask_BL, (0, extra), value=False)
+
+
+def _check_late_interaction(loss_cfg: LossConfig) -> None:
+    """ValueError naming each loss.* setting a model.multivector model does not train with."""
+    unsupported = {
+        "loss.symmetric_weight": loss_cfg.symmetric_weight > 0,
+        "loss.query_query": loss_cfg.query_query,
+        "loss.document_document": loss_cfg.document_document,
+        "loss.margin_guard": loss_cfg.margin_guard is not None,
+        "loss.guide_model": loss_cfg.guide_model is not None,
+    }
+    on = [key for key, value in unsupported.items() if value]
+    if on:
+        raise ValueError(
+            f"model.multivector=true scores queries against documents by MaxSim only: unset {', '.join(on)}"
+        )
 
 
 def _gather_columns(x_BkX: torch.Tensor, gather, name: str) -> torch.Tensor:

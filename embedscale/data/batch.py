@@ -93,6 +93,14 @@ class PairBatch:
     def batch_size(self) -> int:
         return int(self.ids.query_B.shape[0])
 
+    @property
+    def token_masks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(queries (B, L), documents (B * (1 + k), M)) token masks of a multi-vector batch (1 = scored by MaxSim;
+        embedscale/encoder/tokenize.py), or None for a single-vector batch."""
+        if "token_mask" not in self.queries:
+            return None
+        return self.queries["token_mask"], self.documents["token_mask"]
+
 
 @dataclass
 class GroupBatch:

@@ -22,9 +22,9 @@ class PairCollator:
         self.model_cfg = model_cfg
         self.num_hard_negatives = num_hard_negatives
 
-    def _tokenize(self, texts: list[str], prefixes: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        # The same function as encoding at evaluation (EOS, prefix exclusion): the two cannot diverge.
-        return tokenize(self.tokenizer, texts, prefixes=prefixes, max_length=max_length, cfg=self.model_cfg)
+    def _tokenize(self, texts: list[str], prefixes: list[str], max_length: int, side: str) -> dict[str, torch.Tensor]:
+        # The same function as encoding at evaluation (EOS, prefix exclusion, multi-vector masks): they cannot diverge.
+        return tokenize(self.tokenizer, texts, prefixes=prefixes, max_length=max_length, cfg=self.model_cfg, side=side)
 
     def __call__(
         self,
@@ -63,11 +63,12 @@ class PairCollator:
         )
         return PairBatch(
             objective=_objective(examples, loss, loss_weight),
-            queries=self._tokenize([ex.query for ex in examples], q_prefix, cfg.query_max_length),
+            queries=self._tokenize([ex.query for ex in examples], q_prefix, cfg.query_max_length, "query"),
             documents=self._tokenize(
                 [ex.positive for ex in examples] + negatives,
                 d_prefix + [d_prefix[i] for i, ex in enumerate(examples) for _ in ex.negatives[:k]],
                 cfg.document_max_length,
+                "document",
             ),
             ids=ids,
             num_negatives_per_query=k,

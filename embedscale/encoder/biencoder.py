@@ -149,6 +149,17 @@ class BiEncoder(nn.Module):
         self.query_backbone = query_backbone
         # Separate towers register a second module; shared towers alias the same one.
         self.document_backbone = document_backbone if document_backbone is not None else query_backbone
+        if cfg.multivector:  # ColBERT's linear layer (no bias), one per tower
+            hidden = query_backbone.config.hidden_size
+            self.query_projection = nn.Linear(hidden, cfg.multivector_dim, bias=False)
+            self.document_projection = self.query_projection if self.shared else copy.deepcopy(self.query_projection)
+            dtype = next(query_backbone.parameters()).dtype  # the backbone's (model.torch_dtype)
+            self.query_projection.to(dtype)
+            self.document_projection.to(dtype)
+
+    @property
+    def multivector(self) -> bool:
+        return self.cfg.multivector
 
     @property
     def shared(self) -> bool:
@@ -161,9 +172,17 @@ class BiEncoder(nn.Module):
 
     def encode(self, tokens: dict[str, torch.Tensor], *, side: str) -> torch.Tensor:
         """Tokenised texts (`tokenize`) -> embeddings (B, D), normalised if the config says so. A `pool_mask`
-        (model.pool_exclude_prefix) selects the pooled tokens; attention still covers the whole text."""
+        (model.pool_exclude_prefix) selects the pooled tokens; attention still covers the whole text.
+        model.multivector: token matrices (B, L, D) instead, each token projected and L2-normalised, zero where
+        `token_mask` is 0 (padding, skipped punctuation): what MaxSim scores."""
         m_BL = tokens["attention_mask"]
         h_BLH = self.backbone(side)(input_ids=tokens["input_ids"], attention_mask=m_BL).last_hidden_state
+        if self.cfg.multivector:
+            if "token_mask" not in tokens:
+                raise ValueError("model.multivector: tokens need a token_mask (tokenize(..., side=...) adds it)")
+            projection = self.query_projection if side == "query" else self.document_projection
+            e_BLD = F.normalize(projection(h_BLH), dim=-1)
+            return e_BLD * tokens["token_mask"].unsqueeze(-1).to(e_BLD.dtype)
         e_BD = pool(h_BLH, tokens.get("pool_mask", m_BL), self.cfg.pooling)
         return F.normalize(e_BD, dim=-1) if self.cfg.normalize else e_BD
 
@@ -185,8 +204,15 @@ class BiEncoder(nn.Module):
         decoder = (cfg.append_eos, cfg.pool_exclude_prefix, cfg.bidirectional)
         if decoder != (None, False, False):  # only then, so that the keys of existing caches stay valid
             settings += decoder
+        if cfg.multivector:
+            settings += (cfg.multivector_dim, cfg.query_augment_length, cfg.attend_to_expansion_tokens)
+            settings += (cfg.skip_punctuation,)
         h.update(repr(settings).encode())
-        for name, tensor in sorted(self.backbone(side).state_dict().items()):
+        state = dict(self.backbone(side).state_dict())
+        if cfg.multivector:
+            projection = self.query_projection if side == "query" else self.document_projection
+            state.update({f"projection.{k}": v for k, v in projection.state_dict().items()})
+        for name, tensor in sorted(state.items()):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:32]
@@ -225,6 +251,11 @@ def encode_texts(
     256 tokens this is ~25% faster than input order); the order is restored afterwards.
     """
     cfg = encoder.cfg
+    if cfg.multivector:
+        raise ValueError(
+            "encode_texts returns one vector per text; a model.multivector model encodes token matrices "
+            "(embedscale/retrieval/late_interaction.py)"
+        )
     if prefix is None:
         prefix = cfg.query_prefix if side == "query" else cfg.document_prefix
     if max_length is None:
@@ -281,9 +312,23 @@ def check_lengths(backbone: nn.Module, lengths: dict[str, int | None]) -> None:
             )
 
 
+MULTIVECTOR_KEYS = {
+    "multivector",
+    "multivector_dim",
+    "query_augment_length",
+    "attend_to_expansion_tokens",
+    "skip_punctuation",
+}
+
+
 def restore_model_config(cfg: ModelConfig, recorded: dict) -> ModelConfig:
-    """`cfg` with the settings an export recorded (its embedscale.json "model"), except NOT_RESTORED."""
+    """`cfg` with the settings an export recorded (its embedscale.json "model"), except NOT_RESTORED. A multi-vector
+    run started from a single-vector export keeps its own multi-vector settings and query length (the export's
+    backbone, a fresh projection): a bi-encoder export must not switch late interaction off."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - NOT_RESTORED
+    if cfg.multivector and not recorded.get("multivector", False):
+        fields -= MULTIVECTOR_KEYS | {"query_max_length"}  # a ColBERT query's length belongs to its augmentation
+        log.info("model.multivector from the single-vector export %s: its backbone, a new projection", cfg.name_or_path)
     kept = {k: v for k, v in recorded.items() if k in fields}
     if "pooling" in kept:
         kept["pooling"] = Pooling(kept["pooling"])
@@ -313,7 +358,23 @@ def load_encoder(cfg: ModelConfig) -> tuple[BiEncoder, object]:
     query = adapt_backbone(query, cfg)  # bidirectional attention, gradient checkpointing, LoRA
     document = adapt_backbone(document, cfg) if document is not None else None
     tokenizer = load_tokenizer(tokenizer_path, cfg)
-    return BiEncoder(query, document, cfg), tokenizer
+    encoder = BiEncoder(query, document, cfg)
+    if cfg.multivector and overrides:
+        load_projections(encoder, path)
+    return encoder, tokenizer
+
+
+def load_projections(encoder: BiEncoder, path: str) -> None:
+    """A multi-vector export's projection weights into `encoder`: its embedscale.json "projection" names each side's
+    safetensors file (the sentence-transformers Dense module's, key linear.weight; embedscale/export_multivector.py).
+    An export without it (a single-vector one) leaves the freshly initialised projection."""
+    from safetensors.torch import load_file
+
+    files = json.loads((Path(path) / EXPORT_META).read_text()).get("projection", {})
+    for side, file in files.items():
+        projection = encoder.query_projection if side == "query" else encoder.document_projection
+        with torch.no_grad():
+            projection.weight.copy_(load_file(os.path.join(path, file))["linear.weight"])
 
 
 def load_guide(cfg: ModelConfig, name_or_path: str, tokenizer) -> BiEncoder:

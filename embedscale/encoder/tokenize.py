@@ -65,16 +65,90 @@ def tokenize(
     prefixes: str | list[str],
     max_length: int,
     cfg: ModelConfig,
+    side: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prefix + text -> padded tensors: input_ids and attention_mask (B, L), plus pool_mask (B, L) with
-    model.pool_exclude_prefix (1 = pooled).
+    model.pool_exclude_prefix (1 = pooled), and token_mask (B, L) with model.multivector (1 = scored by MaxSim;
+    `late_interaction_tokens`).
 
     Args:
         texts: the texts, without their prefix.
         prefixes: one prefix for every text, or one per text (instructions differ per source).
         max_length: token budget per text, prefix, special tokens and the appended EOS included.
-        cfg: the model config (append_eos, pool_exclude_prefix, pooling).
+        cfg: the model config (append_eos, pool_exclude_prefix, pooling, multivector).
+        side: "query" or "document": needed with model.multivector (queries are augmented, documents skip
+            punctuation).
     """
+    tokens = _tokenize(tokenizer, texts, prefixes=prefixes, max_length=max_length, cfg=cfg)
+    if not cfg.multivector:
+        return tokens
+    if side not in ("query", "document"):
+        raise ValueError(f"tokenize: model.multivector needs side='query' or 'document', got {side!r}")
+    return late_interaction_tokens(tokens, tokenizer, cfg, side)
+
+
+def late_interaction_tokens(tokens: dict[str, torch.Tensor], tokenizer, cfg: ModelConfig, side: str):
+    """Add the multi-vector token_mask (1 = scored) to tokenised texts, ColBERT's way.
+
+    Queries (model.query_augment_length = A): every row is padded to A tokens with the tokenizer's mask token (its
+    pad token if it has none); the expansion tokens are encoded and scored, and attended to only with
+    model.attend_to_expansion_tokens. Documents (model.skip_punctuation): tokens made only of punctuation are
+    attended to but not scored."""
+    ids_BL, mask_BL = tokens["input_ids"], tokens["attention_mask"]
+    if side == "query":
+        A = cfg.query_augment_length
+        if A is None:
+            return {**tokens, "token_mask": mask_BL.clone()}
+        if tokenizer.padding_side == "left":
+            raise ValueError(
+                "model.query_augment_length appends expansion tokens after the query: it needs right padding "
+                "(model.padding_side=right), or set model.query_augment_length=null"
+            )
+        B, L = ids_BL.shape
+        fill = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.pad_token_id
+        ids_BA = torch.full((B, max(A, L)), fill, dtype=ids_BL.dtype)
+        attention_BA = torch.zeros((B, max(A, L)), dtype=mask_BL.dtype)
+        ids_BA[:, :L] = torch.where(mask_BL.bool(), ids_BL, torch.full_like(ids_BL, fill))
+        attention_BA[:, :L] = mask_BL
+        if cfg.attend_to_expansion_tokens:
+            attention_BA[:] = 1
+        return {"input_ids": ids_BA, "attention_mask": attention_BA, "token_mask": torch.ones_like(attention_BA)}
+    scored_BL = mask_BL.clone()
+    if cfg.skip_punctuation:
+        scored_BL = scored_BL * ~torch.isin(ids_BL, punctuation_ids(tokenizer))
+    return {**tokens, "token_mask": scored_BL}
+
+
+_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def punctuation_ids(tokenizer) -> torch.Tensor:
+    """Ids of the vocabulary's tokens made only of ASCII punctuation (word-piece markers ##, \u0120, \u2581
+    stripped), computed once per tokenizer."""
+    cached = getattr(tokenizer, "_embedscale_punctuation_ids", None)
+    if cached is not None:
+        return cached
+    ids = []
+    for token, i in tokenizer.get_vocab().items():
+        core = token.removeprefix("##").lstrip("\u0120\u2581")
+        if core and all(ch in _PUNCTUATION for ch in core):
+            ids.append(i)
+    cached = torch.tensor(sorted(ids), dtype=torch.long)
+    try:
+        tokenizer._embedscale_punctuation_ids = cached
+    except AttributeError:  # a tokenizer that refuses attributes: recomputed each call
+        pass
+    return cached
+
+
+def _tokenize(
+    tokenizer,
+    texts: list[str],
+    *,
+    prefixes: str | list[str],
+    max_length: int,
+    cfg: ModelConfig,
+) -> dict[str, torch.Tensor]:
     prefixes = prefixes if isinstance(prefixes, list) else [prefixes] * len(texts)
     if len(prefixes) != len(texts):
         raise ValueError(f"tokenize: {len(prefixes)} prefixes for {len(texts)} texts")

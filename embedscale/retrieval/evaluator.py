@@ -77,6 +77,35 @@ class RetrievalEvaluator:
             log.warning("%s (eval.missing_documents=warn: their judgments are kept, as trec_eval counts them)", message)
         return cls(name or dataset_dir.name, queries, corpus, qrels, **kwargs)
 
+    def late_interaction_run(self, encoder: BiEncoder, tokenizer) -> tuple[dict[str, dict[str, float]], float]:
+        """A multi-vector model's run by exact MaxSim search (retrieval/late_interaction.py), and the index's
+        bytes per document. Computed whole on every rank that calls it (no collectives; not sharded yet)."""
+        from embedscale.retrieval.late_interaction import encode_token_matrices, maxsim_search
+
+        doc_ids, qids = list(self.corpus), list(self.queries)
+        docs = encode_token_matrices(
+            encoder,
+            tokenizer,
+            [self.corpus[i] for i in doc_ids],
+            side="document",
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+        )
+        queries = encode_token_matrices(  # at the model's query length: the augmentation pads to it
+            encoder,
+            tokenizer,
+            [self.queries[q] for q in qids],
+            side="query",
+            batch_size=self.batch_size,
+            prefix=self.query_prefix,
+        )
+        scores_QK, idx_QK = maxsim_search(queries, docs, max(self.k_values))
+        run = {
+            qid: {doc_ids[j]: float(s) for s, j in zip(scores_QK[row].tolist(), idx_QK[row].tolist())}
+            for row, qid in enumerate(qids)
+        }
+        return run, docs.bytes_per_text
+
     def _corpus_embeddings(self, encoder: BiEncoder, tokenizer) -> torch.Tensor:
         ids = list(self.corpus)
         return encode_corpus(
@@ -93,6 +122,11 @@ class RetrievalEvaluator:
         """(queries (Q, D) in `self.queries` order, corpus (N, D) in `self.corpus` order); the corpus from
         the cache when this model encoded it before. Sweeps (retrieval/quantize.py) call it once and
         truncate or quantise the result, instead of searching once per setting."""
+        if encoder.cfg.multivector:
+            raise ValueError(
+                "a model.multivector model has token matrices, not one embedding per text: its evaluation is "
+                "exact MaxSim search (RetrievalEvaluator.__call__); sweeps and single-vector indexes do not apply"
+            )
         qids = list(self.queries)
         docs_ND = self._corpus_embeddings(encoder, tokenizer)
         q_QD = encode_sharded(
@@ -129,7 +163,15 @@ class RetrievalEvaluator:
 
     def __call__(self, encoder: BiEncoder, tokenizer, *, run_path: Path | None = None) -> dict[str, float]:
         """Metrics of this set. Every rank of a process group must call it (encoding is sharded); the
-        metrics are computed once, on rank 0, and broadcast; rank 0 writes the run file."""
+        metrics are computed once, on rank 0, and broadcast; rank 0 writes the run file. A multi-vector model:
+        exact MaxSim search on every rank (not sharded), plus `<name>/index_bytes_per_doc`."""
+        if encoder.cfg.multivector:
+            run, per_doc = self.late_interaction_run(encoder, tokenizer)
+            if world()[0] == 0 and run_path is not None:
+                run_path.parent.mkdir(parents=True, exist_ok=True)
+                run_path.write_text(json.dumps(run))
+            metrics = {f"{self.name}/{k}": v for k, v in retrieval_metrics(run, self.qrels, self.k_values).items()}
+            return {**metrics, f"{self.name}/index_bytes_per_doc": per_doc}
         q_QD, docs_ND = self.embeddings(encoder, tokenizer)  # every rank: the encoding is sharded
         metrics = None
         if world()[0] == 0:  # the search and the metrics once
@@ -160,6 +202,13 @@ class STSEvaluator:
         """Spearman (x100 is what papers print; we keep [-1, 1]) of cosine similarity vs the gold scores."""
         from scipy.stats import spearmanr
 
+        if encoder.cfg.multivector:  # symmetric mean MaxSim, computed on every rank (retrieval/late_interaction.py)
+            from embedscale.retrieval.late_interaction import sts_scores
+
+            similarity = sts_scores(
+                encoder, tokenizer, self.left, self.right, batch_size=self.batch_size, max_length=self.max_length
+            )
+            return {f"{self.name}/spearman": float(spearmanr(similarity, self.scores).statistic)}
         kwargs = dict(side="query", batch_size=self.batch_size, max_length=self.max_length, prefix=self.query_prefix)
         a_ND = torch.nn.functional.normalize(encode_sharded(encoder, tokenizer, self.left, **kwargs), dim=-1)
         b_ND = torch.nn.functional.normalize(encode_sharded(encoder, tokenizer, self.right, **kwargs), dim=-1)
