@@ -273,3 +273,57 @@ def test_a_colbert_run_can_start_from_a_bi_encoder_export_and_its_export_reloads
     again, _ = load_encoder(ModelConfig(name_or_path=str(tmp_path / "colbert")))  # settings from the export
     assert again.cfg.multivector and again.cfg.multivector_dim == 12 and again.cfg.query_augment_length == 8
     torch.testing.assert_close(again.query_projection.weight, colbert.query_projection.weight)
+
+
+@pytest.mark.slow  # starts ranks (3 training runs)
+def test_colbert_under_fsdp2_and_zero3_with_gradcache_trains_to_ddp_s_weights(tiny_bert_nodrop, tiny_data, tmp_path):
+    """model.multivector under every strategy: FSDP2 + GradCache and DeepSpeed ZeRO-3 + GradCache, 2 gloo ranks,
+    3 steps with hard negatives, train to the weights ddp does (backbone and projection, read from the exports)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = [
+        f"model.name_or_path={tiny_bert_nodrop}",
+        "model.multivector=true",
+        "model.multivector_dim=16",
+        "model.query_max_length=8",
+        "model.query_augment_length=8",
+        "model.document_max_length=24",
+        f"data.root={tiny_data}",
+        "data.path=tiny",
+        "data.batch_size_per_rank=4",
+        "trainer.max_steps=3",
+        "optim.lr=1e-3",
+        "loss.learnable_temperature=true",
+        "eval=none",
+        "logger=none",
+        "trainer.progress=off",
+        "trainer.num_threads=1",
+    ]
+    runs = {
+        "ddp": ["trainer=ddp_cpu"],
+        "fsdp2_gc": ["trainer=fsdp2_cpu", "gradcache.chunk_size=2"],
+        "zero3_gc": ["trainer=deepspeed_zero3_cpu", "gradcache.chunk_size=2"],
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    weights = {}
+    for name, args in runs.items():
+        run_dir = tmp_path / name
+        cmd = [sys.executable, "-m", "embedscale.jobs.train", *common, *args, f"run_dir={run_dir}"]
+        proc = subprocess.run([*cmd, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        weights[name] = {
+            **load_file(run_dir / "model" / "model.safetensors"),
+            **{f"dense.{k}": v for k, v in load_file(run_dir / "model" / "1_Dense" / "model.safetensors").items()},
+        }
+    start = load_file(tiny_bert_nodrop / "model.safetensors")
+    moved = max((weights["ddp"][n] - start[n]).abs().max().item() for n in start if n in weights["ddp"])
+    assert moved > 1e-4 and "dense.linear.weight" in weights["ddp"]
+    for name in ("fsdp2_gc", "zero3_gc"):
+        assert set(weights[name]) == set(weights["ddp"])
+        for key, want in weights["ddp"].items():
+            torch.testing.assert_close(weights[name][key], want, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
