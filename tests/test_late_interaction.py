@@ -327,3 +327,42 @@ def test_colbert_under_fsdp2_and_zero3_with_gradcache_trains_to_ddp_s_weights(ti
         assert set(weights[name]) == set(weights["ddp"])
         for key, want in weights["ddp"].items():
             torch.testing.assert_close(weights[name][key], want, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("method", ["dense", "hybrid"])
+def test_mining_with_a_colbert_retriever(tmp_path, tiny_bert, method):
+    """`embedscale mine` with a multi-vector model: candidates by exact MaxSim, every stored score is the MaxSim of
+    (query, text) computed directly, and the usual filters hold (no labelled positive is a negative)."""
+    from test_mining import _beir
+
+    from embedscale.config import IndexConfig, MineConfig, MineJobConfig
+    from embedscale.data.shards import ShardedDataset
+    from embedscale.encoder.biencoder import load_encoder
+    from embedscale.export import export_model
+    from embedscale.jobs.mine import run
+    from embedscale.retrieval.late_interaction import encode_token_matrices, maxsim_block
+
+    encoder, tok = load_encoder(mv_config(tiny_bert))
+    export_model(encoder, tok, tmp_path / "colbert")
+    beir = _beir(tmp_path)
+    cfg = MineJobConfig(
+        model=ModelConfig(name_or_path=str(tmp_path / "colbert")),
+        mine=MineConfig(input=str(beir), method=method, num_negatives=3, window_end=8, output=str(tmp_path / "out")),
+        index=IndexConfig(gpu="false"),
+    )
+    manifest = run(cfg)
+    ds = ShardedDataset.open(tmp_path / "out")
+    rows = [r for s, meta in enumerate(ds.shards) for r in ds.read(s, range(meta["samples"]))]
+    assert len(rows) == 2 == manifest["num_samples"] and manifest["mining"]["model"]["fingerprint"]
+    loaded, tok = load_encoder(ModelConfig(name_or_path=str(tmp_path / "colbert")))
+
+    def maxsim(query: str, text: str) -> float:
+        q = encode_token_matrices(loaded, tok, [query], side="query")
+        d = encode_token_matrices(loaded, tok, [text], side="document")
+        return float(maxsim_block(*q.padded(slice(0, 1)), *d.padded(slice(0, 1)))[0, 0])
+
+    for row in rows:
+        assert "cats are small furry pets" not in row["negatives"] or "dog" in row["query"]
+        assert row["positive_score"] == pytest.approx(maxsim(row["query"], row["positive"]), rel=1e-3)
+        for text, score in zip(row["negatives"], row["negative_scores"], strict=True):
+            assert score == pytest.approx(maxsim(row["query"], text), rel=1e-3)

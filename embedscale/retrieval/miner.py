@@ -140,11 +140,23 @@ class Candidates:
     docs_ND: torch.Tensor | None = None  # dense corpus embeddings (dense, hybrid)
     bm25_positive: dict = field(default_factory=dict)  # (query, doc) -> BM25 score of labelled positives
     model: dict = field(default_factory=dict)  # the mining model's provenance (dense, hybrid)
+    late: tuple | None = None  # a multi-vector model's (queries, corpus) TokenMatrices instead of q_QD, docs_ND
 
     def positive_score(self, method: MineMethod, query_row: int, query: str, doc: int) -> float:
         if method == MineMethod.bm25:
             return self.bm25_positive[(query, doc)]
-        return float(self.q_QD[query_row] @ self.docs_ND[doc])
+        return self.pair_score(query_row, doc)
+
+    def pair_score(self, query_row: int, doc: int) -> float:
+        """The mining model's score of (query, document): the inner product, or MaxSim for a multi-vector model."""
+        if self.late is None:
+            return float(self.q_QD[query_row] @ self.docs_ND[doc])
+        from embedscale.retrieval.late_interaction import maxsim_block
+
+        queries, docs = self.late
+        q, q_mask = queries.padded(slice(query_row, query_row + 1))
+        d, d_mask = docs.padded(slice(doc, doc + 1))
+        return float(maxsim_block(q, q_mask, d, d_mask)[0, 0])
 
 
 def dense_candidates(cfg: MineJobConfig, data: MiningData, queries: list[str], timings: dict):
@@ -157,6 +169,8 @@ def dense_candidates(cfg: MineJobConfig, data: MiningData, queries: list[str], t
 
     c = cfg.mine
     encoder, tokenizer = load_biencoder(cfg)
+    if encoder.cfg.multivector:
+        return late_interaction_candidates(encoder, tokenizer, c, data, queries, timings)
     start = time.perf_counter()
     cache = Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir()
     docs_ND = encode_corpus(
@@ -182,6 +196,30 @@ def dense_candidates(cfg: MineJobConfig, data: MiningData, queries: list[str], t
     return ids, scores, q_QD, docs_ND, fingerprint
 
 
+def late_interaction_candidates(encoder, tokenizer, c, data: MiningData, queries: list[str], timings: dict):
+    """dense_candidates for a multi-vector model: exact MaxSim search (retrieval/late_interaction.py), computed whole
+    on every rank; the embeddings' place holds the (queries, corpus) TokenMatrices."""
+    from embedscale.distributed import world
+    from embedscale.retrieval.late_interaction import encode_token_matrices, maxsim_search
+
+    start = time.perf_counter()
+    docs = encode_token_matrices(
+        encoder, tokenizer, data.doc_texts, side="document", batch_size=c.batch_size, max_length=c.max_length
+    )
+    q = encode_token_matrices(encoder, tokenizer, queries, side="query", batch_size=c.batch_size)
+    timings["encode_s"] = round(time.perf_counter() - start, 2)
+    fingerprint = encoder.fingerprint("document")
+    if world()[0] != 0:
+        return None, None, (q, docs), None, fingerprint
+    start = time.perf_counter()
+    scores, ids = maxsim_search(q, docs, min(c.candidates, len(docs)))
+    timings["search_s"] = round(time.perf_counter() - start, 3)
+    ids_QK = np.full((len(q), c.candidates), -1, dtype=np.int64)
+    scores_QK = np.full((len(q), c.candidates), -np.inf, dtype=np.float32)
+    ids_QK[:, : ids.shape[1]], scores_QK[:, : ids.shape[1]] = ids.numpy(), scores.numpy()
+    return ids_QK, scores_QK, (q, docs), None, fingerprint
+
+
 def find_candidates(cfg: MineJobConfig, data: MiningData, queries: list[str], timings: dict) -> Candidates:
     """mine.method's candidates: dense (faiss), bm25 (bm25s) or hybrid (RRF of both, scored by the dense model)."""
     from embedscale.distributed import world
@@ -192,6 +230,8 @@ def find_candidates(cfg: MineJobConfig, data: MiningData, queries: list[str], ti
     dense = bm25 = None
     if c.method in (MineMethod.dense, MineMethod.hybrid):
         ids, scores, out.q_QD, out.docs_ND, fingerprint = dense_candidates(cfg, data, queries, timings)
+        if isinstance(out.q_QD, tuple):  # a multi-vector model: token matrices, scored by MaxSim
+            out.late, out.q_QD = out.q_QD, None
         dense = (ids, scores)
         out.model = {"name_or_path": cfg.model.name_or_path, "checkpoint": c.checkpoint, "fingerprint": fingerprint}
     if world()[0] != 0:
@@ -207,7 +247,10 @@ def find_candidates(cfg: MineJobConfig, data: MiningData, queries: list[str], ti
     if c.method == MineMethod.hybrid:
         out.ids, _ = rrf_fuse([dense, bm25], c.candidates)
         safe = np.maximum(out.ids, 0)
-        out.scores = torch.einsum("qd,qkd->qk", out.q_QD, out.docs_ND[torch.from_numpy(safe)]).numpy()
+        if out.late is None:
+            out.scores = torch.einsum("qd,qkd->qk", out.q_QD, out.docs_ND[torch.from_numpy(safe)]).numpy()
+        else:
+            out.scores = np.array([[out.pair_score(q, d) for d in row] for q, row in enumerate(safe.tolist())])
         out.scores[out.ids < 0] = -np.inf
     else:
         out.ids, out.scores = dense if c.method == MineMethod.dense else bm25
@@ -302,7 +345,7 @@ def write_mined(cfg: MineJobConfig, data, cand: Candidates, qrow: dict, plans, s
             cand.ids[row], cand.scores[row], ranks, spec=c, rng=rng, ce_logits=ce_logits, ce_positive=ce_positive
         )
         if len(sel.ids) < c.num_negatives and c.random_fill:
-            score = None if c.method == MineMethod.bm25 else (lambda d, r=row: float(cand.q_QD[r] @ cand.docs_ND[d]))
+            score = None if c.method == MineMethod.bm25 else (lambda d, r=row: cand.pair_score(r, d))
             counts["random_fill"] += fill_random(
                 sel,
                 c.num_negatives,
