@@ -366,3 +366,53 @@ def test_mining_with_a_colbert_retriever(tmp_path, tiny_bert, method):
         assert row["positive_score"] == pytest.approx(maxsim(row["query"], row["positive"]), rel=1e-3)
         for text, score in zip(row["negatives"], row["negative_scores"], strict=True):
             assert score == pytest.approx(maxsim(row["query"], text), rel=1e-3)
+
+
+def test_candidate_search_rescores_the_documents_of_each_query_token_s_nearest_tokens():
+    from embedscale.retrieval.late_interaction import TokenMatrices, candidate_search, maxsim_search
+
+    g = torch.Generator().manual_seed(1)
+
+    def packed(lengths: list[int]) -> TokenMatrices:
+        vectors = torch.nn.functional.normalize(torch.randn(sum(lengths), 8, generator=g), dim=-1)
+        return TokenMatrices(vectors, torch.cumsum(torch.tensor([0, *lengths]), 0))
+
+    queries, docs = packed([3, 5, 2]), packed([7, 1, 12, 4, 9, 3, 6, 2, 5, 8, 11, 4])
+    exact_s, exact_i = maxsim_search(queries, docs, 5)
+    all_s, all_i, per_query = candidate_search(queries, docs, 5, per_token=int(docs.lengths_N.sum()))
+    assert per_query == 12 and torch.equal(all_i, exact_i)  # every token a candidate: exact search
+    torch.testing.assert_close(all_s, exact_s)
+    scores, ids, per_query = candidate_search(queries, docs, 5, per_token=2)
+    owner = torch.repeat_interleave(torch.arange(12), docs.lengths_N)
+    for row in range(3):
+        q, q_mask = queries.padded(slice(row, row + 1))
+        sims = q[0][q_mask[0]] @ docs.vectors_TD.T  # brute force: each query token's 2 nearest token vectors
+        want = set(owner[sims.topk(2, dim=1).indices.reshape(-1)].tolist())
+        got = [i for i in ids[row].tolist() if i >= 0]
+        assert set(got) <= want and len(got) == min(5, len(want))
+        full_s, full_i = maxsim_search(TokenMatrices(*_row(queries, row)), docs, 12)
+        by_doc = dict(zip(full_i[0].tolist(), full_s[0].tolist(), strict=True))
+        for s, i in zip(scores[row].tolist(), got, strict=False):
+            assert s == pytest.approx(by_doc[i], rel=1e-5)  # exact MaxSim of each candidate
+    assert 1 <= per_query <= 12
+
+
+def _row(m, row: int):
+    """One text of packed token matrices as its own (vectors, offsets)."""
+    a, b = int(m.offsets_N[row]), int(m.offsets_N[row + 1])
+    return m.vectors_TD[a:b], torch.tensor([0, b - a])
+
+
+def test_the_evaluator_reports_index_size_and_candidates_and_large_candidate_pools_are_exact(tiny_bert, tiny_data):
+    from embedscale.encoder.biencoder import load_encoder
+    from embedscale.retrieval.evaluator import RetrievalEvaluator
+
+    encoder, tok = load_encoder(mv_config(tiny_bert))
+    exact = RetrievalEvaluator.from_beir(tiny_data / "tiny", "test", max_length=24)
+    pooled = RetrievalEvaluator.from_beir(tiny_data / "tiny", "test", max_length=24, maxsim_candidates=10_000)
+    few = RetrievalEvaluator.from_beir(tiny_data / "tiny", "test", max_length=24, maxsim_candidates=1)
+    m_exact, m_pooled, m_few = (ev(encoder, tok) for ev in (exact, pooled, few))
+    assert m_exact["tiny/index_bytes_per_doc"] > 8 and "tiny/maxsim_candidates_per_query" not in m_exact
+    assert m_pooled["tiny/maxsim_candidates_per_query"] == len(exact.corpus)
+    assert {k: v for k, v in m_pooled.items() if "candidates" not in k} == pytest.approx(m_exact)
+    assert 1 <= m_few["tiny/maxsim_candidates_per_query"] < len(exact.corpus)

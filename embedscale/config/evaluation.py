@@ -60,6 +60,11 @@ class EvalConfig:
     with the count; the judgments stay, as trec_eval counts them: such a document can never be retrieved)."""
     save_runs: bool = True
     """Write each BEIR set's ranked run (top max(k_values) per query) under <run_dir>/runs/."""
+    maxsim_candidates: int = bounded(0, ge=0)
+    """model.multivector: 0 scores every document by exact MaxSim; n > 0 first gathers candidates -- each query
+    token's n nearest document token vectors (exact inner product over the corpus's token vectors, faiss) -- and
+    re-scores only their documents by exact MaxSim (ColBERT's end-to-end retrieval), for corpora too large to score
+    whole. Each query's candidates are reported as <set>/maxsim_candidates_per_query."""
 
     def __post_init__(self) -> None:
         check_fields(self, "eval")

@@ -51,6 +51,8 @@ class RetrievalEvaluator:
     cache_dir: Path | None = None
     query_prefix: str | None = None
     """The task's query instruction, instead of the model's query prefix; None: the model's."""
+    maxsim_candidates: int = 0
+    """Multi-vector models: 0 exact MaxSim search; n > 0 candidates from each query token's n nearest token vectors."""
 
     @classmethod
     def from_beir(
@@ -77,10 +79,11 @@ class RetrievalEvaluator:
             log.warning("%s (eval.missing_documents=warn: their judgments are kept, as trec_eval counts them)", message)
         return cls(name or dataset_dir.name, queries, corpus, qrels, **kwargs)
 
-    def late_interaction_run(self, encoder: BiEncoder, tokenizer) -> tuple[dict[str, dict[str, float]], float]:
-        """A multi-vector model's run by exact MaxSim search (retrieval/late_interaction.py), and the index's
-        bytes per document. Computed whole on every rank that calls it (no collectives; not sharded yet)."""
-        from embedscale.retrieval.late_interaction import encode_token_matrices, maxsim_search
+    def late_interaction_run(self, encoder: BiEncoder, tokenizer) -> tuple[dict[str, dict[str, float]], dict]:
+        """A multi-vector model's run by MaxSim search (retrieval/late_interaction.py: exact, or over candidates with
+        maxsim_candidates), and what the index holds: bytes per document (and candidates per query). Computed whole
+        on every rank that calls it (no collectives; not sharded yet)."""
+        from embedscale.retrieval.late_interaction import candidate_search, encode_token_matrices, maxsim_search
 
         doc_ids, qids = list(self.corpus), list(self.queries)
         docs = encode_token_matrices(
@@ -99,12 +102,19 @@ class RetrievalEvaluator:
             batch_size=self.batch_size,
             prefix=self.query_prefix,
         )
-        scores_QK, idx_QK = maxsim_search(queries, docs, max(self.k_values))
+        info = {"index_bytes_per_doc": docs.bytes_per_text}
+        if self.maxsim_candidates:
+            scores_QK, idx_QK, per_query = candidate_search(
+                queries, docs, max(self.k_values), per_token=self.maxsim_candidates
+            )
+            info["maxsim_candidates_per_query"] = per_query
+        else:
+            scores_QK, idx_QK = maxsim_search(queries, docs, max(self.k_values))
         run = {
-            qid: {doc_ids[j]: float(s) for s, j in zip(scores_QK[row].tolist(), idx_QK[row].tolist())}
+            qid: {doc_ids[j]: float(s) for s, j in zip(scores_QK[row].tolist(), idx_QK[row].tolist()) if j >= 0}
             for row, qid in enumerate(qids)
         }
-        return run, docs.bytes_per_text
+        return run, info
 
     def _corpus_embeddings(self, encoder: BiEncoder, tokenizer) -> torch.Tensor:
         ids = list(self.corpus)
@@ -166,12 +176,12 @@ class RetrievalEvaluator:
         metrics are computed once, on rank 0, and broadcast; rank 0 writes the run file. A multi-vector model:
         exact MaxSim search on every rank (not sharded), plus `<name>/index_bytes_per_doc`."""
         if encoder.cfg.multivector:
-            run, per_doc = self.late_interaction_run(encoder, tokenizer)
+            run, info = self.late_interaction_run(encoder, tokenizer)
             if world()[0] == 0 and run_path is not None:
                 run_path.parent.mkdir(parents=True, exist_ok=True)
                 run_path.write_text(json.dumps(run))
             metrics = {f"{self.name}/{k}": v for k, v in retrieval_metrics(run, self.qrels, self.k_values).items()}
-            return {**metrics, f"{self.name}/index_bytes_per_doc": per_doc}
+            return {**metrics, **{f"{self.name}/{k}": v for k, v in info.items()}}
         q_QD, docs_ND = self.embeddings(encoder, tokenizer)  # every rank: the encoding is sharded
         metrics = None
         if world()[0] == 0:  # the search and the metrics once
@@ -236,6 +246,7 @@ def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[Retrie
             cache_dir=cache_dir,
             query_prefix=s.query_prefix,
             missing_documents=cfg.missing_documents,
+            maxsim_candidates=cfg.maxsim_candidates,
         )
         for s in cfg.beir
     ]

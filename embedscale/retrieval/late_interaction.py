@@ -6,8 +6,9 @@ holds sum(scored tokens) x D values (float16 by default) and reports its bytes p
 scores every query against every document exactly, in blocks of queries x documents (each block pads its
 documents to their longest), keeping a running top-k: the memory is one block's products
 (query_chunk x L x doc_chunk x M), never queries x documents x tokens x tokens. This is exact search for corpora
-that fit (SciFact's 5,183 documents: a few hundred MiB at 128 dims in float16); candidate generation for larger
-ones is not built yet.
+that fit (SciFact's 5,183 documents: a few hundred MiB at 128 dims in float16). `candidate_search`
+(eval.maxsim_candidates) scores only the documents that own one of each query token's nearest token vectors
+(ColBERT's end-to-end retrieval): exact over its candidates, approximate overall.
 
 Inference only (no autograd), and independent of the training code, as the single-vector evaluation is.
 
@@ -128,6 +129,50 @@ def maxsim_search(
         scores.append(best_s)
         indices.append(best_i)
     return torch.cat(scores), torch.cat(indices)
+
+
+@torch.inference_mode()
+def candidate_search(
+    queries: TokenMatrices, docs: TokenMatrices, k: int, *, per_token: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Top-k by MaxSim over candidates: each query token's `per_token` nearest document token vectors (exact inner
+    product, faiss flat over all the corpus's token vectors) name the candidate documents, which are re-scored by
+    exact MaxSim. (scores (Q, K), indices (Q, K), -inf / -1 past a query's candidates; mean candidates per query).
+    """
+    from embedscale.retrieval.index import build_index, search
+
+    owner_T = torch.repeat_interleave(torch.arange(len(docs)), docs.lengths_N)  # document of each token vector
+    index = build_index(docs.vectors_TD.float(), _flat())
+    scores_QK = torch.full((len(queries), k), float("-inf"))
+    ids_QK = torch.full((len(queries), k), -1, dtype=torch.long)
+    sizes = []
+    for row in range(len(queries)):
+        q_1LD, q_mask_1L = queries.padded(slice(row, row + 1))
+        _, token_ids = search(index, q_1LD[0][q_mask_1L[0]], per_token)
+        candidates = torch.unique(owner_T[torch.from_numpy(token_ids[token_ids >= 0])])
+        sizes.append(len(candidates))
+        d_nMD, d_mask_nM = _gather(docs, candidates)
+        s_n = maxsim_block(q_1LD, q_mask_1L, d_nMD, d_mask_nM)[0]
+        top = s_n.topk(min(k, len(candidates)))
+        scores_QK[row, : len(top.values)], ids_QK[row, : len(top.values)] = top.values, candidates[top.indices]
+    return scores_QK, ids_QK, sum(sizes) / max(1, len(sizes))
+
+
+def _flat():
+    from embedscale.config import IndexConfig
+
+    return IndexConfig(kind="flat", gpu="false")
+
+
+def _gather(docs: TokenMatrices, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Documents `rows` (any order) as (n, longest, D) float32 with their mask."""
+    lengths = docs.lengths_N[rows]
+    out_nMD = torch.zeros((len(rows), int(lengths.max()), docs.vectors_TD.shape[1]))
+    mask_nM = torch.arange(out_nMD.shape[1])[None, :] < lengths[:, None]
+    starts = docs.offsets_N[rows]
+    flat_T = torch.cat([torch.arange(int(a), int(a) + int(n)) for a, n in zip(starts, lengths, strict=True)])
+    out_nMD[mask_nM] = docs.vectors_TD[flat_T].float()
+    return out_nMD, mask_nM
 
 
 def sts_scores(
