@@ -3,7 +3,8 @@
 - process group: `world()` (rank, size), `init_from_env()` (join what torchrun/srun describe), `barrier()`,
   `broadcast_object()`;
 - gathers: `all_gather_with_grad` (training: gradient flows back to each rank), `all_gather_no_grad` (ids,
-  metrics), `gather_rows` (rows of a sharded encoding, different counts per rank);
+  metrics), `gather_rows` (rows of a sharded encoding, different counts per rank), `gather_objects` (picklable
+  results of different sizes per rank, e.g. generated texts);
 - gradients: `all_reduce_gradients_` (one flat average per step) and `clip_grad_norm_sharded_` (the global norm
   over sharded and replicated gradients), which the strategies of embedscale/strategy/ call.
 
@@ -191,6 +192,16 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable; any size), in rank order, on every rank; [obj] without a process group."""
+    _, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def gather_rows(local_nD: torch.Tensor, positions_n: torch.Tensor, total: int) -> torch.Tensor:

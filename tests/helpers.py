@@ -162,3 +162,57 @@ def make_tiny_mistral(path: Path, *, seed: int = 0, sliding_window: int | None =
     )
     MistralModel(cfg).save_pretrained(path)
     return path
+
+
+def make_tiny_lm(path: Path, words: list[str], *, kind: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer, 32-dim random language model with a word-level tokenizer over `words` (plus <pad>, </s>, <unk>,
+    <s>), saved like a hub model: kind "llama" (causal; the tokenizer adds BOS) or "t5" (seq2seq; it adds EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
+    single, special = ("<s> $A", ("<s>", 3)) if kind == "llama" else ("$A </s>", ("</s>", 1))
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[special])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    ).save_pretrained(path)
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=1024,
+            bos_token_id=3,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+        LlamaForCausalLM(cfg).save_pretrained(path)
+    else:
+        cfg = T5Config(
+            vocab_size=len(vocab),
+            d_model=32,
+            d_ff=64,
+            d_kv=16,
+            num_layers=2,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+        T5ForConditionalGeneration(cfg).save_pretrained(path)
+    return path

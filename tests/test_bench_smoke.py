@@ -91,6 +91,19 @@ def _export_roundtrip(ctx, proc):
         assert row["min cos(embedscale, AutoModel+pool)"] > 0.9999, row
 
 
+def _generate_run(ctx, proc):
+    out = ctx.json("generate_smoke")
+    assert [r["filter_top_k"] for r in out["rows"]] == [1, 10, 100]
+    n = out["generation"]["counts"]
+    assert n["documents"] == 8 and n["generated"] == 16 and out["generation"]["lm"]["kind"] == "causal"
+    assert n["generated"] == (
+        n["empty"] + n["duplicates_in_document"] + n["duplicates_across_documents"] + n["filtered_out"] + n["kept"]
+    )
+    kept = [r["kept"] for r in out["rows"]]
+    assert kept == sorted(kept) and kept[-1] == n["kept"] == n["filter_candidates"]  # the tiny corpus has < 100 docs
+    assert out["seconds"]["total_s"] > 0 and out["generation"]["filter"]["model"]["name_or_path"] == str(ctx.bert)
+
+
 def _gpu_check(ctx, proc):
     doctor, bert, llama = ctx.json("gpu_check_dryrun")["rows"]  # the three parts, each row its own process
     for row in (doctor, bert, llama):
@@ -231,6 +244,22 @@ def _loss_equivalence(ctx, proc):
     assert out["failures"] == [] and out["control_other_dropout_masks"]["max_rel_diff"] > 1e-3
 
 
+def _late_interaction(ctx, proc):
+    eq = ctx.json("late_interaction_smoke_equivalence")
+    assert [r["check"] for r in eq["rows"]] == [
+        "W=2 vs 1",
+        "GradCache chunk 4 vs uncached",
+        "MaxSim chunks 3x5 vs unchunked",
+    ]
+    assert all(r["case"] == "separate towers + distillation" for r in eq["rows"]), eq["rows"]
+    assert all(max(r["max_rel_diff"], r["loss_abs_diff"], r["metrics_abs_diff"]) < 1e-10 for r in eq["rows"])
+    assert all(r["distill_kl"] > 0 and r["negatives_per_query"] < 47 for r in eq["rows"]), eq["rows"]
+    assert eq["failures"] == [] and eq["control_other_dropout_masks"]["max_rel_diff"] > 1e-3
+    mem = rows(ctx, "late_interaction_smoke_memory")
+    assert [r["row x doc chunk"] for r in mem] == ["32 x 128", "0 x 0 (unchunked)"]
+    assert all(r["status"] == "ok" and r["peak_increase_MiB"] > 0 and r["bound_MiB"] > 0 for r in mem), mem
+
+
 def _verify_cost(ctx, proc):
     out = ctx.json("verify_cost")
     assert out["dataset"]["pairs"] == 200 and out["dataset"]["shards"] == 4
@@ -274,6 +303,11 @@ CASES: dict[str, Case] = {
     "config_properties": Case("--examples 3", _config_properties),
     "export_roundtrip": Case("{run}/model --num-texts 4 --data-root {scifact}", _export_roundtrip),
     "fault_table": Case("--name fault_table_smoke --only trainer.max_steps=0", _fault_table),
+    "generate_run": Case(
+        "--data-root {scifact} --max-documents 8 --filter-model {bert} --lm-vocab 100 --work {tmp}/generate "
+        "--name generate_smoke generate.max_new_tokens=4 model.document_max_length=32 model.query_max_length=16",
+        _generate_run,
+    ),
     "gpu_check": Case("--dry-run --warmup 1 --steps 1 --bert-steps 1", _gpu_check),
     "gpu_plan_check": Case("--dry-run", _gpu_plan_check),
     "gradcache_memory": Case(
@@ -288,6 +322,11 @@ CASES: dict[str, Case] = {
     "install_time": _help("--rounds"),
     "loader_throughput": Case("--workers 1 --batch 4 --batches 2", _loader_throughput),
     "local_loss_scale": Case("--n 8192 --world 64 --dim 8 --full-n 256", _local_loss_scale),
+    "late_interaction": Case(
+        "--worlds 2 --cases distill --plans chunk4 --model {bert} --memory-sizes 8:16,8:16:0:0 --L 4 --M 16 --D 8 "
+        "--threads 1 --name late_interaction_smoke",
+        _late_interaction,
+    ),
     "loss_equivalence": Case(
         "--worlds 2 --cases margin --chunks 5 --model {bert} --name loss_equivalence_smoke", _loss_equivalence
     ),
@@ -332,7 +371,8 @@ CASES: dict[str, Case] = {
     "objective_quality": Case(
         "--rows base,cosent --seeds 1 --model {bert} --data-root {scifact} --sts-train {data}/sts/test.tsv "
         "--sts-test {data}/sts/test.tsv --steps-per-epoch 2 --work {tmp}/oq --name objective_quality_smoke "
-        "--extra model.query_max_length=16;model.document_max_length=16;trainer.max_epochs=1;data.batch_size_per_rank=4",
+        "--extra model.query_max_length=16;model.document_max_length=16;trainer.max_epochs=1;"
+        "data.batch_size_per_rank=4",
         _objective_quality,
     ),
     "verify_cost": Case("--rounds 1 --per-shard 50 --limit 200", _verify_cost),

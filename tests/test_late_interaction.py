@@ -114,6 +114,7 @@ def uncached(module, batch, plan: dict):
     return loss, metrics
 
 
+@pytest.mark.slow  # 12 encodes of a batch per case: outside the fast tier's 3 minutes
 @pytest.mark.parametrize("plan", [dict(chunk_size=1), dict(chunk_size=4), dict(token_budget=40)], ids=str)
 @pytest.mark.parametrize("shared", [True, False])
 def test_gradcache_equals_uncached_for_token_matrices(tiny_bert, plan, shared):

@@ -3,7 +3,7 @@
     choices.py     every choice as a StrEnum (and `parse_choice` for values that are not Python names)
     model.py       model.*                       data.py      data.*, data.sources, data.pretrain, shard.*
     training.py    loss.*, optim.*, trainer.*, gradcache.*, logger.*
-    evaluation.py  eval.*                        retrieval.py index.*, mine.*, sweep.*
+    evaluation.py  eval.*                        retrieval.py index.*, mine.*, generate.*, sweep.*
     reranker.py    reranker.*                    plan.py      plan.*        pipeline.py  pipeline.*
     jobs.py        each job's top-level schema and the checks spanning its sections
     batch.py       BatchSizes: the batch sizes resolved once (never written back into the config)
@@ -52,6 +52,7 @@ from embedscale.config.jobs import (
     DataRoot,
     EvaluateConfig,
     ExportJobConfig,
+    GenerateJobConfig,
     MineJobConfig,
     PipelineJobConfig,
     PlanJobConfig,
@@ -64,7 +65,7 @@ from embedscale.config.model import PACKAGED_MINILM, ModelConfig
 from embedscale.config.pipeline import PipelineConfig, StageConfig
 from embedscale.config.plan import PLAN_SHAPE_KEYS, PlanConfig
 from embedscale.config.reranker import RerankerConfig
-from embedscale.config.retrieval import HubConfig, IndexConfig, MineConfig, OnnxConfig, SweepConfig
+from embedscale.config.retrieval import GenerateConfig, HubConfig, IndexConfig, MineConfig, OnnxConfig, SweepConfig
 from embedscale.config.store import register_configs, schema_of, to_config
 from embedscale.config.training import GradCacheConfig, LoggerConfig, LossConfig, OptimConfig, TrainerConfig
 
@@ -79,6 +80,8 @@ __all__ = [
     "DataRoot",
     "EvalConfig",
     "EvaluateConfig",
+    "GenerateConfig",
+    "GenerateJobConfig",
     "GradCacheConfig",
     "IndexConfig",
     "IndexKind",

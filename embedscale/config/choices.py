@@ -24,7 +24,8 @@ def parse_choice(enum_type: type[E], value: Any, key: str) -> E:
     `key` and the choices."""
     if isinstance(value, enum_type):
         return value
-    text = str(value).lower() if isinstance(value, bool) else str(value)
+    # OmegaConf stores YAML's true/false in a `str` field as "True"/"False": both spellings mean the boolean
+    text = str(value).lower() if isinstance(value, bool) or value in ("True", "False") else str(value)
     try:
         return enum_type(text)
     except ValueError:

@@ -17,7 +17,7 @@ from embedscale.config.model import ModelConfig
 from embedscale.config.pipeline import PipelineConfig
 from embedscale.config.plan import PlanConfig
 from embedscale.config.reranker import RerankerConfig
-from embedscale.config.retrieval import HubConfig, IndexConfig, MineConfig, OnnxConfig, SweepConfig
+from embedscale.config.retrieval import GenerateConfig, HubConfig, IndexConfig, MineConfig, OnnxConfig, SweepConfig
 from embedscale.config.training import GradCacheConfig, LoggerConfig, LossConfig, OptimConfig, TrainerConfig
 
 
@@ -137,6 +137,15 @@ class MineJobConfig(DataRoot):
     """The data mined for, the candidates and the false-negative filters (mine.*)."""
     index: IndexConfig = field(default_factory=IndexConfig)
     """The faiss index of dense mining (index.*)."""
+
+
+@dataclass
+class GenerateJobConfig(DataRoot):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The round-trip filter's bi-encoder (used when generate.filter_top_k > 0): a hub id, a local model or an
+    embedscale export."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """The corpus, the language model and its prompts, sampling, the filter and the output (generate.*)."""
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""`index.*`, `mine.*`, `sweep.*` and `onnx.*`: searching a corpus, mining hard negatives from it, sweeping index
-settings, and exporting the encoder for inference runtimes."""
+"""`index.*`, `mine.*`, `generate.*`, `sweep.*` and `onnx.*`: searching a corpus, mining hard negatives from it,
+generating synthetic queries for it, sweeping index settings, and exporting the encoder for inference runtimes."""
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 
 from embedscale.config.choices import (
@@ -12,6 +13,7 @@ from embedscale.config.choices import (
     MineSample,
     OnnxQuantize,
     SweepPrecision,
+    TorchDtype,
     TriState,
 )
 from embedscale.config.fields import bounded, check_fields
@@ -131,6 +133,120 @@ class MineConfig:
     @property
     def candidates(self) -> int:
         return self.depth or self.window_end + 50
+
+
+DEFAULT_PROMPTS = {
+    "retrieval": "Write a question that this passage answers.\nPassage: {document}\nQuestion:",
+    "claim": "Write a scientific claim that this passage supports or refutes.\nPassage: {document}\nClaim:",
+    "title": "Write a search query for this article.\nTitle: {title}\nArticle: {document}\nQuery:",
+}
+"""generate.prompts' defaults: `{document}` is the passage (truncated to generate.max_document_tokens), `{title}` its
+title; without `{title}` in a template, the title is the start of `{document}` (as BEIR joins them)."""
+
+
+@dataclass
+class GenerateConfig:
+    """`embedscale generate`: synthetic queries for a corpus from a causal or seq2seq LM, kept when a round-trip
+    filter retrieves their document, written as training shards with provenance (docs/generate.md)."""
+
+    corpus: str = "scifact"
+    """The documents: a BEIR directory (its corpus.jsonl[.gz]) or a JSONL[.gz] file with generate.text_field
+    (optional generate.title_field and `_id`/`id`); relative to data_root unless absolute."""
+    text_field: str = "text"
+    """JSONL corpus: the field holding a document's text (a BEIR corpus uses `text`)."""
+    title_field: str = "title"
+    """JSONL corpus: the field holding a document's title, if any (a BEIR corpus uses `title`)."""
+    max_documents: int | None = bounded(None, ge=1)
+    """Generate for the first max_documents documents of the corpus (file order); None: all. The round-trip
+    filter still searches the whole corpus."""
+    lm: str | None = None
+    """The language model: a local directory or a hub id (required). Causal (AutoModelForCausalLM) or
+    encoder-decoder (AutoModelForSeq2SeqLM), told apart by its config's `is_encoder_decoder`. The prompt is
+    given as plain text (no chat template)."""
+    torch_dtype: TorchDtype = TorchDtype.auto
+    """Parameter dtype of the LM: auto (the checkpoint's), float32, bfloat16 or float16."""
+    task: str = "retrieval"
+    """The key of generate.prompts whose template is used."""
+    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    """Prompt templates by task: each holds `{document}` and may hold `{title}` (literal braces as `{{ }}`); add
+    one with `+generate.prompts.my_task='...'` and select it with generate.task=my_task."""
+    queries_per_document: int = bounded(3, ge=1)
+    """Queries generated per document (each its own sampled sequence, seeded by (seed, document id, index))."""
+    max_document_tokens: int = bounded(256, ge=1)
+    """The passage put into the prompt is cut to this many tokens of the LM's tokenizer (the written positive is
+    the whole document)."""
+    max_new_tokens: int = bounded(48, ge=1)
+    """Tokens generated per query at most; the query is then the first non-empty line of the output."""
+    do_sample: bool = True
+    """Sample (temperature, top_p); false: greedy decoding (then every query of a document is the same, and all
+    but one are removed as duplicates: use queries_per_document=1)."""
+    temperature: float = bounded(0.8, gt=0)
+    """Sampling temperature (do_sample=true)."""
+    top_p: float = bounded(0.95, gt=0, le=1)
+    """Nucleus sampling: the smallest set of tokens with this much probability (do_sample=true; 1: off)."""
+    batch_size: int = bounded(16, ge=1)
+    """Prompts per generate call (transformers), rows of similar length batched together."""
+    seed: int = bounded(0, ge=0, le=2**63 - 1)
+    """Seeds each query's sampling from (seed, document id, query index): the same queries whatever the batch
+    composition, the number of ranks or the documents around it."""
+    use_vllm: str = field(default="auto", metadata={"choices": TriState})
+    """auto: vLLM when it is installed and a GPU is present, else transformers; true: require vLLM; false:
+    transformers. vLLM seeds each request the same way, but its numbers differ from transformers'."""
+    filter_top_k: int = bounded(1, ge=0)
+    """Round-trip filter: keep a (query, document) pair only when the filter model (model.*) ranks that document
+    within the top filter_top_k of the whole corpus for the query (1: Promptagator's consistency filter); 0: off."""
+    filter_batch_size: int = bounded(64, ge=1)
+    """Texts per encoding batch of the filter model."""
+    cache_dir: str | None = None
+    """The filter's corpus embedding cache; None: $EMBEDSCALE_CACHE or ~/.cache/embedscale."""
+    output: str | None = None
+    """Output directory of the shards; None: shards/<name>."""
+    name: str | None = None
+    """Dataset name (shard prefix, the samples' `source`). Default: <corpus stem>-generated."""
+    overwrite: bool = False
+    """Replace an existing output dataset (only the files its manifest lists); otherwise an existing manifest is an
+    error."""
+    target_mb: float = bounded(64.0, gt=0)
+    """Close an output shard before it exceeds this size (MB = 2**20 bytes)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "generate")
+        if self.task not in self.prompts:
+            raise ValueError(
+                f"generate.task={self.task!r} has no template in generate.prompts (it has {sorted(self.prompts)}): "
+                f"choose one of them or add '+generate.prompts.{self.task}=\"...{{document}}...\"'"
+            )
+        for task, template in self.prompts.items():
+            check_template(template, f"generate.prompts.{task}")
+        if self.name is not None and (not self.name or any(c in self.name for c in "./\\")):
+            raise ValueError(f"generate.name={self.name!r} must be non-empty, without '.', '/' or '\\' (shard keys)")
+
+    def validate(self) -> None:
+        """Checks of values the user must give (see RerankerConfig.validate); `to_config` calls it."""
+        if not self.lm:
+            raise ValueError(
+                "generate.lm is not set: pass a causal or seq2seq language model, a local directory or a hub id, "
+                "e.g. generate.lm=google/flan-t5-base or generate.lm=Qwen/Qwen2.5-0.5B-Instruct"
+            )
+
+    @property
+    def template(self) -> str:
+        return self.prompts[self.task]
+
+
+def check_template(template: str, key: str) -> None:
+    """A prompt template holds `{document}`, optionally `{title}`, nothing else between braces (ValueError naming
+    `key`)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"{key}: {err} in {template!r}: write literal braces as '{{{{' and '}}}}'") from err
+    unknown = sorted(set(fields) - {"document", "title"})
+    if "document" not in fields or unknown:
+        raise ValueError(
+            f"{key}={template!r} must hold {{document}} (the passage), may hold {{title}}, and nothing else in "
+            f"braces (found {unknown or 'no {document}'}); write literal braces as '{{{{' and '}}}}'"
+        )
 
 
 @dataclass

@@ -321,13 +321,16 @@ def pairs(fmt: str, path: Path, fields: Fields, *, split: str = "train", min_neg
 # -- documents and sentence pairs ---------------------------------------------------------------------------------
 
 
-def read_corpus_documents(path: Path, *, text_field: str, title_field: str) -> list[tuple[str, str, str]]:
+def read_corpus_documents(
+    path: Path, *, text_field: str, title_field: str, section: str = "data.pretrain"
+) -> list[tuple[str, str, str]]:
     """Unlabelled documents for pre-training pairs (data.format=corpus), in file order.
 
     Args:
         path: a BEIR dataset directory (its corpus.jsonl(.gz), fields `_id`, `title`, `text`), or a JSONL(.gz)
             file with `text_field`, optional `title_field` and optional `_id`/`id` (else the line number).
         text_field, title_field: field names of a JSONL file (data.pretrain.text_field / title_field).
+        section: the config section whose `text_field` an error message names (data.pretrain, generate).
 
     Returns:
         (doc id, title, text) per document; the title is "" when absent.
@@ -346,7 +349,7 @@ def read_corpus_documents(path: Path, *, text_field: str, title_field: str) -> l
             fix = (
                 "a BEIR corpus needs a string `text` in every line"
                 if beir
-                else f"set data.pretrain.text_field to the file's text field (it has {sorted(row)})"
+                else f"set {section}.text_field to the file's text field (it has {sorted(row)})"
             )
             raise RecordError(f"{file}:{line_no}", f"field {text_key!r} is missing or empty", fix)
         doc_id = row.get("_id", row.get("id", None if beir else line_no))

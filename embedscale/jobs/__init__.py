@@ -55,6 +55,12 @@ JOBS: dict[str, Job] = {
             True,
         ),
         Job(
+            "generate",
+            "synthetic queries for a corpus from a causal/seq2seq LM, round-trip filtered, into training shards",
+            "generate",
+            "GenerateJobConfig",
+        ),
+        Job(
             "pipeline",
             "run stages in order (train -> mine -> train ...), with lineage per stage",
             "pipeline",
