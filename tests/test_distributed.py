@@ -173,8 +173,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("case", list(CASES))
+OBJECTIVES = {"CoSENT source, matryoshka", "AnglE source", "MSE to teacher embeddings", "KL to teacher embeddings"}
+# the per-source objectives at W = 2 here (CI's time budget); W = 4 is in bench/results/loss_equivalence.json
+RUNS = [(w, case) for case in CASES for w in ([2] if case in OBJECTIVES else [2, 4])]
+
+
+@pytest.mark.parametrize(("world_size", "case"), RUNS)
 def test_multi_rank_gradient_equals_one_process(tiny_bert, tmp_path, world_size, case):
     cfg = CASES[case]
     out = tmp_path / "grads.pt"
