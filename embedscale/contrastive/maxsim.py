@@ -66,8 +66,8 @@ def _maxsim(
     X, M, _ = d_XMD.shape
     step = doc_chunk_size if 0 < doc_chunk_size < X else max(X, 1)
     blocks = []
-    for start in range(0, X, step):
-        d_xMD, d_mask_xM = d_XMD[start : start + step], d_mask_XM[start : start + step]
+    # one split, not a slice per chunk: a slice's backward writes a zero-filled gradient of all X documents per chunk
+    for d_xMD, d_mask_xM in zip(d_XMD.split(step), d_mask_XM.split(step), strict=True):
         x = d_xMD.shape[0]
         prod = q_cLD.reshape(c * L, D) @ d_xMD.reshape(x * M, D).T  # (c * L, x * M): the transient block
         prod.masked_fill_(~d_mask_xM.reshape(1, x * M), float("-inf"))  # a masked document token never wins the max
