@@ -150,13 +150,19 @@ def _model_card(cfg: ModelConfig, metrics: dict | None, config: dict | None) -> 
         "```",
         "",
     ]
+    return "\n".join(lines + card_sections(metrics, config))
+
+
+def card_sections(metrics: dict | None, config) -> list[str]:
+    """A model card's metrics table and training config (the single- and multi-vector exports' cards share them)."""
+    lines = []
     if metrics:
         lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
         lines.append("")
     if config:
         lines += ["## Training config", "", "```json", json.dumps(to_jsonable(config), indent=2), "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def export_model(

@@ -38,7 +38,6 @@ Refused (ValueError naming the setting), because sentence-transformers cannot re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,6 @@ from embedscale.export import (
     export_tokenizer,
     pooler_attached,
     refuse_nonfinite,
-    to_jsonable,
 )
 
 ST = "sentence_transformers"
@@ -145,13 +143,9 @@ def _model_card(cfg: ModelConfig, metrics: dict | None, config: Any) -> str:
         "```",
         "",
     ]
-    if metrics:
-        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
-        lines.append("")
-    if config:
-        lines += ["## Training config", "", "```json", json.dumps(to_jsonable(config), indent=2), "```", ""]
-    return "\n".join(lines)
+    from embedscale.export import card_sections
+
+    return "\n".join(lines + card_sections(metrics, config))
 
 
 def export_multivector(
