@@ -91,6 +91,23 @@ def _export_roundtrip(ctx, proc):
         assert row["min cos(embedscale, AutoModel+pool)"] > 0.9999, row
 
 
+def _colbert_recipe(ctx, proc):
+    out = ctx.json("colbert_recipe_smoke")
+    assert [r["model"] for r in out["rows"]] == [
+        "zero-shot bi-encoder",
+        "bi-encoder (quickstart)",
+        "bi-encoder",
+        "ColBERT (128-dim tokens)",
+    ]
+    assert all(0 <= r["ndcg@10"] <= 1 for r in out["rows"]) and [r["steps"] for r in out["rows"]] == [0, 2, 2, 2]
+    dense, colbert = out["rows"][2]["index_bytes_per_doc"], out["rows"][3]["index_bytes_per_doc"]
+    assert dense == 4 * 32 and colbert > 2 * 128  # the tiny BERT's 32-dim vector; >= 1 token x 128 dims x 2 B
+    trip = out["round_trip"]
+    assert trip["token_matrix_shapes_equal"] and trip["max_abs_token_vector_diff"] < 1e-4, trip
+    assert out["mining"]["counts"] and out["recipe_seconds"]["mine + colbert"] > 0
+    assert out["configs"]["colbert"]["model"]["multivector"] and not out["configs"]["biencoder"]["model"]["multivector"]
+
+
 def _generate_run(ctx, proc):
     out = ctx.json("generate_smoke")
     assert [r["filter_top_k"] for r in out["rows"]] == [1, 10, 100]
@@ -300,6 +317,11 @@ CASES: dict[str, Case] = {
     "activation_bytes": Case("--quick --name activation_bytes_smoke", _activation_bytes),
     "code_metrics": Case("--name code_metrics_smoke", _code_metrics),
     "docker_resolve": _help("--name"),
+    "colbert_recipe": Case(
+        "--model {bert} --data-root {scifact} --work {tmp}/colbert --round-trip-texts 4 --name colbert_recipe_smoke "
+        "--extra-train trainer.max_steps=2;data.batch_size_per_rank=4",
+        _colbert_recipe,
+    ),
     "config_properties": Case("--examples 3", _config_properties),
     "export_roundtrip": Case("{run}/model --num-texts 4 --data-root {scifact}", _export_roundtrip),
     "fault_table": Case("--name fault_table_smoke --only trainer.max_steps=0", _fault_table),
