@@ -67,12 +67,20 @@ from embedscale.config.plan import PLAN_SHAPE_KEYS, PlanConfig
 from embedscale.config.reranker import RerankerConfig
 from embedscale.config.retrieval import GenerateConfig, HubConfig, IndexConfig, MineConfig, OnnxConfig, SweepConfig
 from embedscale.config.store import register_configs, schema_of, to_config
-from embedscale.config.training import GradCacheConfig, LoggerConfig, LossConfig, OptimConfig, TrainerConfig
+from embedscale.config.training import (
+    AnchorConfig,
+    GradCacheConfig,
+    LoggerConfig,
+    LossConfig,
+    OptimConfig,
+    TrainerConfig,
+)
 
 __all__ = [
     "PACKAGED_MINILM",
     "PLAN_SHAPE_KEYS",
     "Accelerator",
+    "AnchorConfig",
     "BatchSizes",
     "BeirSet",
     "DataConfig",

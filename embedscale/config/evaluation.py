@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 from embedscale.config.choices import MissingDocuments
 from embedscale.config.fields import bounded, check_fields
@@ -21,6 +23,11 @@ class BeirSet:
     support or refute it\\nQuery: "), used instead of the model's model.query_prefix; None: the model's.
     Documents always take the model's document prefix (their cached embeddings stay valid)."""
 
+    @property
+    def metric_name(self) -> str:
+        """The prefix of this set's metrics: eval.beir[i].name, else the directory's name."""
+        return self.name or PurePath(self.path).name
+
 
 @dataclass
 class StsSet:
@@ -30,6 +37,11 @@ class StsSet:
     """Metric prefix; None uses the file's directory name (stsb for stsb/test.tsv)."""
     query_prefix: str | None = None
     """Instruction prepended to both sentences instead of model.query_prefix; None: the model's."""
+
+    @property
+    def metric_name(self) -> str:
+        """The prefix of this set's metric: eval.sts[i].name, else the file's directory name."""
+        return self.name or PurePath(self.path).parent.name
 
 
 @dataclass
@@ -53,6 +65,16 @@ class EvalConfig:
     primary_metric: str = "ndcg@10"
     """Selects the best evaluation during training (of the first eval.beir set, or the first eval.sts set's
     `spearman`); each new best is saved to checkpoints/best.ckpt and recorded in metrics.json (`best`)."""
+    selection: list[str] = field(default_factory=list)
+    """Metrics averaged into one selection score, logged as eval/selection, which then selects the best evaluation
+    instead of eval.primary_metric: a domain metric next to general ones (e.g. [scifact/ndcg@10, stsb/spearman,
+    medquad/ndcg@10]), so that the best checkpoint and early stopping favour gaining on the domain without
+    forgetting the rest (docs/domain.md). Each is <set>/<metric> of a set of eval.beir or eval.sts (the set's
+    name, else its directory's): ndcg, recall, map or mrr @ one of eval.k_values for BEIR, spearman for STS."""
+    early_stopping_patience: int = bounded(0, ge=0)
+    """Stop training after this many evaluations in a row (eval.every_n_steps) without a new best selection score
+    (eval.selection, else the primary metric); 0 never stops early. With eval.export_best the best weights are
+    still the ones exported."""
     export_best: bool = False
     """Export the best evaluated weights (checkpoints/best.ckpt) instead of the final ones."""
     missing_documents: str = field(default="raise", metadata={"choices": MissingDocuments})
@@ -70,3 +92,26 @@ class EvalConfig:
         check_fields(self, "eval")
         if not self.k_values or min(self.k_values) < 1:
             raise ValueError(f"eval.k_values must be positive cutoffs, got {list(self.k_values)}")
+        self._check_selection()
+        if self.early_stopping_patience and not self.every_n_steps:
+            raise ValueError(
+                "eval.early_stopping_patience needs evaluations during training: set eval.every_n_steps > 0"
+            )
+
+    def _check_selection(self) -> None:
+        beir = {s.metric_name for s in self.beir}
+        sts = {s.metric_name for s in self.sts}
+        for key in self.selection:
+            name, _, metric = key.rpartition("/")
+            if name in sts and metric == "spearman":
+                continue
+            if name in beir:
+                match = re.fullmatch(r"(ndcg|recall|map|mrr)@(\d+)", metric)
+                if match and int(match[2]) in self.k_values:
+                    continue
+            sets = ", ".join(sorted(beir | sts)) or "none"
+            raise ValueError(
+                f"eval.selection: {key!r} is not a metric of this evaluation: use <set>/<metric> with a set of "
+                f"eval.beir or eval.sts ({sets}) and ndcg|recall|map|mrr@k (k in eval.k_values = "
+                f"{list(self.k_values)}) for BEIR, spearman for STS"
+            )

@@ -18,7 +18,14 @@ from embedscale.config.pipeline import PipelineConfig
 from embedscale.config.plan import PlanConfig
 from embedscale.config.reranker import RerankerConfig
 from embedscale.config.retrieval import GenerateConfig, HubConfig, IndexConfig, MineConfig, OnnxConfig, SweepConfig
-from embedscale.config.training import GradCacheConfig, LoggerConfig, LossConfig, OptimConfig, TrainerConfig
+from embedscale.config.training import (
+    AnchorConfig,
+    GradCacheConfig,
+    LoggerConfig,
+    LossConfig,
+    OptimConfig,
+    TrainerConfig,
+)
 
 
 @dataclass
@@ -46,6 +53,8 @@ class TrainConfig:
     """What is evaluated before, during and after training (eval.*)."""
     gradcache: GradCacheConfig = field(default_factory=GradCacheConfig)
     """GradCache: exact gradients with one chunk of activation memory (gradcache.*)."""
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    """Keeping the model near its starting weights against forgetting: L2-SP, weight interpolation (anchor.*)."""
     seed: int = bounded(42, ge=0, le=2**32 - 1)
     """Seeds Python, numpy and torch on every rank (and DataLoader workers), and the data order."""
     run_dir: str | None = None
@@ -87,6 +96,30 @@ class TrainConfig:
                 f"trainer.strategy={self.trainer.strategy} does not evaluate during training yet: add eval=none"
             )
         self._check_gradcache()
+        self._check_anchor()
+
+    def _check_anchor(self) -> None:
+        a = self.anchor
+        if a.l2_sp_weight == 0 and a.interpolation == 1:
+            return
+        keys = "anchor.l2_sp_weight / anchor.interpolation"
+        if self.trainer.strategy in (Strategy.fsdp2, Strategy.deepspeed):
+            raise ValueError(f"{keys} with trainer.strategy={self.trainer.strategy}: not supported yet (use ddp)")
+        if self.model.lora_r > 0:
+            raise ValueError(
+                f"{keys} with model.lora_r={self.model.lora_r}: LoRA already leaves the backbone at its start; use "
+                "one or the other (docs/domain.md)"
+            )
+        if self.optim.lr * a.l2_sp_weight >= 1:
+            raise ValueError(
+                f"anchor.l2_sp_weight={a.l2_sp_weight} with optim.lr={self.optim.lr}: each step would pull weights "
+                f"{self.optim.lr * a.l2_sp_weight:.3g} of the way back (past the start); keep lr x l2_sp_weight < 1"
+            )
+        if a.interpolation < 1 and self.eval.export_best:
+            raise ValueError(
+                "anchor.interpolation < 1 with eval.export_best=true: the best checkpoint is chosen before the "
+                "interpolation; use one or the other"
+            )
 
     def _check_gradcache(self) -> None:
         if not self.gradcache.enabled:

@@ -118,6 +118,22 @@ class OptimConfig:
 
 
 @dataclass
+class AnchorConfig:
+    l2_sp_weight: float = bounded(0.0, ge=0)
+    """L2-SP towards the starting weights, decoupled as AdamW's weight decay: after each optimizer step every trained
+    weight moves lr x l2_sp_weight of the way back to its starting value (lr: that step's learning rate). 0: off.
+    lr x l2_sp_weight is the fraction pulled back per step, so with lr 1e-4 useful weights are 10 to 1,000. Keeps a
+    copy of the starting trainable weights in memory (embedscale/contrastive/anchor.py; docs/domain.md)."""
+    interpolation: float = bounded(1.0, ge=0, le=1)
+    """WiSE-FT: when training ends, before the final evaluation and the export, the weights become start +
+    interpolation x (trained - start); 1 keeps the trained weights, 0 is the starting model. Evaluations during
+    training see the trained weights."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "anchor")
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = bounded(3, ge=-1)
     """Stop after this many epochs (unless trainer.max_steps stops first)."""

@@ -31,16 +31,24 @@ class EvalCallback(L.Callback):
         every_n_steps: int = 0,
         run_dir: Path | None = None,
         primary: str | None = None,
+        selection: list[str] | None = None,
+        patience: int = 0,
         best_checkpoint: Path | None = None,
     ) -> None:
-        """`primary` (e.g. "scifact/ndcg@10") selects the best evaluation after training started; with
-        `best_checkpoint`, the weights of each new best are saved there (model, optimizer, data cursor)."""
+        """`primary` (e.g. "scifact/ndcg@10") selects the best evaluation after training started, or, when given,
+        the mean of the `selection` metrics (logged as "selection"); with `best_checkpoint`, the weights of each new
+        best are saved there (model, optimizer, data cursor). `patience` > 0 stops training after that many
+        evaluations in a row without a new best."""
         self.evaluators = evaluators
         self.tokenizer = tokenizer
         self.before = before
         self.every_n_steps = every_n_steps
         self.run_dir = run_dir
         self.primary = primary
+        self.selection = list(selection or [])
+        self.patience = patience
+        self.since_best = 0  # evaluations since the best one (early stopping)
+        self.stopped_early: dict | None = None  # {"step", "evaluations_without_improvement"}
         self.best_checkpoint = best_checkpoint
         self.best: dict | None = None  # {"step", "tag", "metric", "value", "checkpoint"}
         self.history: list[dict] = []
@@ -65,6 +73,8 @@ class EvalCallback(L.Callback):
             every_n_steps=cfg.every_n_steps,
             run_dir=run_dir if cfg.save_runs else None,
             primary=primary,
+            selection=cfg.selection,
+            patience=cfg.early_stopping_patience,
             best_checkpoint=run_dir / "checkpoints" / "best.ckpt",
         )
 
@@ -75,6 +85,8 @@ class EvalCallback(L.Callback):
         self._last_step = step
         start = time.perf_counter()
         metrics = evaluate_all(self.evaluators, module.encoder, self.tokenizer, run_dir=self.run_dir, tag=f"-{tag}")
+        if self.selection:  # the same on every rank: the metrics are broadcast
+            metrics["selection"] = sum(float(metrics[k]) for k in self.selection) / len(self.selection)
         seconds = time.perf_counter() - start
         if trainer.is_global_zero:
             self.history.append({"tag": tag, "step": step, "seconds": round(seconds, 1), "metrics": metrics})
@@ -87,15 +99,23 @@ class EvalCallback(L.Callback):
     def _track_best(self, trainer: L.Trainer, tag: str, step: int, metrics: dict) -> None:
         if self.primary is None or tag == "before":
             return
-        if self.primary not in metrics:
+        key = "selection" if self.selection else self.primary
+        if key not in metrics:
             raise ValueError(
                 f"eval.primary_metric: {self.primary!r} is not among the evaluation's metrics "
                 f"({', '.join(sorted(metrics)[:8])}, ...): set eval.primary_metric to one of their suffixes"
             )
-        value = float(metrics[self.primary])
+        value = float(metrics[key])
         if self.best is not None and value <= self.best["value"]:
+            self.since_best += 1
+            if self.patience and self.since_best >= self.patience and not trainer.should_stop:
+                trainer.should_stop = True  # every rank decides alike (same metrics): Lightning stops after this step
+                self.stopped_early = {"step": step, "evaluations_without_improvement": self.since_best}
+                log.info("eval: no new best %s in %d evaluations: stopping at step %d", key, self.since_best, step)
             return
-        self.best = {"step": step, "tag": tag, "metric": self.primary, "value": value, "checkpoint": None}
+        self.since_best = 0
+        metric = f"selection: mean of {', '.join(self.selection)}" if self.selection else self.primary
+        self.best = {"step": step, "tag": tag, "metric": metric, "value": value, "checkpoint": None}
         if self.best_checkpoint is not None:
             trainer.save_checkpoint(self.best_checkpoint, weights_only=False)  # all ranks call it; rank 0 writes
             self.best["checkpoint"] = str(self.best_checkpoint)
@@ -118,12 +138,20 @@ class EvalCallback(L.Callback):
                 self.best["tag"] = "after"
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "last_step": self._last_step, "best": self.best}
+        return {
+            "history": self.history,
+            "last_step": self._last_step,
+            "best": self.best,
+            "since_best": self.since_best,
+            "stopped_early": self.stopped_early,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
         self._last_step = int(state_dict.get("last_step", -1))
         self.best = state_dict.get("best")
+        self.since_best = int(state_dict.get("since_best", 0))
+        self.stopped_early = state_dict.get("stopped_early")
 
 
 def export_best_weights(module: L.LightningModule, eval_cb: EvalCallback) -> dict:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate before/after, export; returns what metrics.json holds (on rank 0; {} elsewhere)."""
     from embedscale.config import resolve_batch_sizes
+    from embedscale.contrastive.anchor import StartAnchor
     from embedscale.contrastive.callbacks import EvalCallback, Heartbeat, RngResume, export_best_weights
     from embedscale.contrastive.module import ContrastiveModule
     from embedscale.contrastive.trainer import build_trainer, resume_path
@@ -52,7 +53,9 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     )
     if cfg.loss.guide_model:
         module.set_guide(load_guide(cfg.model, cfg.loss.guide_model, tokenizer))
+    anchor = StartAnchor.for_run(encoder, cfg.anchor)  # copies the start now: before a resume loads a checkpoint
     callbacks = [eval_cb, RngResume(), DataProgress(), Heartbeat(), *after_fit_callbacks(cfg.trainer, cfg.model)]
+    callbacks = [anchor, *callbacks] if anchor else callbacks  # first: it interpolates before the final evaluation
     strategy = build_strategy(cfg.trainer, gradcache=cfg.gradcache.enabled)
     trainer = build_trainer(cfg.trainer, cfg.logger, run_dir, callbacks, strategy=strategy)
     sizes = resolve_batch_sizes(cfg, trainer.world_size)  # the launcher's real world size (devices=auto, SLURM)
@@ -79,6 +82,7 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return {}
     result = run_record(cfg, run_dir, trainer, datamodule, sizes, eval_cb, parent=parent, fit_seconds=fit_seconds)
+    result["anchor"] = anchor.summary() if anchor else None
     summary = result["eval"]
     card_metrics = summary.get("after")
     if cfg.eval.export_best and eval_cb.best is not None and eval_cb.best["step"] != trainer.global_step:
@@ -121,6 +125,7 @@ def run_record(cfg, run_dir: Path, trainer, datamodule, sizes, eval_cb, *, paren
         "eval": {entry["tag"]: entry["metrics"] for entry in eval_cb.history},
         "eval_history": eval_cb.history,
         "best": eval_cb.best,
+        "stopped_early": eval_cb.stopped_early,
     }
 
 

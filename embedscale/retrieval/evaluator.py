@@ -239,7 +239,7 @@ def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[Retrie
         RetrievalEvaluator.from_beir(
             resolve_path(s.path, root),
             s.split,
-            name=s.name,
+            name=s.metric_name,
             k_values=tuple(cfg.k_values),
             batch_size=cfg.batch_size,
             max_length=max_length,
@@ -253,7 +253,7 @@ def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[Retrie
     evaluators += [
         STSEvaluator.from_sts(
             resolve_path(s.path, root),
-            name=s.name,
+            name=s.metric_name,
             batch_size=cfg.batch_size,
             max_length=max_length,
             query_prefix=s.query_prefix,
