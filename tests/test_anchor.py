@@ -206,6 +206,7 @@ def test_training_with_the_anchor_end_to_end(tiny_bert, tiny_data, tmp_path):
     train("first", 2, *pull)
     resumed = train("resumed", 4, *pull, f"trainer.resume={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
     assert whole["anchor"]["pulled_steps"] == 4 and resumed["anchor"]["pulled_steps"] == 2
+    assert train("gradcache", 2, *pull, "gradcache.chunk_size=2")["anchor"]["pulled_steps"] == 2  # manual steps
     a, b = weights(whole), weights(resumed)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     distance = lambda w: sum((w[k] - start[k]).pow(2).sum().item() for k in start if k in w)  # noqa: E731
