@@ -1,5 +1,6 @@
 """Forgetting control: anchor.l2_sp_weight (decoupled L2-SP), anchor.interpolation (WiSE-FT), eval.selection (a
-combined selection metric) and eval.early_stopping_patience."""
+combined selection metric), eval.early_stopping_patience, and eval.pairs (a retrieval set from a pairs file, for a
+general metric next to the domain's)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from helpers import compose_train as _cfg
 from helpers import tiny_overrides
 
-from embedscale.config import AnchorConfig, BeirSet, EvalConfig, StsSet
+from embedscale.config import AnchorConfig, BeirSet, EvalConfig, PairsSet, StsSet
 from embedscale.contrastive.anchor import StartAnchor
 
 
@@ -211,3 +212,34 @@ def test_training_with_the_anchor_end_to_end(tiny_bert, tiny_data, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     distance = lambda w: sum((w[k] - start[k]).pow(2).sum().item() for k in start if k in w)  # noqa: E731
     assert distance(a) < 0.9 * distance(plain)  # the pull really held the weights nearer the start
+
+
+def _pairs_file(path: Path) -> Path:
+    import json
+
+    rows = [("what is flu", "flu is a virus"), ("what is flu", "influenza spreads"), ("gout?", "gout is arthritis")]
+    rows += [(f"question {i}", f"answer {i}") for i in range(7)] + [("another q", "flu is a virus")]
+    path.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in rows))
+    return path
+
+
+def test_pairs_evaluation_set(tmp_path):
+    """eval.pairs: distinct queries against the sampled pairs' distinct positives; a query is relevant to every
+    positive it was paired with; the sample is seeded; a bad line is named by file:line."""
+    from embedscale.retrieval.evaluator import RetrievalEvaluator
+
+    path = _pairs_file(tmp_path / "pairs.jsonl")
+    ev = RetrievalEvaluator.from_pairs(path, name="qa", max_pairs=0, seed=0)
+    assert len(ev.queries) == 10 and len(ev.corpus) == 10  # 11 pairs: one query twice, one positive twice
+    flu = next(qid for qid, text in ev.queries.items() if text == "what is flu")
+    assert sorted(ev.corpus[d] for d in ev.qrels[flu]) == ["flu is a virus", "influenza spreads"]
+    assert sum(len(v) for v in ev.qrels.values()) == 11
+    a = RetrievalEvaluator.from_pairs(path, name="qa", max_pairs=4, seed=3)
+    b = RetrievalEvaluator.from_pairs(path, name="qa", max_pairs=4, seed=3)
+    assert a.qrels == b.qrels and sum(len(v) for v in a.qrels.values()) == 4
+    assert set(a.corpus) == {d for docs in a.qrels.values() for d in docs}  # the corpus is the sample's positives
+    (tmp_path / "bad.jsonl").write_text('{"query": "q", "positive": "p"}\n{"query": "q2"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*'positive'"):
+        RetrievalEvaluator.from_pairs(tmp_path / "bad.jsonl", name="qa", max_pairs=0, seed=0)
+    cfg = EvalConfig(beir=[], pairs=[PairsSet(path=str(path))], selection=[f"{tmp_path.name}/ndcg@10"])
+    assert cfg.pairs[0].metric_name == tmp_path.name

@@ -47,7 +47,7 @@ from embedscale.config.choices import (
     parse_choice,
 )
 from embedscale.config.data import DataConfig, PretrainConfig, ShardConfig, SourceConfig
-from embedscale.config.evaluation import BeirSet, EvalConfig, StsSet
+from embedscale.config.evaluation import BeirSet, EvalConfig, PairsSet, StsSet
 from embedscale.config.jobs import (
     DataRoot,
     EvaluateConfig,
@@ -106,6 +106,7 @@ __all__ = [
     "OptimConfig",
     "PaddingSide",
     "ParamDtype",
+    "PairsSet",
     "PipelineConfig",
     "PipelineJobConfig",
     "PlanConfig",

@@ -45,9 +45,34 @@ class StsSet:
 
 
 @dataclass
+class PairsSet:
+    path: str = "medquad/pairs.jsonl.gz"
+    """A JSONL file (gzipped or not) of {"query", "positive"} pairs, relative to the data root unless absolute,
+    evaluated as retrieval: each sampled pair's query against the positives of all sampled pairs (the corpus); a
+    query relevant to every sampled positive it was paired with. For held-out pairs of a domain without BEIR files
+    (e.g. MedQuAD, as a general set next to a domain set: docs/domain.md)."""
+    name: str | None = None
+    """Metric prefix; None uses the file's directory name (medquad for medquad/pairs.jsonl.gz)."""
+    max_pairs: int = bounded(2000, ge=0)
+    """Pairs sampled from the file (uniformly, seeded by eval.pairs[i].seed); 0 takes all. The corpus is their
+    distinct positives, so the task gets harder as it grows."""
+    seed: int = bounded(0, ge=0)
+    """Seed of the sample (the same pairs for every model evaluated)."""
+    query_prefix: str | None = None
+    """This set's query instruction instead of model.query_prefix; None: the model's."""
+
+    @property
+    def metric_name(self) -> str:
+        """The prefix of this set's metrics: eval.pairs[i].name, else the file's directory name."""
+        return self.name or PurePath(self.path).parent.name
+
+
+@dataclass
 class EvalConfig:
     beir: list[BeirSet] = field(default_factory=lambda: [BeirSet()])
     """Retrieval sets (NDCG, recall, MRR, MAP at eval.k_values, exact search)."""
+    pairs: list[PairsSet] = field(default_factory=list)
+    """Retrieval sets built from (query, positive) pairs files (the BEIR metrics, exact search)."""
     sts: list[StsSet] = field(default_factory=list)
     """Sentence-similarity sets (Spearman correlation of cosine scores with the gold scores)."""
     k_values: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 100])
@@ -69,8 +94,9 @@ class EvalConfig:
     """Metrics averaged into one selection score, logged as eval/selection, which then selects the best evaluation
     instead of eval.primary_metric: a domain metric next to general ones (e.g. [scifact/ndcg@10, stsb/spearman,
     medquad/ndcg@10]), so that the best checkpoint and early stopping favour gaining on the domain without
-    forgetting the rest (docs/domain.md). Each is <set>/<metric> of a set of eval.beir or eval.sts (the set's
-    name, else its directory's): ndcg, recall, map or mrr @ one of eval.k_values for BEIR, spearman for STS."""
+    forgetting the rest (docs/domain.md). Each is <set>/<metric> of a set of eval.beir, eval.pairs or eval.sts
+    (the set's name, else its directory's): ndcg, recall, map or mrr @ one of eval.k_values for retrieval sets,
+    spearman for STS."""
     early_stopping_patience: int = bounded(0, ge=0)
     """Stop training after this many evaluations in a row (eval.every_n_steps) without a new best selection score
     (eval.selection, else the primary metric); 0 never stops early. With eval.export_best the best weights are
@@ -99,7 +125,7 @@ class EvalConfig:
             )
 
     def _check_selection(self) -> None:
-        beir = {s.metric_name for s in self.beir}
+        beir = {s.metric_name for s in [*self.beir, *self.pairs]}
         sts = {s.metric_name for s in self.sts}
         for key in self.selection:
             name, _, metric = key.rpartition("/")
@@ -112,6 +138,6 @@ class EvalConfig:
             sets = ", ".join(sorted(beir | sts)) or "none"
             raise ValueError(
                 f"eval.selection: {key!r} is not a metric of this evaluation: use <set>/<metric> with a set of "
-                f"eval.beir or eval.sts ({sets}) and ndcg|recall|map|mrr@k (k in eval.k_values = "
-                f"{list(self.k_values)}) for BEIR, spearman for STS"
+                f"eval.beir, eval.pairs or eval.sts ({sets}) and ndcg|recall|map|mrr@k (k in eval.k_values = "
+                f"{list(self.k_values)}) for retrieval sets, spearman for STS"
             )

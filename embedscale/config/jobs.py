@@ -91,7 +91,9 @@ class TrainConfig:
                 "data.teacher_scores needs data.format=shards (written by `embedscale mine`) and "
                 "data.num_hard_negatives >= 1 (the teacher ranks a query's positive against its negatives)"
             )
-        if self.trainer.strategy in (Strategy.fsdp2, Strategy.deepspeed) and (self.eval.beir or self.eval.sts):
+        if self.trainer.strategy in (Strategy.fsdp2, Strategy.deepspeed) and (
+            self.eval.beir or self.eval.pairs or self.eval.sts
+        ):
             raise ValueError(
                 f"trainer.strategy={self.trainer.strategy} does not evaluate during training yet: add eval=none"
             )

@@ -57,7 +57,7 @@ class EvalCallback(L.Callback):
     @classmethod
     def for_run(cls, cfg, encoder, tokenizer, *, root: Path, run_dir: Path) -> EvalCallback:
         """The evaluation of a training run (eval.*): its sets, and the primary metric that selects the best
-        evaluation (eval.primary_metric of the first BEIR set, else the first STS set's spearman)."""
+        evaluation (eval.primary_metric of the first BEIR or pairs set, else the first STS set's spearman)."""
         from embedscale.encoder.biencoder import check_lengths
         from embedscale.retrieval.evaluator import build_evaluators
 
@@ -65,7 +65,8 @@ class EvalCallback(L.Callback):
         evaluators = build_evaluators(cfg, root=root, default_max_length=encoder.cfg.document_max_length)
         primary = None
         if evaluators:
-            primary = f"{evaluators[0].name}/{'spearman' if not cfg.beir else cfg.primary_metric}"
+            retrieval = cfg.beir or cfg.pairs  # the evaluators' order: BEIR, pairs, STS
+            primary = f"{evaluators[0].name}/{'spearman' if not retrieval else cfg.primary_metric}"
         return cls(
             evaluators,
             tokenizer,

@@ -27,7 +27,7 @@ def run(cfg: EvaluateConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
         cfg.eval, root=resolve_data_root(cfg.data_root), default_max_length=encoder.cfg.document_max_length
     )
     if not evaluators:
-        raise ValueError("nothing to evaluate: add sets to eval.beir or eval.sts (e.g. eval=scifact_stsb)")
+        raise ValueError("nothing to evaluate: add sets to eval.beir, eval.pairs or eval.sts (e.g. eval=scifact_stsb)")
     metrics = evaluate_all(evaluators, encoder, tokenizer, run_dir=run_dir if cfg.eval.save_runs else None)
     rank, size = world()
     if rank != 0:

@@ -1,6 +1,6 @@
 """Evaluators that share the encoder: BEIR-layout retrieval (exact search) and STS (Spearman).
 
-An evaluator is built once from files (`from_beir`, `from_sts`) and called with an encoder:
+An evaluator is built once from files (`from_beir`, `from_pairs`, `from_sts`) and called with an encoder:
 `evaluator(encoder, tokenizer) -> {name/metric: value}`. Corpus embeddings are cached on disk,
 keyed by the document tower's weights, the encoding settings and the corpus content, so the
 "before" evaluation of a published model is paid once per machine, not once per run.
@@ -78,6 +78,36 @@ class RetrievalEvaluator:
                 raise ValueError(f"{message}; fix the corpus or qrels, or set eval.missing_documents=warn")
             log.warning("%s (eval.missing_documents=warn: their judgments are kept, as trec_eval counts them)", message)
         return cls(name or dataset_dir.name, queries, corpus, qrels, **kwargs)
+
+    @classmethod
+    def from_pairs(cls, path: Path, *, name: str, max_pairs: int, seed: int, **kwargs) -> RetrievalEvaluator:
+        """Retrieval from a (query, positive) JSONL file (eval.pairs): `max_pairs` pairs sampled with `seed` (0:
+        all); the corpus is their distinct positives, each distinct query is relevant to every positive it was
+        paired with in the sample."""
+        import hashlib
+        import random
+
+        from embedscale.data.records import iter_jsonl
+
+        rows = []
+        for line_no, row in iter_jsonl(path):
+            query, positive = row.get("query"), row.get("positive")
+            if not (isinstance(query, str) and query.strip() and isinstance(positive, str) and positive.strip()):
+                raise ValueError(
+                    f"{path}:{line_no}: eval.pairs needs non-empty string fields 'query' and 'positive' on every line"
+                )
+            rows.append((query, positive))
+        if not rows:
+            raise ValueError(f"{path}: no pairs: eval.pairs needs a JSONL file of {{query, positive}} lines")
+        if 0 < max_pairs < len(rows):
+            rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_pairs))]
+        key = lambda text: hashlib.sha1(text.encode()).hexdigest()[:16]  # noqa: E731 - ids stable across runs
+        queries = {f"q{key(q)}": q for q, _ in rows}
+        corpus = {f"d{key(d)}": d for _, d in rows}
+        qrels: dict[str, dict[str, int]] = {}
+        for q, d in rows:
+            qrels.setdefault(f"q{key(q)}", {})[f"d{key(d)}"] = 1
+        return cls(name, queries, corpus, qrels, **kwargs)
 
     def late_interaction_run(self, encoder: BiEncoder, tokenizer) -> tuple[dict[str, dict[str, float]], dict]:
         """A multi-vector model's run by MaxSim search (retrieval/late_interaction.py: exact, or over candidates with
@@ -249,6 +279,21 @@ def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[Retrie
             maxsim_candidates=cfg.maxsim_candidates,
         )
         for s in cfg.beir
+    ]
+    evaluators += [
+        RetrievalEvaluator.from_pairs(
+            resolve_path(s.path, root),
+            name=s.metric_name,
+            max_pairs=s.max_pairs,
+            seed=s.seed,
+            k_values=tuple(cfg.k_values),
+            batch_size=cfg.batch_size,
+            max_length=max_length,
+            cache_dir=cache_dir,
+            query_prefix=s.query_prefix,
+            maxsim_candidates=cfg.maxsim_candidates,
+        )
+        for s in cfg.pairs
     ]
     evaluators += [
         STSEvaluator.from_sts(
