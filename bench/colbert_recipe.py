@@ -26,31 +26,19 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from common import report  # noqa: E402
+from common import embedscale_cli, report  # noqa: E402
 
 NAME = "colbert_scifact"
 
 
 def as_list(items: list[str]) -> str:  # Hydra's grammar: list items holding '=' are quoted
     return "[" + ",".join(f"'{i}'" for i in items) + "]"
-
-
-def cli(args: list[str], log: Path, env: dict) -> float:
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            [sys.executable, "-m", "embedscale.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env
-        )
-    if proc.returncode:
-        raise SystemExit(f"embedscale {args[0]} failed ({proc.returncode}): see {log}")
-    return time.perf_counter() - start
 
 
 def round_trip(export_dir: Path, data_root: Path, n: int) -> dict:
@@ -145,7 +133,7 @@ def main() -> None:
     print("recipe colbert_scifact: mine -> colbert -> biencoder", flush=True)
     pipeline_args = ["pipeline", "recipe=colbert_scifact", f"pipeline.output={pipe}", f"hydra.run.dir={work / 'hydra'}"]
     pipeline_args += ["+pipeline.overrides.train=" + as_list(train), "+pipeline.overrides.mine=" + as_list(mine)]
-    cli(pipeline_args, work / "pipeline.log", env)
+    embedscale_cli(pipeline_args, work / "pipeline.log", env)
     stages = {s["stage"]: s for s in json.loads((pipe / "pipeline.json").read_text())["stages"]}
     runs = {name: json.loads((pipe / name / "metrics.json").read_text()) for name in ("colbert", "biencoder")}
     quick_dir = work / "quickstart"
@@ -158,7 +146,7 @@ def main() -> None:
                 f"hydra.run.dir={work / 'hydra-quickstart'}",
                 "overwrite=true",
             ]
-            quick_s = cli([*quick_args, *train], work / "quickstart.log", env)
+            quick_s = embedscale_cli([*quick_args, *train], work / "quickstart.log", env)
             (quick_dir / "stage_seconds.json").write_text(json.dumps({"seconds": round(quick_s, 1)}) + "\n")
         runs["quickstart"] = json.loads((quick_dir / "metrics.json").read_text())
     rows = []

@@ -122,3 +122,93 @@ def train_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1", **extra)
     return env
+
+
+def embedscale_cli(args: list[str], log: Path, env: dict | None = None) -> float:
+    """`python -m embedscale.cli ARGS` with its output in `log`; seconds; SystemExit naming the log on failure."""
+    import subprocess
+
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "embedscale.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env
+        )
+    if proc.returncode:
+        raise SystemExit(f"embedscale {args[0]} failed ({proc.returncode}): see {log}")
+    return time.perf_counter() - start
+
+
+def seed_table(
+    name: str,
+    spec: dict[str, list[str]],
+    rows: list[str],
+    seeds: list[int],
+    *,
+    common: list[str],
+    metrics: tuple[str, ...],
+    work: Path,
+    fresh: bool = False,
+    env: dict | None = None,
+    extra=None,
+) -> list[dict]:
+    """Train-and-evaluate cells (row x seed: `embedscale train` with common + spec[row] overrides), resumable:
+    RESULTS/<name>.json is rewritten after every cell and read back on start, and a cell already there is skipped
+    (fresh: rerun all). The table: per row the mean and sample std over its seeds (n says how many), then the cells;
+    the json also holds the cells, the zero-shot metrics (the `before` evaluation) and extra(cells, zero_shot) when
+    given (a dict: derived figures). Returns the cells."""
+    import json
+
+    previous = RESULTS / f"{name}.json"
+    cells = [] if fresh or not previous.exists() else json.loads(previous.read_text()).get("cells", [])
+    zero_shot = {} if fresh or not previous.exists() else json.loads(previous.read_text()).get("zero_shot", {})
+    keys = ["row", "seed", "n"] + [k for m in metrics for k in (m, f"{m} std")] + ["steps", "fit_s", "seconds"]
+    for seed in seeds:  # seed-major: every row of a seed before the next seed
+        for row in rows:
+            if any(c["row"] == row and c["seed"] == seed for c in cells):
+                print(f"{row} seed {seed}: already in the results: skipped", flush=True)
+                continue
+            print(f"{row} seed {seed}: training and evaluating", flush=True)
+            run_dir = work / "runs" / f"{row}-{seed}"
+            overrides = [*common, *spec[row], f"seed={seed}", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+            seconds = embedscale_cli(["train", *overrides, "overwrite=true"], work / f"train-{row}-{seed}.log", env)
+            result = json.loads((run_dir / "metrics.json").read_text())
+            after = result["eval"]["after"]
+            cell = {"row": row, "seed": seed, **{m: round(after[m], 4) for m in metrics}}
+            cell.update(steps=result["train"]["optimizer_steps"], fit_s=result["train"]["fit_seconds"])
+            cell.update(seconds=round(seconds, 1), overrides=spec[row])
+            cells.append(cell)
+            before = result["eval"].get("before", {})
+            zero_shot = {m: round(before[m], 4) for m in metrics if m in before} or zero_shot
+            lines = []
+            for r in spec:
+                got = [c for c in cells if c["row"] == r]
+                if not got:
+                    continue
+                line = {"row": r, "seed": "mean", "n": len(got)}
+                for m in metrics:
+                    values = [c[m] for c in got]
+                    line[m] = round(statistics.mean(values), 4)
+                    line[f"{m} std"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
+                for k in ("steps", "fit_s", "seconds"):
+                    present = [c[k] for c in got if c.get(k) is not None]
+                    line[k] = round(statistics.mean(present), 1) if present else None
+                lines.append(line)
+            table = [{k: line.get(k) for k in keys} for line in lines + cells]
+            derived = extra(cells, zero_shot) if extra else {}
+            report(name, table, {"cells": cells, "zero_shot": zero_shot, **derived})
+    return cells
+
+
+def make_mixture_shards(work: Path, data_root: str | None, scifact: str, sts_train: str) -> None:
+    """work/shards/scifact (SciFact train pairs) and work/shards/stsb (STS-B train, scored): the sources of a
+    SciFact + STS-B (CoSENT) mixture; kept when already there."""
+    root = [f"data_root={data_root}"] if data_root else []
+    for name, args in (
+        ("scifact", ["shard.format=beir", f"shard.inputs=[{scifact}]", "shard.split=train"]),
+        ("stsb", ["shard.format=sts", f"shard.inputs=[{sts_train}]"]),
+    ):
+        out = work / "shards" / name
+        if not (out / "manifest.json").exists():
+            embedscale_cli(
+                ["shard", *args, *root, f"shard.name={name}", f"shard.output={out}"], work / f"shard-{name}.log"
+            )

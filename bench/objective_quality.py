@@ -22,15 +22,11 @@ mean and the sample standard deviation over the seeds a row has so far (n says h
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, report  # noqa: E402
+from common import make_mixture_shards, seed_table  # noqa: E402
 
 NAME = "objective_quality"
 METRICS = ("scifact/ndcg@10", "scifact/recall@100", "stsb/spearman")
@@ -46,49 +42,6 @@ def rows_spec(model: str, work: Path, steps_per_epoch: int) -> dict[str, list[st
         "margin": ["loss.margin_guard=0.05"],
         "cosent": ["data.format=shards", f"data.sources={sources}", f"data.steps_per_epoch={steps_per_epoch}"],
     }
-
-
-def cli(args: list[str], log: Path) -> float:
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "embedscale.cli", *args], stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"embedscale {' '.join(args[:1])} failed ({proc.returncode}): see {log}")
-    return time.perf_counter() - start
-
-
-def make_shards(work: Path, data_root: str | None, scifact: str, sts_train: str) -> None:
-    root = [f"data_root={data_root}"] if data_root else []
-    for name, args in (
-        ("scifact", ["shard.format=beir", f"shard.inputs=[{scifact}]", "shard.split=train"]),
-        ("stsb", ["shard.format=sts", f"shard.inputs=[{sts_train}]"]),
-    ):
-        out = work / "shards" / name
-        if not (out / "manifest.json").exists():
-            cli(["shard", *args, *root, f"shard.name={name}", f"shard.output={out}"], work / f"shard-{name}.log")
-
-
-def summary(cells: list[dict], rows: list[str]) -> list[dict]:
-    out = []
-    for row in rows:
-        got = [c for c in cells if c["row"] == row]
-        if not got:
-            continue
-        line = {"row": row, "seed": "mean", "n": len(got)}
-        for m in METRICS:
-            values = [c[m] for c in got]
-            line[m] = round(statistics.mean(values), 4)
-            line[f"{m} std"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
-        line["steps"] = round(statistics.mean(c["steps"] for c in got), 1)
-        line["seconds"] = round(statistics.mean(c["seconds"] for c in got), 1)
-        out.append(line)
-    return out
-
-
-def columns(line: dict) -> dict:
-    """A table line with every column (summary lines and cells share the table)."""
-    keys = ["row", "seed", "n"] + [k for m in METRICS for k in (m, f"{m} std")] + ["steps", "seconds"]
-    return {k: line.get(k) for k in keys}
 
 
 def main() -> None:
@@ -113,10 +66,8 @@ def main() -> None:
     unknown = set(rows) - set(spec)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}: use {', '.join(spec)}")
-    previous = RESULTS / f"{args.name}.json"
-    cells = [] if args.fresh or not previous.exists() else json.loads(previous.read_text()).get("cells", [])
     if "cosent" in rows:
-        make_shards(work, args.data_root, args.scifact, args.sts_train)
+        make_mixture_shards(work, args.data_root, args.scifact, args.sts_train)
     common = [
         f"model.name_or_path={args.model}",
         "eval=scifact_stsb",
@@ -129,25 +80,7 @@ def main() -> None:
     ]
     common += [f"data.root={args.data_root}"] if args.data_root else []
     common += [e for e in args.extra.split(";") if e]
-    for seed in seeds:  # seed-major: every row of a seed before the next seed
-        for row in rows:
-            if any(c["row"] == row and c["seed"] == seed for c in cells):
-                print(f"{row} seed {seed}: already in the results: skipped", flush=True)
-                continue
-            print(f"{row} seed {seed}: training and evaluating", flush=True)
-            run_dir = work / "runs" / f"{row}-{seed}"
-            overrides = [*common, *spec[row], f"seed={seed}", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
-            seconds = cli(["train", *overrides, "overwrite=true"], work / f"train-{row}-{seed}.log")
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            after = metrics["eval"]["after"]
-            cell = {"row": row, "seed": seed, **{m: round(after[m], 4) for m in METRICS}}
-            cell.update(steps=metrics["train"]["optimizer_steps"], seconds=round(seconds, 1))
-            cell["overrides"] = spec[row]
-            cells.append(cell)
-            before = metrics["eval"].get("before", {})
-            zero_shot = {m: round(before[m], 4) for m in METRICS if m in before}
-            table = [columns(line) for line in summary(cells, list(spec)) + cells]
-            report(args.name, table, {"cells": cells, "zero_shot": zero_shot})
+    seed_table(args.name, spec, rows, seeds, common=common, metrics=METRICS, work=work, fresh=args.fresh)
 
 
 if __name__ == "__main__":

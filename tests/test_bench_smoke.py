@@ -108,6 +108,19 @@ def _colbert_recipe(ctx, proc):
     assert out["configs"]["colbert"]["model"]["multivector"] and not out["configs"]["biencoder"]["model"]["multivector"]
 
 
+def _domain_forgetting(ctx, proc):
+    out = ctx.json("domain_forgetting_smoke")
+    assert [(c["row"], c["seed"]) for c in out["cells"]] == [("quickstart", 1), ("domain", 1), ("ict", 1)]
+    assert all(0 <= c["medquad/ndcg@10"] <= 1 and -1 <= c["stsb/spearman"] <= 1 for c in out["cells"])
+    assert [c["steps"] for c in out["cells"]] == [4, 2, 2] and set(out["zero_shot"]) == {
+        "scifact/ndcg@10", "scifact/recall@100", "stsb/spearman", "medquad/ndcg@10"
+    }  # fmt: skip
+    goal = out["goal"]
+    assert set(goal) == {"quickstart", "domain", "ict"} and set(goal["domain"]["general_change"]) == {
+        "stsb/spearman", "medquad/ndcg@10"
+    }  # fmt: skip
+
+
 def _generate_run(ctx, proc):
     out = ctx.json("generate_smoke")
     assert [r["filter_top_k"] for r in out["rows"]] == [1, 10, 100]
@@ -323,6 +336,13 @@ CASES: dict[str, Case] = {
         _colbert_recipe,
     ),
     "config_properties": Case("--examples 3", _config_properties),
+    "domain_forgetting": Case(
+        "--rows quickstart,domain,ict --seeds 1 --model {bert} --data-root {scifact} --sts-train {data}/sts/test.tsv "
+        "--sts-test {data}/sts/test.tsv --medquad medquad/pairs.jsonl --steps-per-epoch 2 --steps 2 "
+        "--work {tmp}/df --name domain_forgetting_smoke --extra model.query_max_length=16;"
+        "model.document_max_length=16;trainer.max_epochs=1;data.batch_size_per_rank=4;data.pretrain.min_words=4",
+        _domain_forgetting,
+    ),
     "export_roundtrip": Case("{run}/model --num-texts 4 --data-root {scifact}", _export_roundtrip),
     "fault_table": Case("--name fault_table_smoke --only trainer.max_steps=0", _fault_table),
     "generate_run": Case(
@@ -416,7 +436,12 @@ def bench_env(tmp: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_scifact(tmp_path_factory) -> Path:
-    return make_tiny_beir(tmp_path_factory.mktemp("scifact"), name="scifact")
+    """A tiny BEIR `scifact` and a tiny `medquad/pairs.jsonl` (question -> answer pairs) under one data root."""
+    root = make_tiny_beir(tmp_path_factory.mktemp("scifact"), name="scifact")
+    (root / "medquad").mkdir()
+    rows = [{"query": f"what causes illness {i}?", "positive": f"illness {i} is caused by germ {i}"} for i in range(12)]
+    (root / "medquad" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,116 @@
+"""Domain gain vs forgetting (issue 24, item 3): SciFact test NDCG@10 (the domain) next to STS-B test Spearman and
+MedQuAD retrieval NDCG@10 (general ability: eval=scifact_general, MedQuAD as retrieval over 2,000 sampled pairs)
+after fine-tuning all-MiniLM-L6-v2 on SciFact at the quickstart's budget (84 optimizer steps at batch 32, lr 1e-4),
+with one forgetting control per row, the same seeds.
+
+    python bench/domain_forgetting.py                      # every row x seeds 42, 43, 44 (~15 min per cell, 2 cores)
+    python bench/domain_forgetting.py --rows quickstart,wise --seeds 42
+
+Rows:
+- quickstart: `embedscale train eval=scifact_general` (tuned for the domain score alone);
+- l2sp: + anchor.l2_sp_weight=300 (each step pulls the weights 3% of the way back to the start);
+- wise: + anchor.interpolation=0.5 (the final weights halfway between the start and the fine-tuned ones);
+- mix: SciFact (InfoNCE) + STS-B train (CoSENT) as a sharded mixture, 3 : 1 by global batches, 28 steps per
+  epoch (the same 84 steps: about 63 on SciFact, 21 on STS-B);
+- domain: mix + wise (conf/recipe/domain.yaml's training stage);
+- ict: no labels: inverse-cloze pairs from the SciFact corpus (data.format=corpus, data.pretrain.task=ict), 84
+  steps, + wise (the domain recipe without its labelled pairs or the STS-B mixture).
+
+The goal (issue 24): a recipe that keeps >= 90% of the quickstart's domain gain (NDCG@10 over zero-shot) while each
+general metric drops by at most 0.005 (0.5 points) from zero-shot; `goal` in the json computes it per row from
+the row means. Cells are resumable as in objective_quality.py (bench/common.py seed_table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import make_mixture_shards, seed_table  # noqa: E402
+
+NAME = "domain_forgetting"
+DOMAIN = "scifact/ndcg@10"
+GENERAL = ("stsb/spearman", "medquad/ndcg@10")
+METRICS = (DOMAIN, "scifact/recall@100", *GENERAL)
+
+
+def rows_spec(work: Path, steps_per_epoch: int, steps: int) -> dict[str, list[str]]:
+    scifact, stsb = work / "shards" / "scifact", work / "shards" / "stsb"
+    sources = f"[{{path: {scifact}, weight: 3}}, {{path: {stsb}, loss: cosent, weight: 1}}]"
+    mix = ["data.format=shards", f"data.sources={sources}", f"data.steps_per_epoch={steps_per_epoch}"]
+    wise = ["anchor.interpolation=0.5"]
+    ict = ["data.format=corpus", "data.path=scifact", "data.pretrain.task=ict", f"trainer.max_steps={steps}"]
+    return {
+        "quickstart": [],
+        "l2sp": ["anchor.l2_sp_weight=300"],
+        "wise": wise,
+        "mix": mix,
+        "domain": mix + wise,
+        "ict": ict + wise,
+    }
+
+
+def goal(cells: list[dict], zero_shot: dict) -> dict:
+    """Per row (its mean over seeds): the share of the quickstart's domain gain it keeps, each general metric's
+    change from zero-shot, and whether both targets hold."""
+    mean = lambda row, m: sum(c[m] for c in cells if c["row"] == row) / max(1, sum(c["row"] == row for c in cells))  # noqa: E731
+    if not zero_shot or not any(c["row"] == "quickstart" for c in cells):
+        return {}
+    gain = mean("quickstart", DOMAIN) - zero_shot[DOMAIN]
+    out = {}
+    for row in dict.fromkeys(c["row"] for c in cells):
+        kept = (mean(row, DOMAIN) - zero_shot[DOMAIN]) / gain if gain else None
+        drops = {m: round(mean(row, m) - zero_shot[m], 4) for m in GENERAL if m in zero_shot}
+        out[row] = {
+            "domain_gain_kept": round(kept, 3) if kept is not None else None,
+            "general_change": drops,
+            "meets_goal": kept is not None and kept >= 0.9 and all(d >= -0.005 for d in drops.values()),
+        }
+    return {"goal": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="quickstart,l2sp,wise,mix,domain,ict")
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--data-root", default=None, help="data root (default: embedscale's: ../shared/data)")
+    parser.add_argument("--scifact", default="scifact", help="BEIR SciFact directory under the data root")
+    parser.add_argument("--sts-train", default="stsb/train.tsv")
+    parser.add_argument("--sts-test", default="stsb/test.tsv")
+    parser.add_argument("--medquad", default="medquad/pairs.jsonl.gz")
+    parser.add_argument("--steps-per-epoch", type=int, default=28, help="the mixture's (919 // 32 = the quickstart's)")
+    parser.add_argument("--steps", type=int, default=84, help="the ict row's optimizer steps (the quickstart's)")
+    parser.add_argument("--work", default="/tmp/embedscale-domain-forgetting")
+    parser.add_argument("--extra", default="", help="more overrides for every cell, separated by ';' (smoke tests)")
+    parser.add_argument("--fresh", action="store_true", help="rerun cells the results file already holds")
+    parser.add_argument("--name", default=NAME)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
+    spec = rows_spec(work, args.steps_per_epoch, args.steps)
+    if unknown := set(rows) - set(spec):
+        raise SystemExit(f"unknown rows {sorted(unknown)}: use {', '.join(spec)}")
+    if {"mix", "domain"} & set(rows):
+        make_mixture_shards(work, args.data_root, args.scifact, args.sts_train)
+    common = [
+        f"model.name_or_path={args.model}",
+        "eval=scifact_general",
+        f"eval.beir.0.path={args.scifact}",
+        f"eval.pairs.0.path={args.medquad}",
+        f"eval.sts.0.path={args.sts_test}",
+        f"eval.cache_dir={work / 'cache'}",
+        "logger=csv",
+        "trainer.progress=off",
+        "export=false",
+    ]
+    common += [f"data.root={args.data_root}"] if args.data_root else []
+    common += [e for e in args.extra.split(";") if e]
+    seed_table(args.name, spec, rows, seeds, common=common, metrics=METRICS, work=work, fresh=args.fresh, extra=goal)
+
+
+if __name__ == "__main__":
+    main()
