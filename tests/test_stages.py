@@ -103,14 +103,23 @@ def test_eval_query_instruction_replaces_the_model_prefix(tiny_bert):
     assert not torch.allclose(instructed, encode_texts(encoder, tok, texts, side="query"))
 
 
-def test_recipe_files_compose():
+def test_recipe_files_compose(tmp_path):
+    """Every recipe composes, and so does every stage of it: its job's config with the stage's overrides and
+    config (references to earlier stages resolved), as `embedscale pipeline` composes it before running it."""
     from hydra import compose, initialize_config_dir
 
     from embedscale.config import PipelineJobConfig, register_configs, to_config
+    from embedscale.jobs.launch import compose as compose_job
     from embedscale.jobs.launch import conf_dir
+    from embedscale.lineage import resolve_overrides, resolve_refs
 
     register_configs()
     for recipe in sorted(p.stem for p in (Path(conf_dir()) / "recipe").glob("*.yaml")):
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = to_config(compose(config_name="pipeline", overrides=[f"recipe={recipe}"]), PipelineJobConfig)
         assert cfg.pipeline.stages, recipe
+        dirs = {s.name: tmp_path / recipe / s.name for s in cfg.pipeline.stages}
+        for stage in cfg.pipeline.stages:
+            resolved, parents = resolve_overrides(list(stage.overrides), dirs, stage.name)
+            composed = compose_job(stage.job, resolved, resolve_refs(dict(stage.config), dirs, stage.name, parents))
+            assert composed is not None, (recipe, stage.name)
