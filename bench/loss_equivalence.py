@@ -5,8 +5,9 @@ temperature).
     python bench/loss_equivalence.py                                     # the committed table (a few minutes)
     python bench/loss_equivalence.py --worlds 2 --cases margin --chunks 5 --model DIR   # smoke
 
-Each case (CASES: InfoNCE, the q->q and d->d terms, the margin guard, a GISTEmbed guide model, all of them, and the
-objectives a source may declare instead, data.sources[].loss: CoSENT and AnglE on the rows' gold scores, MSE and KL
+Each case (CASES: InfoNCE, the q->q and d->d terms, the margin guard, a GISTEmbed guide model, all of them, a queue
+of earlier steps' documents (loss.queue_size: 12 seeded vectors, as every rank holds them, one a copy of a row's
+positive), and the objectives a source may declare instead, data.sources[].loss: CoSENT and AnglE on the rows' gold scores, MSE and KL
 to a teacher's embeddings stored with the rows, collated as the stream collates such a source) is built
 on a tiny random BERT (`--model`, default: 2 layers, hidden 32, the MiniLM tokenizer, made in a temp dir as
 tests/conftest.py's tiny_bert), separate query and document towers, and one global batch of 16 (query, positive,
@@ -30,8 +31,9 @@ exceeds 1e-10 (the float64 round-off is ~1e-16). A control in the json: the same
 dropout masks (the batch in one chunk vs two) differs by ~0.3, so the metric is not vacuous.
 
 seconds: both sides' compute of the check, model loads included (for W ranks rank 0's clock; process start-up and
-an untimed warm-up load not included). masked_per_query: the compared run's counts (the reference's are equal); a
-guard counts only what it adds to earlier masks (duplicates, then the guide, then the margin guard).
+an untimed warm-up load not included). counts: the compared run's guard counts, candidates per query masked (the
+reference's are equal; a guard counts only what it adds to earlier masks: duplicates, then the guide, then the margin
+guard), and the queue's length.
 """
 
 from __future__ import annotations
@@ -65,11 +67,27 @@ N, K = 16, 1  # global batch rows, hard negatives per row
 TOLERANCE = 1e-10
 MASKED = ("margin_guard_masked", "guide_masked")
 """The guards' metrics: candidates per query taken out of the softmax."""
+COUNTS = (*MASKED, "queue_length")
+"""What a case's term did, compared between the two sides: the guards' counts and the queue's length."""
 
 
 def with_guide(module) -> None:
     """GISTEmbed's usual guide: a frozen copy of the starting encoder (as loss.guide_model = the start checkpoint)."""
     module.set_guide(copy.deepcopy(module.encoder))
+
+
+def with_queue(module) -> None:
+    """loss.queue_size: the queue as earlier steps would have left it (the same on every rank: it is built from
+    gathered embeddings), 12 seeded unit vectors, one with the id of row 3's positive text (a queued copy of that
+    positive: masked for row 3)."""
+    from embedscale.data.batch import text_id
+
+    g = torch.Generator().manual_seed(11)
+    dim = module.encoder.query_backbone.config.hidden_size  # mean pooling, no projection: the embedding size
+    queue_QD = torch.nn.functional.normalize(torch.randn(12, dim, generator=g, dtype=torch.float64), dim=-1)
+    ids_Q = torch.arange(1000, 1012)
+    ids_Q[5] = text_id(examples()[3].positive)
+    module.queue.push(queue_QD, ids_Q)
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,7 @@ CASES: dict[str, Case] = {
         hook=with_guide,
         expect=MASKED,
     ),
+    "queue of 12 earlier documents": Case("queue", dict(queue_size=12), hook=with_queue, expect=("queue_length",)),
     "CoSENT source (scored pairs)": Case("cosent", objective="cosent"),
     "AnglE source (scored pairs)": Case("angle", objective="angle"),
     "MSE to stored teacher embeddings": Case("mse", objective="mse"),
@@ -159,7 +178,7 @@ def grads(module) -> dict[str, torch.Tensor]:
 
 
 def masked(metrics: dict) -> dict[str, float]:
-    return {k: metrics[k].item() for k in MASKED if k in metrics}
+    return {k: metrics[k].item() for k in COUNTS if k in metrics}
 
 
 def flat(g: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -201,13 +220,13 @@ def _rank_case(rank: int, world_size: int, model: str, case: Case) -> dict:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world_size
-    mean = torch.stack([loss.detach(), *(metrics[k] for k in MASKED if k in metrics)])
+    mean = torch.stack([loss.detach(), *(metrics[k] for k in COUNTS if k in metrics)])
     dist.all_reduce(mean)  # the global loss and per-query counts: the mean of the ranks' (equal slices)
     mean /= world_size
     return {
         "grads": grads(module),
         "loss": mean[0].item(),
-        "masked": dict(zip([k for k in MASKED if k in metrics], mean[1:].tolist(), strict=True)),
+        "masked": dict(zip([k for k in COUNTS if k in metrics], mean[1:].tolist(), strict=True)),
         "seconds": time.perf_counter() - start,
     }
 
@@ -304,7 +323,7 @@ def compare(name: str, check: str, got: dict, want: dict, failures: list[str]) -
             failures.append(f"{name} / {check}: {what} {value:.1e} > {TOLERANCE:g}")
     for key in case.expect:
         if not want["masked"].get(key, 0.0) > 0:
-            failures.append(f"{name} / {check}: {key} = {want['masked'].get(key)}: the guard masked nothing")
+            failures.append(f"{name} / {check}: {key} = {want['masked'].get(key)}: the term did nothing")
     if set(got["masked"]) != set(want["masked"]) or any(
         abs(got["masked"][k] - want["masked"][k]) > 1e-12 for k in want["masked"]
     ):
@@ -314,7 +333,7 @@ def compare(name: str, check: str, got: dict, want: dict, failures: list[str]) -
         "check": check,
         "max_rel_diff": Sci(f"{rel:.1e}"),
         "loss_abs_diff": Sci(f"{loss_diff:.1e}"),
-        "masked_per_query": {k: round(v, 4) for k, v in got["masked"].items()} or None,
+        "counts": {k: round(v, 4) for k, v in got["masked"].items()} or None,
         "seconds": round(got["seconds"] + want["seconds"], 2),
     }
 

@@ -270,7 +270,7 @@ def _loss_equivalence(ctx, proc):
         ("margin guard 0.02", "GradCache chunk 5 vs uncached"),
     ]
     assert all(r["max_rel_diff"] < 1e-10 and r["loss_abs_diff"] < 1e-10 for r in out["rows"]), out["rows"]
-    assert all(r["masked_per_query"]["margin_guard_masked"] > 0 for r in out["rows"]), out["rows"]
+    assert all(r["counts"]["margin_guard_masked"] > 0 for r in out["rows"]), out["rows"]
     assert out["failures"] == [] and out["control_other_dropout_masks"]["max_rel_diff"] > 1e-3
 
 

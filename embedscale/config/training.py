@@ -75,6 +75,13 @@ class LossConfig:
     row_chunk_size: int = bounded(1024, ge=0)
     """Score at most this many of a rank's query rows at once (checkpointed): peak score memory is
     row_chunk_size x global candidates instead of local x global. 0 scores all local rows at once."""
+    queue_size: int = bounded(0, ge=0)
+    """Negatives beyond one step (MoCo / ContAccum style): keep the last queue_size gathered documents (positives
+    and hard negatives) of earlier contrastive steps, detached, and add them to every query's softmax as negatives
+    (a queued copy of the row's own positive text masked; in-batch negatives off leaves them out). Every rank
+    holds the same queue (it is built from gathered embeddings: no extra communication) and it is checkpointed.
+    Queued embeddings come from earlier weights and carry no gradient: the loss is no longer a function of this
+    batch alone, but stays the same for any world size and GradCache chunking (docs/training.md). 0: off."""
 
     def __post_init__(self) -> None:
         check_fields(self, "loss")

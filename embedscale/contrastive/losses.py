@@ -117,6 +117,7 @@ def _rows(
     margin_guard: float | None = None,
     guide: tuple[torch.Tensor, torch.Tensor] | None = None,
     guide_margin: float = 0.0,
+    queue: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Sums over query rows `rows` (c of them): q->d loss, d->q loss, correct, negatives, positive cosine, and
     the candidates the margin guard and the guide masked.
@@ -131,7 +132,10 @@ def _rows(
 
     query_query / document_document add, to each row's q->d softmax, the other queries scored from its query
     (s(q_i, q_j)) / the other positives scored from its positive (s(d_i, d_j)), j != i, masked as the in-batch
-    positives are (the same query or positive text): GTE's "improved contrastive loss" terms."""
+    positives are (the same query or positive text): GTE's "improved contrastive loss" terms.
+
+    queue = (embeddings (Q, D), content ids (Q,) or None): earlier steps' documents, constants, added to each row's
+    q->d softmax after the batch's candidates; one whose id is the row's positive's is masked."""
     labels_c = torch.arange(rows.start, rows.stop, device=queries_ND.device)
     mask_dq_cN, mask_cC = duplicate_masks(ids, rows) if ids is not None else (None, None)
     if not in_batch_negatives:
@@ -157,6 +161,14 @@ def _rows(
         mask_first = mask_cC if mask_cC is not None else torch.zeros_like(s_cC, dtype=torch.bool)
         s_cX = torch.cat([s_cC, *(s for s, _ in side_cN)], dim=1)
         mask_cX = torch.cat([mask_first, *(m for _, m in side_cN)], dim=1)
+    if queue is not None and queue[0].shape[0]:
+        queue_QD, queue_ids_Q = queue
+        s_cQ = queries_ND[rows] @ queue_QD.T * inverse_temperature
+        mask_cQ = torch.zeros_like(s_cQ, dtype=torch.bool)
+        if ids is not None and queue_ids_Q is not None:
+            mask_cQ = queue_ids_Q[None, :] == ids.positive_B[labels_c][:, None]
+        mask_first = mask_cX if mask_cX is not None else torch.zeros_like(s_cX, dtype=torch.bool)
+        s_cX, mask_cX = torch.cat([s_cX, s_cQ], dim=1), torch.cat([mask_first, mask_cQ], dim=1)
     loss_q2d = _masked_cross_entropy_sum(s_cX, labels_c, mask_cX)
     loss_d2q = torch.zeros_like(loss_q2d)
     if symmetric_weight > 0:
@@ -186,8 +198,9 @@ def info_nce(
     margin_guard: float | None = None,
     guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     guide_margin: float = 0.0,
+    queue: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """InfoNCE of the local query rows over every gathered candidate, plus the optional d->q term.
+    """InfoNCE of the local query rows over every gathered candidate (and the queue's), plus the optional d->q term.
 
     With `row_chunk_size` < local rows, the rows are scored `row_chunk_size` at a time under activation
     checkpointing: only one (row_chunk_size, C) score block exists at a time, in forward and in
@@ -206,7 +219,7 @@ def info_nce(
     for start in range(local.start, local.stop, step):
         rows = slice(start, min(start + step, local.stop))
         args = (queries_ND, positives_ND, cand_CD, inverse_temperature, rows, ids, symmetric_weight, in_batch_negatives)
-        args += (query_query, document_document, margin_guard, guide_pair, guide_margin)
+        args += (query_query, document_document, margin_guard, guide_pair, guide_margin, queue)
         part = checkpoint(_rows, *args, use_reentrant=False) if step < b else _rows(*args)
         totals = part if totals is None else tuple(t + p for t, p in zip(totals, part, strict=True))
     loss_q2d, loss_d2q, correct, negatives, positive, guarded, guided = (t / b for t in totals)
@@ -245,6 +258,7 @@ def contrastive_loss(
     margin_guard: float | None = None,
     guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     guide_margin: float = 0.0,
+    queue: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """InfoNCE with in-batch + hard negatives, duplicate masking, symmetric term and Matryoshka dims.
 
@@ -268,6 +282,9 @@ def contrastive_loss(
         guide, guide_margin: a frozen guide model's embeddings of the same N rows (queries (N, G), positives
             (N, G), negatives (N, k, G) or None): mask every candidate but the positive that the guide scores
             above its positive's score minus guide_margin (GISTEmbed). Logged as guide_masked.
+        queue: (embeddings (Q, D), ids (Q,) or None) of earlier steps' documents, no gradient: more negatives
+            for every row (loss.queue_size); a queued copy of a row's positive is masked. Truncated like the
+            batch at each Matryoshka dim.
     Returns:
         (loss, metrics): a scalar mean over the local rows, and detached scalar metrics.
     """
@@ -286,7 +303,7 @@ def contrastive_loss(
         guide_margin=guide_margin,
     )
     if not matryoshka_dims:
-        loss, metrics = info_nce(queries_ND, positives_ND, negatives_NkD, **kwargs)
+        loss, metrics = info_nce(queries_ND, positives_ND, negatives_NkD, queue=queue, **kwargs)
         metrics["loss"] = loss.detach()
         return loss, metrics
     weights = list(matryoshka_weights) or [1.0] * len(matryoshka_dims)
@@ -296,6 +313,7 @@ def contrastive_loss(
             truncate(queries_ND, dim, normalize=normalize),
             truncate(positives_ND, dim, normalize=normalize),
             None if negatives_NkD is None else truncate(negatives_NkD, dim, normalize=normalize),
+            queue=None if queue is None else (truncate(queue[0], dim, normalize=normalize), queue[1]),
             **kwargs,
         )
         total = total + weight * loss_m

@@ -27,6 +27,7 @@ from embedscale.contrastive.guard import FiniteGuard
 from embedscale.contrastive.losses import Temperature, contrastive_loss, distillation_loss
 from embedscale.contrastive.objectives import angle_similarity, cosent_loss, embedding_kl_loss, embedding_mse_loss
 from embedscale.contrastive.optim import build_optimizer
+from embedscale.contrastive.queue import NegativeQueue
 from embedscale.data.batch import Objective, PairBatch, TextIds
 from embedscale.distributed import all_gather_no_grad, all_gather_with_grad, max_over_ranks, traffic_bytes, world
 from embedscale.encoder.biencoder import BiEncoder, truncate
@@ -65,6 +66,8 @@ class ContrastiveModule(L.LightningModule):
         self.steps_this_run = 0
         """Training steps this process ran (a resumed run that ran none is reported: jobs/train.py)."""
         object.__setattr__(self, "guide", None)  # not a submodule: never trained, checkpointed or exported
+        self.queue = NegativeQueue(loss_cfg.queue_size) if loss_cfg.queue_size else None
+        self._pending_queue: tuple[torch.Tensor, torch.Tensor | None] | None = None  # this step's documents
         self._logged_keys: set[str] = set()
         """Metrics logged so far: a step whose objective has none of one logs it as NaN (mixtures of objectives)."""
 
@@ -110,9 +113,13 @@ class ContrastiveModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.driver.on_save_checkpoint(checkpoint)
+        if self.queue is not None:
+            checkpoint["embedscale_queue"] = self.queue.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.driver.on_load_checkpoint(checkpoint)
+        if self.queue is not None and "embedscale_queue" in checkpoint:
+            self.queue.load_state_dict(checkpoint["embedscale_queue"])
 
     def on_after_backward(self) -> None:
         if self.automatic_optimization:  # a GradCache step syncs once, after all its backward passes
@@ -348,6 +355,15 @@ class ContrastiveModule(L.LightningModule):
                 None if g_neg is None else _gather_columns(g_neg, all_gather_no_grad, "guide negative"),
             )
         cfg = self.encoder.cfg
+        queue = None
+        if self.queue is not None and in_batch_negatives:  # the queue's documents are in-batch-like negatives
+            queue = self.queue.view()
+            docs_XD = pos_ND if neg_NkD is None else torch.cat([pos_ND, neg_NkD.reshape(-1, pos_ND.shape[-1])])
+            docs_ids = None
+            if gathered_ids is not None:
+                negative_ids = () if gathered_ids.negatives_Bk is None else (gathered_ids.negatives_Bk.reshape(-1),)
+                docs_ids = torch.cat([gathered_ids.positive_B, *negative_ids])
+            self._pending_queue = (docs_XD.detach(), docs_ids)  # pushed when the step is done (training_step)
         loss, metrics = contrastive_loss(
             q_ND,
             pos_ND,
@@ -366,7 +382,10 @@ class ContrastiveModule(L.LightningModule):
             margin_guard=self.loss_cfg.margin_guard,
             guide=guide_all,
             guide_margin=self.loss_cfg.guide_margin,
+            queue=queue,
         )
+        if self.queue is not None:
+            metrics["queue_length"] = torch.tensor(float(len(self.queue)))
         if teacher_BG is not None and self.loss_cfg.distill_weight > 0 and neg_BkD is not None:
             kl, distill = distillation_loss(
                 q_BD,
@@ -404,6 +423,9 @@ class ContrastiveModule(L.LightningModule):
             loss, metrics = self.compute_loss(batch)
             self._step_loss = loss.detach()
         metrics["temperature"] = 1.0 / self.temperature().detach()
+        if self._pending_queue is not None:  # after the step's loss (and GradCache's passes): the next step sees it
+            self.queue.push(*self._pending_queue)
+            self._pending_queue = None
         if world()[1] > 1:  # what this rank received from the others in this step (embedscale/distributed.py);
             kinds = traffic if self.gradcache is not None else ("gathered",)  # else the backward runs after this
             for kind in kinds:
@@ -442,6 +464,7 @@ def _check_late_interaction(loss_cfg: LossConfig) -> None:
         "loss.document_document": loss_cfg.document_document,
         "loss.margin_guard": loss_cfg.margin_guard is not None,
         "loss.guide_model": loss_cfg.guide_model is not None,
+        "loss.queue_size": loss_cfg.queue_size > 0,
     }
     on = [key for key, value in unsupported.items() if value]
     if on:
