@@ -53,15 +53,16 @@ tensor would need hundreds of GiB (B).
     Columns: bound = maxsim.py's docstring evaluated at the configuration: 2 products blocks of c x x x L x M x 4 B
     (one in forward, two in backward; c = min(row_chunk, b), x = min(doc_chunk, max(N, N k)); 0 = all) + one row
     chunk's argmax indices c x L x C x 8 B + its scores c x C x 4 B + the inputs' gradients (the float inputs'
-    bytes). slice_grad = max(N, N k) x M x D x 4 B, the zero-filled whole-tensor gradient autograd's SliceBackward
-    allocates for every document chunk in backward, which the docstring's bound leaves out (at the defaults and
-    N = 2,048 it equals the two blocks, so the bound holds by coincidence; with small document chunks the peak is
-    grads + slice_grad, and each chunk's backward writes a whole-tensor gradient: see the 8:2048:8:16 row's
-    seconds); bound_with_slice = the bound with max(blocks, slice_grad) in place of blocks. naive_full =
+    bytes) + doc_grad = max(N, N k) x M x D x 4 B, a whole document block's gradient in transit (a row chunk's
+    backward returns it before autograd adds it to the total). --rebuild-from FILE recomputes these columns from
+    FILE's measurements without measuring again. Earlier code sliced the gathered documents once per document
+    chunk, and every slice's backward wrote a zero-filled gradient of all of them (max(N, N k) x M x D x 4 B, per
+    chunk): b = 2,048 did not finish in 600 s. maxsim.py now splits them once; the peaks of 1.07-1.41x the bound
+    then measured were the doc_grad term, which the bound now states.
+    naive_full =
     b x C x L x M x 4 B, the dense score tensor an unchunked implementation materialises (computed, never
     allocated). A configuration past --memory-timeout is killed; its row keeps the VmHWM so far (the worker
-    reports it every 10 s). seconds: forward + backward, measured on a loaded 2-core machine (another benchmark
-    running): orientation only.
+    reports it every 10 s). seconds: forward + backward (2 threads): orientation only.
 """
 
 from __future__ import annotations
@@ -545,7 +546,7 @@ def memory_worker(spec: dict) -> dict:
 
 def bound(b: int, n: int, k: int, L: int, M: int, D: int, row_chunk: int, doc_chunk: int) -> dict[str, int]:
     """maxsim_loss's docstring bound, bytes: 2 products blocks + one row chunk's argmax indices and scores + the
-    inputs' gradients (float32)."""
+    inputs' gradients + one document block's gradient in transit (float32)."""
     C = n * (1 + k)
     c = row_chunk if 0 < row_chunk < b else b
     widest = max(n, n * k)  # positives (N) and negatives (N k) are scored as separate blocks
@@ -555,6 +556,8 @@ def bound(b: int, n: int, k: int, L: int, M: int, D: int, row_chunk: int, doc_ch
         "indices": c * L * C * 8,
         "scores": c * C * 4,
         "grads": (n * L + n * M + n * k * M) * D * 4,
+        # a row chunk's backward returns a whole document block's gradient, added to the total after
+        "doc_grad": widest * M * D * 4,
     }
     return {**terms, "total": sum(terms.values())}
 
@@ -565,7 +568,6 @@ def memory_config(args, b: int, n: int, rc: int, dc: int) -> dict:
     C = n * (1 + k)
     terms = bound(b, n, k, L, M, D, rc, dc)
     naive = b * C * L * M * 4
-    slice_grad = max(n, n * k) * M * D * 4
     row = {
         "config": f"b={b} of N={n}",
         "C": C,
@@ -573,12 +575,10 @@ def memory_config(args, b: int, n: int, rc: int, dc: int) -> dict:
         "inputs_MiB": None,
         "peak_increase_MiB": None,
         "bound_MiB": Sig(f"{terms['total'] / MiB:.4g}"),
-        "bound_terms_MiB": " + ".join(f"{terms[t] / MiB:.4g} {t}" for t in ("blocks", "indices", "scores", "grads")),
-        "peak / bound": None,
-        "slice_grad_MiB": Sig(f"{slice_grad / MiB:.4g}"),
-        "bound_with_slice_MiB": Sig(
-            f"{(terms['total'] - terms['blocks'] + max(terms['blocks'], slice_grad)) / MiB:.4g}"
+        "bound_terms_MiB": " + ".join(
+            f"{terms[t] / MiB:.4g} {t}" for t in ("blocks", "indices", "scores", "grads", "doc_grad")
         ),
+        "peak / bound": None,
         "naive_full_GiB": Sig(f"{naive / 2**30:.4g}"),
         "seconds": None,
         "status": "ok",
@@ -588,6 +588,12 @@ def memory_config(args, b: int, n: int, rc: int, dc: int) -> dict:
     env["OMP_NUM_THREADS"] = str(args.threads)
     if args.allocator == "glibc":  # else the worker pins the mmap threshold as every job does (tune_allocator)
         env["EMBEDSCALE_MALLOC"] = "default"
+    key = f"{row['config']}, {row['row x doc chunk']}"
+    if args.rebuild_from:  # the measurement of an earlier run, under today's formulas
+        got = json.loads(Path(args.rebuild_from).read_text())["raw"].get(key)
+        if got is None:
+            raise SystemExit(f"--rebuild-from {args.rebuild_from}: no measurement of {key}")
+        return finish(row, got, terms)
     print(f"memory {row['config']} (C={C}, L={L}, M={M}, D={D}, chunks {rc} x {dc}) ...", flush=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.memory_timeout)
@@ -606,6 +612,11 @@ def memory_config(args, b: int, n: int, rc: int, dc: int) -> dict:
         row["status"] = f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
         return row
     got = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line: the result (before it: heartbeats)
+    return finish(row, got, terms)
+
+
+def finish(row: dict, got: dict, terms: dict) -> dict:
+    """The row's measured columns from a worker's result."""
     increase = got["hwm_after"] - got["hwm_before"]
     row.update(
         inputs_MiB=Sig(f"{got['input_bytes'] / MiB:.4g}"),
@@ -634,16 +645,17 @@ def memory(args) -> int:
         "raw.hwm_reset); the inputs' gradients (kept after the step) are part of the increase",
         "bound_formula": "2 x c x x x L x M x 4 B (products blocks; c = min(row_chunk, b), x = min(doc_chunk, "
         "max(N, N k)); 0 = all) + c x L x C x 8 B (argmax indices) + c x C x 4 B (scores) + (N L + N M + N k M) "
-        "x D x 4 B (the inputs' gradients): maxsim_loss's docstring",
-        "slice_grad_formula": "max(N, N k) x M x D x 4 B: the zero-filled gradient of the whole gathered positives "
-        "or negatives that autograd's SliceBackward allocates (and adds into the input's gradient) for every "
-        "document chunk in backward (maxsim._maxsim slices d_XMD[start : start + step]); not in the docstring's "
-        "bound, and each document chunk's backward writes it once: time ~ (N / doc_chunk) x N x M x D per row chunk",
-        "bound_with_slice_formula": "bound with its blocks term replaced by max(blocks, slice_grad): what the "
-        "measurements follow",
+        "x D x 4 B (the inputs' gradients) + max(N, N k) x M x D x 4 B (doc_grad: a row chunk's gradient of a "
+        "whole document block, before autograd adds it to the total): maxsim_loss's docstring",
+        "rebuilt_from": args.rebuild_from,
+        "measured_by": (
+            {k: json.loads(Path(args.rebuild_from).read_text()).get(k) for k in ("command", "machine")}
+            if args.rebuild_from
+            else None
+        ),
         "naive_full_formula": "b x C x L x M x 4 B: the dense (local rows, candidates, query tokens, document "
         "tokens) score tensor, computed, never allocated",
-        "seconds_note": "forward + backward on a loaded 2-core machine (another benchmark running): orientation only",
+        "seconds_note": "forward + backward, 2 threads, while other jobs shared the 2 cores: orientation only",
         "raw": raw,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -722,6 +734,11 @@ def main() -> None:
     mem.add_argument("--doc-chunk", type=int, default=128, help="loss.maxsim_doc_chunk_size")
     mem.add_argument("--threads", type=int, default=2, help="torch threads of each memory process")
     mem.add_argument("--memory-timeout", type=float, default=600, help="seconds per memory configuration")
+    mem.add_argument(
+        "--rebuild-from",
+        help="a results json: take each configuration's measurement (its raw entry) from it instead of measuring, "
+        "and recompute the derived columns (bound, peak / bound) with this script's formulas",
+    )
     mem.add_argument(
         "--allocator",
         choices=("embedscale", "glibc"),

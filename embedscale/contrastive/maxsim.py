@@ -162,9 +162,11 @@ def maxsim_loss(
 
     Peak memory of the scores: row_chunk x doc_chunk x L x M x (bytes per element) transient (one such block in
     forward, two in backward), plus, during one row chunk's recompute in backward, its saved argmax indices
-    (row_chunk, L, C) in int64 and its (row_chunk, C) scores; then the gradients of the inputs themselves.
-    row_chunk_size = 0 keeps the (b, L, C) indices from forward to backward instead (no recompute);
-    doc_chunk_size = 0 makes the block (chunk, L, N or N * k, M). The loss and gradients are the same either way.
+    (row_chunk, L, C) in int64 and its (row_chunk, C) scores; then the gradients of the inputs themselves, and one
+    document block's gradient (N or N * k, M, D) in transit: a row chunk's backward returns a whole block's gradient
+    before autograd adds it to the total (bench/late_interaction.py measures this bound). row_chunk_size = 0 keeps
+    the (b, L, C) indices from forward to backward instead (no recompute); doc_chunk_size = 0 makes the block
+    (chunk, L, N or N * k, M). The loss and gradients are the same either way.
 
     Args:
         q_NLD, q_mask_NL: query token embeddings of the global batch and their mask (True = a real token).
