@@ -5,6 +5,7 @@
     deepspeed.py  DeepSpeed ZeRO-2/3 (also on CPU over gloo), its config, driver and checkpoint records
     build.py      trainer.strategy -> the Lightning strategy; the live strategy -> its driver; after-fit callbacks
     memory.py     the memory each strategy needs per GPU (`embedscale plan`)
+    shape.py      the model's shape the planner reads (config.json or plan.*)
 
 The LightningModule and GradCache call the driver (`backward`, `sync_gradients`, `clip`, ...) and never ask which
 strategy runs; collectives themselves live in embedscale/distributed.py.
