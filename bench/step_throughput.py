@@ -27,12 +27,17 @@ Systems:
 - es-gc-tok   embedscale GradCache with a token budget of chunk x 256 padded tokens per chunk
 - st-mnrl     sentence-transformers MultipleNegativesRankingLoss (scale 20)
 - st-cached   sentence-transformers CachedMultipleNegativesRankingLoss, mini_batch_size = `--chunk`
+- st-cached-tok  the same with mini_batch_num_tokens = `--chunk` x 256 (`:N` sets it): its chunks hold at most N
+              real (non-padding) tokens, where es-gc-tok's budget counts padded tokens (rows x the chunk's longest)
 
 A system name may end in `@eager` or `@sdpa` to pin the attention kernel (`bare-chunks@eager`,
 `st-cached@eager`, `es-gc@sdpa`); without it every system loads transformers' default (sdpa).
 `:N` sets a system's own chunk: rows for bare-chunks, es-gc and st-cached (its mini_batch_size),
-padded tokens per chunk for es-gc-tok (`es-gc-tok:4096`, `st-cached:16`); default `--chunk` rows and
-`--chunk` x 256 tokens.
+padded tokens per chunk for es-gc-tok and real tokens for st-cached-tok (`es-gc-tok:4096`, `st-cached:16`);
+default `--chunk` rows and `--chunk` x 256 tokens.
+
+`--dropout P` sets every dropout probability of the backbone to P for every system (embedscale's model.dropout;
+transformers' config overrides for the others); default: the checkpoint's (0.1 for all-MiniLM-L6-v2).
 
 `--model` replaces all-MiniLM-L6-v2 (for smoke runs with a tiny model, tests/test_bench_smoke.py; `fixed` needs
 128 positions, the real datasets 256); the figures are only comparable with the default.
@@ -60,7 +65,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import report  # noqa: E402
 
-SYSTEMS = ["bare", "bare-chunks", "es-plain", "st-mnrl", "es-gc", "es-gc-tok", "st-cached"]
+SYSTEMS = ["bare", "bare-chunks", "es-plain", "st-mnrl", "es-gc", "es-gc-tok", "st-cached", "st-cached-tok"]
 DATASETS = ["fixed", "scifact", "medquad"]
 WORDS = "alpha beta gamma delta protein cell gene model data signal drug trial dose risk patient".split()
 
@@ -107,24 +112,36 @@ def parse_system(name: str) -> tuple[str, int | None, str]:
     return base, int(own) if own else None, attn
 
 
-def make_step(system: str, model_path: str, queries, docs, max_length: int, chunk: int):
+def make_step(system: str, model_path: str, queries, docs, max_length: int, chunk: int, dropout: float | None = None):
     """A zero-argument function running one optimizer step on (queries, docs), and padded token count."""
     import torch
     import torch.nn.functional as F
 
+    from embedscale.config import ModelConfig
+    from embedscale.encoder.biencoder import dropout_overrides
+
     system, own, attn = parse_system(system)
-    budget = own if own and system == "es-gc-tok" else chunk * 256
-    chunk = own if own and system != "es-gc-tok" else chunk
+    budgeted = system in ("es-gc-tok", "st-cached-tok")
+    budget = own if own and budgeted else chunk * 256
+    chunk = own if own and not budgeted else chunk
+    config = dropout_overrides(model_path, ModelConfig(dropout=dropout)) if dropout is not None else {}
     if system.startswith("st-"):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
 
         model = SentenceTransformer(
-            model_path, device="cpu", model_kwargs={"attn_implementation": attn} if attn else None
+            model_path,
+            device="cpu",
+            model_kwargs={"attn_implementation": attn} if attn else None,
+            config_kwargs=config or None,
         )
         model.max_seq_length = max_length
         if system == "st-mnrl":
             loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
+        elif system == "st-cached-tok":  # rows unbounded: the token count alone cuts the chunks
+            loss_fn = CachedMultipleNegativesRankingLoss(
+                model, scale=20.0, mini_batch_size=len(queries), mini_batch_num_tokens=budget
+            )
         else:
             loss_fn = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=chunk)
         model.train()
@@ -143,7 +160,8 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
     from transformers import AutoModel, AutoTokenizer
 
     if system.startswith("bare"):
-        model = AutoModel.from_pretrained(model_path, **({"attn_implementation": attn} if attn else {})).train()
+        kwargs = {"attn_implementation": attn} if attn else {}
+        model = AutoModel.from_pretrained(model_path, **kwargs, **config).train()
         tok = AutoTokenizer.from_pretrained(model_path)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         size = chunk if system == "bare-chunks" else len(queries)
@@ -179,6 +197,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
         query_max_length=max_length,
         document_max_length=max_length,
         attn_implementation=attn or None,
+        dropout=dropout,
     )
     encoder, tok = load_encoder(mcfg)
     module = ContrastiveModule(encoder, loss_cfg=LossConfig(), optim_cfg=OptimConfig())
@@ -210,7 +229,14 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
 
 
 def child(
-    systems: list[str], dataset: str, n: int, chunk: int, threads: int, repeats: int, model: str | None = None
+    systems: list[str],
+    dataset: str,
+    n: int,
+    chunk: int,
+    threads: int,
+    repeats: int,
+    model: str | None = None,
+    dropout: float | None = None,
 ) -> dict:
     """Time `systems` in this process: one untimed full-size warm-up each, then `repeats` rounds.
 
@@ -226,7 +252,7 @@ def child(
     from transformers import AutoTokenizer
 
     queries, docs, max_length = load_pairs(dataset, n, AutoTokenizer.from_pretrained(model_path))
-    steps = {s: make_step(s, model_path, queries, docs, max_length, chunk) for s in systems}
+    steps = {s: make_step(s, model_path, queries, docs, max_length, chunk, dropout) for s in systems}
     for step, _ in steps.values():
         step()  # warm-up at full size: the allocator's first growth and lazy inits are paid once per run
     times: dict[str, list[float]] = {s: [] for s in systems}
@@ -265,12 +291,22 @@ def main() -> None:
         "--interleave", action="store_true", help="time all systems in one process, round-robin (timing only)"
     )
     parser.add_argument("--model", default=None, help="model path (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--dropout", type=float, default=None, help="every system's dropout (default: the model's)")
     parser.add_argument("--name", default="step_throughput")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         systems, dataset = args.child
-        out = child(systems.split(","), dataset, args.global_batch, args.chunk, args.threads, args.repeats, args.model)
+        out = child(
+            systems.split(","),
+            dataset,
+            args.global_batch,
+            args.chunk,
+            args.threads,
+            args.repeats,
+            args.model,
+            args.dropout,
+        )
         print(json.dumps(out))
         return
     rows = []
@@ -281,6 +317,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", group, dataset, "--global-batch", str(args.global_batch)]
             cmd += ["--chunk", str(args.chunk), "--threads", str(args.threads), "--repeats", str(args.repeats)]
             cmd += ["--model", args.model] if args.model else []
+            cmd += ["--dropout", str(args.dropout)] if args.dropout is not None else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"{group} on {dataset} failed:\n{out.stderr[-3000:]}")
@@ -304,7 +341,12 @@ def main() -> None:
             refs = [f"{ratio(r, results[x]):.3f}x time of {x}" for x in results if parse_system(x)[0] == ref]
             if refs:
                 row["vs"] = ", ".join(refs)
-            peers = {"st-mnrl": ["es-plain"], "st-cached": ["es-gc", "es-gc-tok"]}.get(base, [])
+            peers = {
+                "st-mnrl": ["es-plain"],
+                "st-cached": ["es-gc", "es-gc-tok"],
+                "st-cached-tok": ["es-gc", "es-gc-tok"],
+            }
+            peers = peers.get(base, [])
             speedups = [f"{p} {ratio(r, results[p]):.3f}x" for p in results if parse_system(p)[0] in peers]
             if speedups:
                 row["vs"] = "embedscale speed-up: " + ", ".join(speedups)
@@ -318,6 +360,7 @@ def main() -> None:
             "threads": args.threads,
             "repeats": args.repeats,
             **({"model": args.model} if args.model else {}),
+            "dropout": args.dropout,
         },
     )
 

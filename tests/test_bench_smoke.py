@@ -225,8 +225,9 @@ def _st_paired(ctx, proc):
 
 def _step_throughput(ctx, proc):
     out = rows(ctx, "step_throughput_smoke")
-    assert [r["system"] for r in out] == "bare bare-chunks es-plain st-mnrl es-gc es-gc-tok st-cached".split()
-    assert all(r["pairs/s"] > 0 for r in out)
+    systems = "bare bare-chunks es-plain st-mnrl es-gc es-gc-tok st-cached st-cached-tok".split()
+    assert [r["system"] for r in out] == systems and all(r["pairs/s"] > 0 for r in out)
+    assert ctx.json("step_throughput_smoke")["dropout"] == 0.0
 
 
 def _sweeps(ctx, proc):
@@ -398,7 +399,7 @@ CASES: dict[str, Case] = {
     "st_paired": Case(f"--out {{tmp}}/runs --seeds 1 {TINY_TRAIN}", _st_paired),
     "step_throughput": Case(  # every system in one process (--interleave): one start for all
         "--datasets fixed --global-batch 4 --chunk 2 --threads 1 --repeats 1 --interleave --model {bert} "
-        "--name step_throughput_smoke",
+        "--dropout 0 --name step_throughput_smoke",
         _step_throughput,
     ),
     "multinode": _help("--no-slurm"),  # its runs are tests/test_multinode.py's

@@ -68,3 +68,30 @@ def test_attention_kernel_is_passed_to_transformers_and_gives_the_same_embedding
     torch.testing.assert_close(embeddings["eager"], embeddings["sdpa"], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="model.attn_implementation"):
         ModelConfig(attn_implementation="")
+
+
+def test_model_dropout_overrides_every_dropout_probability(tiny_bert):
+    """model.dropout sets the checkpoint's dropout probabilities (hidden and attention); 0 makes a training-mode
+    forward deterministic, which it is not with the checkpoint's 0.1."""
+    from embedscale.config import ModelConfig
+    from embedscale.encoder.biencoder import load_encoder
+    from embedscale.encoder.tokenize import tokenize
+
+    def two_forwards(**settings):
+        encoder, tok = load_encoder(ModelConfig(name_or_path=str(tiny_bert), **settings))
+        tokens = tokenize(tok, ["a protein folds slowly", "rivers"], prefixes="", max_length=16, cfg=encoder.cfg)
+        encoder.train()
+        return encoder, encoder.encode(tokens, side="query"), encoder.encode(tokens, side="query")
+
+    encoder, a, b = two_forwards(dropout=0.0)
+    config = encoder.query_backbone.config
+    assert config.hidden_dropout_prob == 0.0 and config.attention_probs_dropout_prob == 0.0
+    assert torch.equal(a, b)
+    encoder, a, b = two_forwards()
+    assert encoder.query_backbone.config.hidden_dropout_prob == 0.1 and not torch.equal(a, b)
+    from embedscale.encoder.biencoder import dropout_overrides
+
+    assert dropout_overrides(str(tiny_bert), ModelConfig(dropout=0.05)) == {
+        "attention_probs_dropout_prob": 0.05,
+        "hidden_dropout_prob": 0.05,
+    }

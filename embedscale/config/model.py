@@ -53,6 +53,10 @@ class ModelConfig:
     """Non-causal attention in a decoder backbone (LLM2Vec, NV-Embed): every token attends to every other.
     Supported where transformers builds the decoder's mask with masking_utils (Mistral, Llama, Qwen2, ...);
     other architectures fail at load time naming this key."""
+    dropout: float | None = bounded(None, ge=0, lt=1)
+    """Set every dropout probability of the backbone's config.json (hidden, attention, ...: each float key named
+    *dropout* or *_pdrop*, classifier dropout excepted) to this value; None keeps the checkpoint's. 0 makes a
+    training forward deterministic, and lets SDPA use its fused kernel in training on CPU (it has no dropout)."""
     lora_r: int = bounded(0, ge=0)
     """LoRA rank (peft); 0 trains every weight. With LoRA only the adapters train; export merges them."""
     lora_alpha: float = bounded(16.0, gt=0)

@@ -106,6 +106,24 @@ def _fresh_pooler(model: nn.Module) -> nn.Module | None:
     return pooler
 
 
+def dropout_overrides(path: str, cfg: ModelConfig) -> dict[str, float]:
+    """model.dropout as config overrides: every float config key that is a dropout probability of the backbone."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).to_dict()
+    keys = [
+        k
+        for k, v in config.items()
+        if isinstance(v, float) and ("dropout" in k or k.endswith("_pdrop")) and "classifier" not in k
+    ]
+    if not keys:
+        raise ValueError(
+            f"model.dropout={cfg.dropout}: {path}'s config.json names no dropout probability to set; "
+            "unset model.dropout"
+        )
+    return dict.fromkeys(keys, float(cfg.dropout))
+
+
 def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:
     """The HF backbone without its pooler (unused by pooling; dead parameters make DDP fail on the second step).
 
@@ -119,6 +137,8 @@ def _load_backbone(path: str, cfg: ModelConfig) -> nn.Module:
     no_pooler = checkpoint_has_pooler(path) is False and _accepts_add_pooling_layer(path, cfg)
     if no_pooler:
         kwargs["add_pooling_layer"] = False
+    if cfg.dropout is not None:
+        kwargs.update(dropout_overrides(path, cfg))
     model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
     pooler = getattr(model, "pooler", None)
     if pooler is not None:
