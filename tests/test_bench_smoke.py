@@ -104,7 +104,8 @@ def _colbert_recipe(ctx, proc):
     assert dense == 4 * 32 and colbert > 2 * 128  # the tiny BERT's 32-dim vector; >= 1 token x 128 dims x 2 B
     trip = out["round_trip"]
     assert trip["token_matrix_shapes_equal"] and trip["max_abs_token_vector_diff"] < 1e-4, trip
-    assert out["mining"]["counts"] and out["recipe_seconds"]["mine + colbert"] > 0
+    assert out["mining"]["counts"] and out["recipe_seconds"]["mine + colbert stage"] > 0
+    assert all(r["train_s"] > 0 for r in out["rows"][1:])
     assert out["configs"]["colbert"]["model"]["multivector"] and not out["configs"]["biencoder"]["model"]["multivector"]
 
 
