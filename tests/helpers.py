@@ -216,3 +216,31 @@ def make_tiny_lm(path: Path, words: list[str], *, kind: str = "llama", seed: int
         )
         T5ForConditionalGeneration(cfg).save_pretrained(path)
     return path
+
+
+def train_in_process(tiny_bert, tiny_data, tmp_path, name: str, steps: int, *extra: str) -> dict:
+    """One in-process tiny `embedscale train` for the resume tests: `steps` optimizer steps, a checkpoint every step,
+    a constant lr without warmup (the schedule must not depend on max_steps: an interrupted run's is shorter), no
+    evaluation, run_dir tmp_path/name; `extra` overrides last. Returns what metrics.json holds."""
+    from embedscale.jobs.train import run
+
+    base = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith(("trainer.max", "eval."))]
+    overrides = base + [
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=10",
+        "trainer.checkpoint_every_n_steps=1",
+        "trainer.progress=off",
+        "optim.scheduler=constant",
+        "optim.warmup_steps=0",
+        "eval=none",
+        f"run_dir={tmp_path / name}",
+        *extra,
+    ]
+    return run(compose_train(overrides))
+
+
+def exported_weights(result: dict) -> dict:
+    """The exported weights of a train result (its export_dir)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(result["export_dir"]) / "model.safetensors"))

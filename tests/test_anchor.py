@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import compose_train as _cfg
-from helpers import tiny_overrides
+from helpers import exported_weights, train_in_process
 
 from embedscale.config import AnchorConfig, BeirSet, EvalConfig, PairsSet, StsSet
 from embedscale.contrastive.anchor import StartAnchor
@@ -176,27 +176,10 @@ def test_training_with_the_anchor_end_to_end(tiny_bert, tiny_data, tmp_path):
     resumed ends with the weights of the uninterrupted run (the anchor is the start, not the resume point)."""
     from safetensors.torch import load_file
 
-    from embedscale.jobs.train import run
-
     def train(name: str, steps: int, *extra: str) -> dict:
-        base = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith(("trainer.max", "eval."))]
-        overrides = base + [
-            f"trainer.max_steps={steps}",
-            "trainer.max_epochs=10",
-            "trainer.checkpoint_every_n_steps=1",
-            "trainer.progress=off",
-            "optim.scheduler=constant",
-            "optim.warmup_steps=0",
-            "optim.lr=1e-3",
-            "eval=none",
-            f"run_dir={tmp_path / name}",
-            *extra,
-        ]
-        return run(_cfg(overrides))
+        return train_in_process(tiny_bert, tiny_data, tmp_path, name, steps, "optim.lr=1e-3", *extra)
 
-    def weights(result: dict) -> dict:
-        return load_file(str(Path(result["export_dir"]) / "model.safetensors"))
-
+    weights = exported_weights
     start = load_file(str(Path(tiny_bert) / "model.safetensors"))
     back = weights(train("back", 2, "anchor.interpolation=0.0"))
     assert start.keys() <= back.keys() and all(torch.equal(back[k], start[k]) for k in start)  # (+ the unused pooler)

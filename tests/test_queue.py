@@ -4,13 +4,10 @@ queue it checkpointed. (W ranks = one process and GradCache = uncached with a qu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compose_train as _cfg
-from helpers import tiny_overrides
+from helpers import exported_weights, train_in_process
 
 from embedscale.contrastive.losses import contrastive_loss, duplicate_masks
 from embedscale.contrastive.queue import NegativeQueue
@@ -87,30 +84,12 @@ def test_fifo_keeps_the_newest_and_refuses_what_it_cannot_hold():
 def test_resumed_run_continues_with_its_checkpointed_queue(tiny_bert, tiny_data, tmp_path):
     """4 steps with a queue = 2 steps, then resumed for 2 (the queue saved in the checkpoint and restored); a resume
     whose checkpoint lost the queue ends elsewhere (the check has teeth)."""
-    from safetensors.torch import load_file
-
-    from embedscale.jobs.train import run
+    settings = ("optim.lr=1e-3", "loss.queue_size=6")
 
     def train(name: str, steps: int, *extra: str) -> dict:
-        base = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith(("trainer.max", "eval."))]
-        overrides = base + [
-            f"trainer.max_steps={steps}",
-            "trainer.max_epochs=10",
-            "trainer.checkpoint_every_n_steps=1",
-            "trainer.progress=off",
-            "optim.scheduler=constant",
-            "optim.warmup_steps=0",
-            "optim.lr=1e-3",
-            "loss.queue_size=6",
-            "eval=none",
-            f"run_dir={tmp_path / name}",
-            *extra,
-        ]
-        return run(_cfg(overrides))
+        return train_in_process(tiny_bert, tiny_data, tmp_path, name, steps, *settings, *extra)
 
-    def weights(result: dict) -> dict:
-        return load_file(str(Path(result["export_dir"]) / "model.safetensors"))
-
+    weights = exported_weights
     whole = weights(train("whole", 4))
     train("first", 2)
     ckpt_path = tmp_path / "first" / "checkpoints" / "last.ckpt"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import clean_env, tiny_overrides
+from helpers import clean_env, tiny_overrides, train_in_process
 from helpers import compose_train as _cfg
 
 
@@ -224,22 +224,8 @@ def test_resume_ends_with_the_weights_of_the_uninterrupted_run(tiny_bert, tiny_d
     (without: the epoch restarted, batches repeated and others never seen)."""
     from safetensors.torch import load_file
 
-    from embedscale.jobs.train import run
-
-    def train(name: str, steps: int, *extra: str) -> dict:
-        base = [a for a in tiny_overrides(tiny_bert, tiny_data, tmp_path) if not a.startswith(("trainer.max", "eval."))]
-        overrides = base + [
-            f"trainer.max_steps={steps}",
-            "trainer.max_epochs=10",
-            "trainer.checkpoint_every_n_steps=1",
-            "trainer.progress=off",
-            "optim.scheduler=constant",  # the schedule must not depend on max_steps (the interrupted run's is 5)
-            "optim.warmup_steps=0",
-            "eval=none",
-            f"run_dir={tmp_path / name}",
-            *extra,
-        ]
-        return run(_cfg(overrides))
+    def train(name: str, steps: int, *extra: str) -> dict:  # the schedule must not depend on max_steps (5 here)
+        return train_in_process(tiny_bert, tiny_data, tmp_path, name, steps, *extra)
 
     whole = train("whole", 7)
     train("first", stop)

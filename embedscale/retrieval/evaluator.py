@@ -260,23 +260,26 @@ class STSEvaluator:
 
 
 def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[RetrievalEvaluator | STSEvaluator]:
-    """Evaluators for every BEIR and STS set of an `EvalConfig`, paths relative to the data root."""
+    """Evaluators for every BEIR, pairs and STS set of an `EvalConfig`, paths relative to the data root."""
     from embedscale.data.records import resolve_path
 
     max_length = cfg.max_length or default_max_length
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    retrieval = dict(  # what every retrieval set shares, BEIR or pairs
+        k_values=tuple(cfg.k_values),
+        batch_size=cfg.batch_size,
+        max_length=max_length,
+        cache_dir=cache_dir,
+        maxsim_candidates=cfg.maxsim_candidates,
+    )
     evaluators: list[RetrievalEvaluator | STSEvaluator] = [
         RetrievalEvaluator.from_beir(
             resolve_path(s.path, root),
             s.split,
             name=s.metric_name,
-            k_values=tuple(cfg.k_values),
-            batch_size=cfg.batch_size,
-            max_length=max_length,
-            cache_dir=cache_dir,
             query_prefix=s.query_prefix,
             missing_documents=cfg.missing_documents,
-            maxsim_candidates=cfg.maxsim_candidates,
+            **retrieval,
         )
         for s in cfg.beir
     ]
@@ -286,12 +289,8 @@ def build_evaluators(cfg, *, root: Path, default_max_length: int) -> list[Retrie
             name=s.metric_name,
             max_pairs=s.max_pairs,
             seed=s.seed,
-            k_values=tuple(cfg.k_values),
-            batch_size=cfg.batch_size,
-            max_length=max_length,
-            cache_dir=cache_dir,
             query_prefix=s.query_prefix,
-            maxsim_candidates=cfg.maxsim_candidates,
+            **retrieval,
         )
         for s in cfg.pairs
     ]
