@@ -153,9 +153,13 @@ def seed_table(
 ) -> list[dict]:
     """Train-and-evaluate cells (row x seed: `embedscale train` with common + spec[row] overrides), resumable:
     RESULTS/<name>.json is rewritten after every cell and read back on start, and a cell already there is skipped
-    (fresh: rerun all). The table: per row the mean and sample std over its seeds (n says how many), then the cells;
-    the json also holds the cells, the zero-shot metrics (the `before` evaluation) and extra(cells, zero_shot) when
-    given (a dict: derived figures). Returns the cells."""
+    (fresh: rerun all). A cell's run directory is named by its overrides (work/runs/cell-<hash>), so two tables over
+    one work directory share a cell that both define the same way (objective_quality's base is domain_forgetting's
+    quickstart): a finished run (its metrics.json) is read back instead of trained again. The table: per row the
+    mean and sample std over its seeds (n says how many), then the cells; the json also holds the cells, the
+    zero-shot metrics (the `before` evaluation) and extra(cells, zero_shot) when given (a dict: derived figures).
+    Returns the cells."""
+    import hashlib
     import json
 
     previous = RESULTS / f"{name}.json"
@@ -167,10 +171,18 @@ def seed_table(
             if any(c["row"] == row and c["seed"] == seed for c in cells):
                 print(f"{row} seed {seed}: already in the results: skipped", flush=True)
                 continue
-            print(f"{row} seed {seed}: training and evaluating", flush=True)
-            run_dir = work / "runs" / f"{row}-{seed}"
-            overrides = [*common, *spec[row], f"seed={seed}", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
-            seconds = embedscale_cli(["train", *overrides, "overwrite=true"], work / f"train-{row}-{seed}.log", env)
+            overrides = [*common, *spec[row], f"seed={seed}"]
+            run_dir = work / "runs" / f"cell-{hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]}"
+            record = run_dir / "cell.json"
+            if record.exists() and (run_dir / "metrics.json").exists() and not fresh:
+                seconds = json.loads(record.read_text())["seconds"]
+                print(f"{row} seed {seed}: the same cell already ran in {run_dir}: read back", flush=True)
+            else:
+                print(f"{row} seed {seed}: training and evaluating in {run_dir}", flush=True)
+                record.unlink(missing_ok=True)
+                args = ["train", *overrides, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", "overwrite=true"]
+                seconds = embedscale_cli(args, work / f"train-{row}-{seed}.log", env)
+                record.write_text(json.dumps({"overrides": overrides, "seconds": round(seconds, 1)}, indent=1))
             result = json.loads((run_dir / "metrics.json").read_text())
             after = result["eval"]["after"]
             cell = {"row": row, "seed": seed, **{m: round(after[m], 4) for m in metrics}}
@@ -197,6 +209,51 @@ def seed_table(
             derived = extra(cells, zero_shot) if extra else {}
             report(name, table, {"cells": cells, "zero_shot": zero_shot, **derived})
     return cells
+
+
+def quality_args(parser) -> None:
+    """The arguments objective_quality.py and domain_forgetting.py share (one work directory by default, so that
+    their common cells run once)."""
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--data-root", default=None, help="data root (default: embedscale's: ../shared/data)")
+    parser.add_argument("--scifact", default="scifact", help="BEIR SciFact directory under the data root")
+    parser.add_argument("--sts-train", default="stsb/train.tsv")
+    parser.add_argument("--sts-test", default="stsb/test.tsv")
+    parser.add_argument("--medquad", default="medquad/pairs.jsonl.gz")
+    parser.add_argument("--steps-per-epoch", type=int, default=28, help="the mixture's (919 // 32 = the quickstart's)")
+    parser.add_argument("--work", default="/tmp/embedscale-quality", help="shards, caches and the cells' runs")
+    parser.add_argument("--extra", default="", help="more overrides for every cell, separated by ';' (smoke tests)")
+    parser.add_argument("--fresh", action="store_true", help="rerun cells the results file already holds")
+
+
+def quality_common(args) -> list[str]:
+    """The overrides every quality cell shares: the model, eval=scifact_general (SciFact test, MedQuAD retrieval
+    over 2,000 sampled pairs, STS-B test) with the data paths of `args`, no export."""
+    work = Path(args.work)
+    common = [
+        f"model.name_or_path={args.model}",
+        "eval=scifact_general",
+        f"eval.beir.0.path={args.scifact}",
+        f"eval.pairs.0.path={args.medquad}",
+        f"eval.sts.0.path={args.sts_test}",
+        f"eval.cache_dir={work / 'cache'}",
+        "logger=csv",
+        "trainer.progress=off",
+        "export=false",
+    ]
+    common += [f"data.root={args.data_root}"] if args.data_root else []
+    return common + [e for e in args.extra.split(";") if e]
+
+
+def mixture_overrides(args) -> list[str]:
+    """SciFact train (InfoNCE) + STS-B train (CoSENT) as a sharded mixture, 3 : 1 by global batches, with the
+    quickstart's steps per epoch; builds the two sources' shards under args.work when missing."""
+    work = Path(args.work)
+    make_mixture_shards(work, args.data_root, args.scifact, args.sts_train)
+    scifact, stsb = work / "shards" / "scifact", work / "shards" / "stsb"
+    sources = f"[{{path: {scifact}, weight: 3}}, {{path: {stsb}, loss: cosent, weight: 1}}]"
+    return ["data.format=shards", f"data.sources={sources}", f"data.steps_per_epoch={args.steps_per_epoch}"]
 
 
 def make_mixture_shards(work: Path, data_root: str | None, scifact: str, sts_train: str) -> None:

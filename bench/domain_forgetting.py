@@ -18,7 +18,8 @@ Rows:
 
 The goal (issue 24): a recipe that keeps >= 90% of the quickstart's domain gain (NDCG@10 over zero-shot) while each
 general metric drops by at most 0.005 (0.5 points) from zero-shot; `goal` in the json computes it per row from
-the row means. Cells are resumable as in objective_quality.py (bench/common.py seed_table).
+the row means. Cells are resumable as in objective_quality.py (bench/common.py seed_table), and quickstart and mix
+are objective_quality.py's base and cosent cells (the same work directory: run once for both tables).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_mixture_shards, seed_table  # noqa: E402
+from common import mixture_overrides, quality_args, quality_common, seed_table  # noqa: E402
 
 NAME = "domain_forgetting"
 DOMAIN = "scifact/ndcg@10"
@@ -36,12 +37,11 @@ GENERAL = ("stsb/spearman", "medquad/ndcg@10")
 METRICS = (DOMAIN, "scifact/recall@100", *GENERAL)
 
 
-def rows_spec(work: Path, steps_per_epoch: int, steps: int) -> dict[str, list[str]]:
-    scifact, stsb = work / "shards" / "scifact", work / "shards" / "stsb"
-    sources = f"[{{path: {scifact}, weight: 3}}, {{path: {stsb}, loss: cosent, weight: 1}}]"
-    mix = ["data.format=shards", f"data.sources={sources}", f"data.steps_per_epoch={steps_per_epoch}"]
+def rows_spec(args, rows: list[str]) -> dict[str, list[str]]:
+    mix = mixture_overrides(args) if {"mix", "domain"} & set(rows) else ["data.sources=<the SciFact + STS-B mixture>"]
     wise = ["anchor.interpolation=0.5"]
-    ict = ["data.format=corpus", "data.path=scifact", "data.pretrain.task=ict", f"trainer.max_steps={steps}"]
+    ict = ["data.format=corpus", f"data.path={args.scifact}", "data.pretrain.task=ict"]
+    ict += [f"trainer.max_steps={args.steps}"]
     return {
         "quickstart": [],
         "l2sp": ["anchor.l2_sp_weight=300"],
@@ -74,41 +74,17 @@ def goal(cells: list[dict], zero_shot: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="quickstart,l2sp,wise,mix,domain,ict")
-    parser.add_argument("--seeds", default="42,43,44")
-    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
-    parser.add_argument("--data-root", default=None, help="data root (default: embedscale's: ../shared/data)")
-    parser.add_argument("--scifact", default="scifact", help="BEIR SciFact directory under the data root")
-    parser.add_argument("--sts-train", default="stsb/train.tsv")
-    parser.add_argument("--sts-test", default="stsb/test.tsv")
-    parser.add_argument("--medquad", default="medquad/pairs.jsonl.gz")
-    parser.add_argument("--steps-per-epoch", type=int, default=28, help="the mixture's (919 // 32 = the quickstart's)")
+    quality_args(parser)
     parser.add_argument("--steps", type=int, default=84, help="the ict row's optimizer steps (the quickstart's)")
-    parser.add_argument("--work", default="/tmp/embedscale-domain-forgetting")
-    parser.add_argument("--extra", default="", help="more overrides for every cell, separated by ';' (smoke tests)")
-    parser.add_argument("--fresh", action="store_true", help="rerun cells the results file already holds")
     parser.add_argument("--name", default=NAME)
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
-    spec = rows_spec(work, args.steps_per_epoch, args.steps)
+    spec = rows_spec(args, rows)
     if unknown := set(rows) - set(spec):
         raise SystemExit(f"unknown rows {sorted(unknown)}: use {', '.join(spec)}")
-    if {"mix", "domain"} & set(rows):
-        make_mixture_shards(work, args.data_root, args.scifact, args.sts_train)
-    common = [
-        f"model.name_or_path={args.model}",
-        "eval=scifact_general",
-        f"eval.beir.0.path={args.scifact}",
-        f"eval.pairs.0.path={args.medquad}",
-        f"eval.sts.0.path={args.sts_test}",
-        f"eval.cache_dir={work / 'cache'}",
-        "logger=csv",
-        "trainer.progress=off",
-        "export=false",
-    ]
-    common += [f"data.root={args.data_root}"] if args.data_root else []
-    common += [e for e in args.extra.split(";") if e]
+    common = quality_common(args)
     seed_table(args.name, spec, rows, seeds, common=common, metrics=METRICS, work=work, fresh=args.fresh, extra=goal)
 
 

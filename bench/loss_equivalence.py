@@ -7,12 +7,13 @@ temperature).
 
 Each case (CASES: InfoNCE, the q->q and d->d terms, the margin guard, a GISTEmbed guide model, all of them, a queue
 of earlier steps' documents (loss.queue_size: 12 seeded vectors, as every rank holds them, one a copy of a row's
-positive), and the objectives a source may declare instead, data.sources[].loss: CoSENT and AnglE on the rows' gold scores, MSE and KL
-to a teacher's embeddings stored with the rows, collated as the stream collates such a source) is built
-on a tiny random BERT (`--model`, default: 2 layers, hidden 32, the MiniLM tokenizer, made in a temp dir as
+positive), and the objectives a source may declare instead, data.sources[].loss: CoSENT and AnglE on the rows' gold
+scores, MSE and KL to a teacher's embeddings stored with the rows, collated as the stream collates such a source) is
+built on a tiny random BERT (`--model`, default: 2 layers, hidden 32, the MiniLM tokenizer, made in a temp dir as
 tests/conftest.py's tiny_bert), separate query and document towers, and one global batch of 16 (query, positive,
 hard negative) rows whose duplicates span ranks (a positive, a query and a negative equal to another rank's
-positive). Two things are proved per case:
+positive).
+Two things are proved per case:
 
 (a) W ranks = one process. W in --worlds real gloo processes (one thread each, a free port) each encode their slice
     of the batch (seed 100 + rank), call `module.loss_from_embeddings` (it gathers the embeddings across ranks with

@@ -244,6 +244,15 @@ def _objective_quality(ctx, proc):
     assert [r["n"] for r in out["rows"][:2]] == [1, 1] and out["cells"][1]["steps"] == 2
     again = subprocess.run(proc.args, capture_output=True, text=True, cwd=REPO, env=bench_env(ctx.tmp), timeout=TIMEOUT)
     assert again.returncode == 0 and again.stdout.count("already in the results: skipped") == 2, again.stdout[-2000:]
+    # domain_forgetting's quickstart and mix rows are these cells: over the same work directory they are read back
+    args = list(proc.args)
+    args[1] = str(REPO / "bench" / "domain_forgetting.py")
+    args[args.index("--rows") + 1], args[args.index("--name") + 1] = "quickstart,mix", "domain_forgetting_shared"
+    shared = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=bench_env(ctx.tmp), timeout=TIMEOUT)
+    assert shared.returncode == 0 and shared.stdout.count("already ran in") == 2, shared.stdout[-2000:]
+    metrics = ("scifact/ndcg@10", "stsb/spearman", "medquad/ndcg@10")
+    read_back = [[c[m] for m in metrics] for c in ctx.json("domain_forgetting_shared")["cells"]]
+    assert read_back == [[c[m] for m in metrics] for c in out["cells"]]
 
 
 def _nonfinite_cost(ctx, proc):
@@ -414,7 +423,8 @@ CASES: dict[str, Case] = {
     ),
     "objective_quality": Case(
         "--rows base,cosent --seeds 1 --model {bert} --data-root {scifact} --sts-train {data}/sts/test.tsv "
-        "--sts-test {data}/sts/test.tsv --steps-per-epoch 2 --work {tmp}/oq --name objective_quality_smoke "
+        "--sts-test {data}/sts/test.tsv --medquad medquad/pairs.jsonl --steps-per-epoch 2 --work {tmp}/oq "
+        "--name objective_quality_smoke "
         "--extra model.query_max_length=16;model.document_max_length=16;trainer.max_epochs=1;"
         "data.batch_size_per_rank=4",
         _objective_quality,
