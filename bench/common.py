@@ -138,6 +138,14 @@ def embedscale_cli(args: list[str], log: Path, env: dict | None = None) -> float
     return time.perf_counter() - start
 
 
+def cell_dir(work: Path, overrides: list[str]) -> Path:
+    """A cell's run directory, named by its overrides: work/runs/cell-<hash>."""
+    import hashlib
+    import json
+
+    return work / "runs" / f"cell-{hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]}"
+
+
 def seed_table(
     name: str,
     spec: dict[str, list[str]],
@@ -150,44 +158,55 @@ def seed_table(
     fresh: bool = False,
     env: dict | None = None,
     extra=None,
+    resume_from: dict[str, str] | None = None,
 ) -> list[dict]:
     """Train-and-evaluate cells (row x seed: `embedscale train` with common + spec[row] overrides), resumable:
     RESULTS/<name>.json is rewritten after every cell and read back on start, and a cell already there is skipped
-    (fresh: rerun all). A cell's run directory is named by its overrides (work/runs/cell-<hash>), so two tables over
-    one work directory share a cell that both define the same way (objective_quality's base is domain_forgetting's
-    quickstart): a finished run (its metrics.json) is read back instead of trained again. The table: per row the
-    mean and sample std over its seeds (n says how many), then the cells; the json also holds the cells, the
-    zero-shot metrics (the `before` evaluation) and extra(cells, zero_shot) when given (a dict: derived figures).
-    Returns the cells."""
-    import hashlib
+    (fresh: rerun all). A cell's run directory is named by its overrides (cell_dir), so two tables over one work
+    directory share a cell that both define the same way (objective_quality's base is domain_forgetting's
+    quickstart): a finished run (its metrics.json) is read back instead of trained again.
+
+    resume_from[row] = source: the row trains the same steps as the source row and differs only in what happens
+    after them (anchor.interpolation): its cell resumes the source cell's final checkpoint (the same seed), trains no
+    step, and is interpolated, evaluated and exported by the train job (docs/domain.md): the model of a full run, in
+    one evaluation's time. Its `seconds` are then the source's plus its own, and `from` names the source.
+
+    The table: per row the mean and sample std over its seeds (n says how many), then the cells; the json also holds
+    the cells, the zero-shot metrics (the `before` evaluation) and extra(cells, zero_shot) when given (a dict:
+    derived figures). Returns the cells."""
     import json
 
     previous = RESULTS / f"{name}.json"
     cells = [] if fresh or not previous.exists() else json.loads(previous.read_text()).get("cells", [])
     zero_shot = {} if fresh or not previous.exists() else json.loads(previous.read_text()).get("zero_shot", {})
-    keys = ["row", "seed", "n"] + [k for m in metrics for k in (m, f"{m} std")] + ["steps", "fit_s", "seconds"]
+    keys = ["row", "seed", "n"] + [k for m in metrics for k in (m, f"{m} std")] + ["steps", "fit_s", "seconds", "from"]
+    resume_from = resume_from or {}
     for seed in seeds:  # seed-major: every row of a seed before the next seed
         for row in rows:
             if any(c["row"] == row and c["seed"] == seed for c in cells):
                 print(f"{row} seed {seed}: already in the results: skipped", flush=True)
                 continue
-            overrides = [*common, *spec[row], f"seed={seed}"]
-            run_dir = work / "runs" / f"cell-{hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]}"
-            record = run_dir / "cell.json"
-            if record.exists() and (run_dir / "metrics.json").exists() and not fresh:
-                seconds = json.loads(record.read_text())["seconds"]
+            run_dir = cell_dir(work, [*common, *spec[row], f"seed={seed}"])
+            source = resume_from.get(row)
+            source_dir = cell_dir(work, [*common, *spec[source], f"seed={seed}"]) if source else None
+            if (run_dir / "metrics.json").exists() and not fresh:
                 print(f"{row} seed {seed}: the same cell already ran in {run_dir}: read back", flush=True)
             else:
-                print(f"{row} seed {seed}: training and evaluating in {run_dir}", flush=True)
-                record.unlink(missing_ok=True)
-                args = ["train", *overrides, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", "overwrite=true"]
-                seconds = embedscale_cli(args, work / f"train-{row}-{seed}.log", env)
-                record.write_text(json.dumps({"overrides": overrides, "seconds": round(seconds, 1)}, indent=1))
+                overrides = [*common, *spec[row], f"seed={seed}", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+                if source_dir is not None:
+                    if not (source_dir / "metrics.json").exists():
+                        raise SystemExit(f"{row} seed {seed} resumes {source} seed {seed}: run that row first")
+                    overrides.append(f"trainer.resume={source_dir / 'checkpoints' / 'last.ckpt'}")
+                print(f"{row} seed {seed}: {'resuming' if source else 'training'} in {run_dir}", flush=True)
+                embedscale_cli(["train", *overrides, "overwrite=true"], work / f"train-{row}-{seed}.log", env)
             result = json.loads((run_dir / "metrics.json").read_text())
             after = result["eval"]["after"]
             cell = {"row": row, "seed": seed, **{m: round(after[m], 4) for m in metrics}}
+            seconds = result["wall_seconds"]
+            if source_dir is not None:
+                seconds += json.loads((source_dir / "metrics.json").read_text())["wall_seconds"]
             cell.update(steps=result["train"]["optimizer_steps"], fit_s=result["train"]["fit_seconds"])
-            cell.update(seconds=round(seconds, 1), overrides=spec[row])
+            cell.update(seconds=round(seconds, 1), overrides=spec[row], **({"from": source} if source else {}))
             cells.append(cell)
             before = result["eval"].get("before", {})
             zero_shot = {m: round(before[m], 4) for m in metrics if m in before} or zero_shot
@@ -196,7 +215,7 @@ def seed_table(
                 got = [c for c in cells if c["row"] == r]
                 if not got:
                     continue
-                line = {"row": r, "seed": "mean", "n": len(got)}
+                line = {"row": r, "seed": "mean", "n": len(got), "from": resume_from.get(r)}
                 for m in metrics:
                     values = [c[m] for c in got]
                     line[m] = round(statistics.mean(values), 4)

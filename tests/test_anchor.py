@@ -48,7 +48,7 @@ def test_l2_sp_pulls_each_step_by_lr_times_weight_towards_the_start():
     moved = [(p - q).abs().max().item() for p, q in zip(model.parameters(), start.parameters(), strict=True)]
     assert min(moved) > 0  # the optimizer still moved every weight
 
-    anchor.on_train_end(None, None)  # the hooks go with the run
+    anchor.on_train_end(SimpleNamespace(checkpoint_callbacks=[]), None)  # the hooks go with the run
     before = [p.detach().clone() for p in model.parameters()]
     _step(model, optimizer)
     assert anchor.pulled_steps == 3 and any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -78,7 +78,7 @@ def test_interpolation_with_the_start_when_training_ends(alpha):
     anchor.on_train_start(SimpleNamespace(optimizers=[optimizer]), None)
     _step(model, optimizer)
     trained = [p.detach().clone() for p in model.parameters()]
-    anchor.on_train_end(None, None)
+    anchor.on_train_end(SimpleNamespace(checkpoint_callbacks=[]), None)
     for p, p0, p1 in zip(model.parameters(), start, trained, strict=True):
         torch.testing.assert_close(p, p0 + alpha * (p1 - p0), rtol=0, atol=1e-7)
     assert anchor.pulled_steps == 0  # no L2-SP asked
@@ -195,6 +195,32 @@ def test_training_with_the_anchor_end_to_end(tiny_bert, tiny_data, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     distance = lambda w: sum((w[k] - start[k]).pow(2).sum().item() for k in start if k in w)  # noqa: E731
     assert distance(a) < 0.9 * distance(plain)  # the pull really held the weights nearer the start
+
+
+def test_interpolation_leaves_the_checkpoint_trained_and_can_be_chosen_after_training(tiny_bert, tiny_data, tmp_path):
+    """A run stopping at max_steps inside an epoch gets its last.ckpt from Lightning's own on_train_end, which runs
+    after the anchor's: the checkpoint must still hold the trained weights, not the interpolated ones. And resuming
+    a finished run with anchor.interpolation (no step trained, Lightning calls no hook) exports exactly the model a
+    run with that interpolation trains: WiSE-FT's coefficient chosen after training."""
+    import torch
+
+    def train(name: str, *extra: str) -> dict:
+        once = ["trainer.checkpoint_every_n_steps=null", "optim.lr=1e-3"]  # the last save is the on_train_end one
+        return train_in_process(tiny_bert, tiny_data, tmp_path, name, 2, *once, *extra)
+
+    def checkpoint(name: str) -> dict:
+        return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu")["state_dict"]
+
+    plain, wise = train("plain"), train("wise", "anchor.interpolation=0.5")
+    a, b = checkpoint("plain"), checkpoint("wise")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # trained weights in both
+    trained, interpolated = exported_weights(plain), exported_weights(wise)
+    assert any(not torch.equal(trained[k], interpolated[k]) for k in trained)
+    last = tmp_path / "plain" / "checkpoints" / "last.ckpt"
+    later = train("later", "anchor.interpolation=0.5", f"trainer.resume={last}")
+    assert later["train"]["steps_this_run"] == 0 and later["train"]["optimizer_steps"] == 2
+    chosen = exported_weights(later)
+    assert all(torch.equal(chosen[k], interpolated[k]) for k in interpolated)
 
 
 def _pairs_file(path: Path) -> Path:

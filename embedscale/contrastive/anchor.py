@@ -6,7 +6,13 @@ Two tools, both on the weights (not the loss), so they act the same with or with
   term would go through Adam's per-weight normalisation, which turns a quadratic pull into a sign-like one whose
   strength depends on the gradient's noise; the decoupled pull is a fixed fraction of the distance per step.
 - Weight interpolation with the start (WiSE-FT, Wortsman et al., 2022): when training ends, before the final
-  evaluation and the export, w <- w_start + anchor.interpolation x (w - w_start).
+  evaluation and the export, w <- w_start + anchor.interpolation x (w - w_start). The checkpoints always hold the
+  trained weights: where Lightning would write checkpoints/last.ckpt in its own on_train_end (a run that stops at
+  trainer.max_steps inside an epoch), that save is made before the interpolation. A fit resumed from a finished
+  run trains no step and Lightning then calls no hook at all: the train job interpolates and evaluates it itself
+  (`finish_without_fit`). So the interpolation can be chosen after training: `trainer.resume=<run>/checkpoints/
+  last.ckpt anchor.interpolation=A` in a new run_dir evaluates and exports that run's model at A without training
+  (docs/domain.md).
 
 The starting weights are copied when the callback is made: in the train job that is before Lightning restores a
 checkpoint, so a resumed run keeps the true start (the model the run began from, not the resume point). Only the
@@ -62,12 +68,31 @@ class StartAnchor(L.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.interpolates:
+            for checkpoint in trainer.checkpoint_callbacks:  # Lightning's own last save comes after this hook:
+                checkpoint.on_train_end(trainer, module)  # make it now, of the trained weights (else it is a no-op)
+            self.interpolate()
+
+    @property
+    def interpolates(self) -> bool:
+        return self.cfg.interpolation < 1
+
+    def interpolate(self) -> None:
+        """w <- w_start + anchor.interpolation x (w - w_start) on every anchored parameter."""
         alpha = self.cfg.interpolation
-        if alpha < 1:
-            with torch.no_grad():
-                for p, start in self.start.items():
-                    p.copy_(start + alpha * (p - start))
-            log.info("anchor.interpolation=%g: the final weights are start + %g x (trained - start)", alpha, alpha)
+        with torch.no_grad():
+            for p, start in self.start.items():
+                start = start.to(p.device, p.dtype)
+                p.copy_(start + alpha * (p - start))
+        log.info("anchor.interpolation=%g: the final weights are start + %g x (trained - start)", alpha, alpha)
+
+    def finish_without_fit(self, trainer: L.Trainer, module: L.LightningModule, evaluation) -> None:
+        """A fit that resumed a finished run and trained no step ran no hook: interpolate its weights (on the
+        training device) and evaluate them as the end of training does, in place of the restored final evaluation
+        (which was of the trained weights)."""
+        module.to(trainer.strategy.root_device)
+        self.interpolate()
+        evaluation.final_evaluation(trainer, module)
 
     def summary(self) -> dict:
         return {

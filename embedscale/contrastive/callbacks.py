@@ -130,6 +130,12 @@ class EvalCallback(L.Callback):
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
             self.evaluate(trainer, module, f"step{step}")
 
+    def final_evaluation(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Evaluate the weights as they are now as "after", replacing an "after" restored from a checkpoint (a fit
+        that resumed a finished run and changed its weights without training: anchor.interpolation)."""
+        self.history = [entry for entry in self.history if entry["tag"] != "after"]
+        self.evaluate(trainer, module, "after")
+
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step:
             self.evaluate(trainer, module, "after")

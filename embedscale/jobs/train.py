@@ -79,6 +79,8 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
             "counts its epoch as finished: raise trainer.max_epochs too to continue it (in the next epoch's order)",
             resume, trainer.global_step, trainer.current_epoch, cfg.trainer.max_epochs, cfg.trainer.max_steps,
         )  # fmt: skip
+        if anchor is not None and anchor.interpolates:
+            anchor.finish_without_fit(trainer, module, eval_cb)
     if not trainer.is_global_zero:
         return {}
     result = run_record(cfg, run_dir, trainer, datamodule, sizes, eval_cb, parent=parent, fit_seconds=fit_seconds)
