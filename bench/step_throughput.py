@@ -273,10 +273,19 @@ def child(
     }
 
 
-def ratio(a: dict, b: dict) -> float:
-    """Time ratio a / b: the median of per-round ratios (rounds pair up when interleaved)."""
-    pairs = zip(a["all_seconds"], b["all_seconds"], strict=True)
-    return statistics.median(x / y for x, y in pairs)
+def ratio_stats(a: dict, b: dict) -> dict:
+    """The per-round time ratios a / b (rounds pair up when interleaved): median, min, max, rounds."""
+    per_round = [x / y for x, y in zip(a["all_seconds"], b["all_seconds"], strict=True)]
+    return {
+        "median": round(statistics.median(per_round), 3),
+        "min": round(min(per_round), 3),
+        "max": round(max(per_round), 3),
+        "rounds": len(per_round),
+    }
+
+
+def spread(stats: dict) -> str:
+    return f"{stats['median']:.3f}x [{stats['min']:.3f}-{stats['max']:.3f}, {stats['rounds']} rounds]"
 
 
 def main() -> None:
@@ -309,7 +318,7 @@ def main() -> None:
         )
         print(json.dumps(out))
         return
-    rows = []
+    rows, ratios = [], []  # ratios: every pairing's per-round time ratios (median, min, max)
     for dataset in args.datasets.split(","):
         results = {}
         groups = [args.systems] if args.interleave else args.systems.split(",")
@@ -338,18 +347,24 @@ def main() -> None:
             }
             base = parse_system(system)[0]
             ref = {"es-plain": "bare", "es-gc": "bare-chunks", "es-gc-tok": "bare-chunks"}.get(base)
-            refs = [f"{ratio(r, results[x]):.3f}x time of {x}" for x in results if parse_system(x)[0] == ref]
+            refs = [x for x in results if parse_system(x)[0] == ref]
+            for x in refs:
+                ratios.append({"dataset": dataset, "time_of": system, "over": x, **ratio_stats(r, results[x])})
             if refs:
-                row["vs"] = ", ".join(refs)
+                row["vs"] = ", ".join(f"{spread(ratio_stats(r, results[x]))} time of {x}" for x in refs)
             peers = {
                 "st-mnrl": ["es-plain"],
                 "st-cached": ["es-gc", "es-gc-tok"],
                 "st-cached-tok": ["es-gc", "es-gc-tok"],
             }
             peers = peers.get(base, [])
-            speedups = [f"{p} {ratio(r, results[p]):.3f}x" for p in results if parse_system(p)[0] in peers]
+            speedups = [p for p in results if parse_system(p)[0] in peers]
+            for p in speedups:
+                ratios.append({"dataset": dataset, "time_of": system, "over": p, **ratio_stats(r, results[p])})
             if speedups:
-                row["vs"] = "embedscale speed-up: " + ", ".join(speedups)
+                row["vs"] = "embedscale speed-up: " + ", ".join(
+                    f"{p} {spread(ratio_stats(r, results[p]))}" for p in speedups
+                )
             rows.append(row)
     report(
         args.name,
@@ -361,6 +376,7 @@ def main() -> None:
             "repeats": args.repeats,
             **({"model": args.model} if args.model else {}),
             "dropout": args.dropout,
+            "ratios": ratios,
         },
     )
 

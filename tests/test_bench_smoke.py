@@ -232,7 +232,11 @@ def _step_throughput(ctx, proc):
     out = rows(ctx, "step_throughput_smoke")
     systems = "bare bare-chunks es-plain st-mnrl es-gc es-gc-tok st-cached st-cached-tok".split()
     assert [r["system"] for r in out] == systems and all(r["pairs/s"] > 0 for r in out)
-    assert ctx.json("step_throughput_smoke")["dropout"] == 0.0
+    full = ctx.json("step_throughput_smoke")
+    assert full["dropout"] == 0.0
+    pairs = {(r["time_of"], r["over"]) for r in full["ratios"]}
+    assert {("es-gc", "bare-chunks"), ("st-cached", "es-gc"), ("st-cached-tok", "es-gc-tok")} <= pairs, pairs
+    assert all(r["min"] <= r["median"] <= r["max"] and r["rounds"] == 1 for r in full["ratios"])
 
 
 def _sweeps(ctx, proc):
