@@ -25,6 +25,10 @@ Systems:
 - es-plain    embedscale ContrastiveModule.compute_loss (masking, metrics) + backward + AdamW
 - es-gc       embedscale GradCache, chunks of `--chunk` rows, trimmed, sorted by length
 - es-gc-tok   embedscale GradCache with a token budget of chunk x 256 padded tokens per chunk
+- bare-gc     GradCache's own chunks (es-gc's: `--chunk` rows, sorted by length, trimmed), each encoded once with
+              gradient (mean pooling, L2 norm, a fixed random cotangent) and AdamW: GradCache's second pass alone,
+              without its gradient-free first pass or the loss -- the strict limit for es-gc
+- bare-gc-tok the same on es-gc-tok's chunks (the same token budget): the strict limit for es-gc-tok
 - st-mnrl     sentence-transformers MultipleNegativesRankingLoss (scale 20)
 - st-cached   sentence-transformers CachedMultipleNegativesRankingLoss, mini_batch_size = `--chunk`
 - st-cached-tok  the same with mini_batch_num_tokens = `--chunk` x 256 (`:N` sets it): its chunks hold at most N
@@ -66,6 +70,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from common import report  # noqa: E402
 
 SYSTEMS = ["bare", "bare-chunks", "es-plain", "st-mnrl", "es-gc", "es-gc-tok", "st-cached", "st-cached-tok"]
+LIMITS = ["bare-gc", "bare-gc-tok"]  # not in the default set: --systems names them
 DATASETS = ["fixed", "scifact", "medquad"]
 WORDS = "alpha beta gamma delta protein cell gene model data signal drug trial dose risk patient".split()
 
@@ -121,7 +126,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
     from embedscale.encoder.biencoder import dropout_overrides
 
     system, own, attn = parse_system(system)
-    budgeted = system in ("es-gc-tok", "st-cached-tok")
+    budgeted = system in ("es-gc-tok", "st-cached-tok", "bare-gc-tok")
     budget = own if own and budgeted else chunk * 256
     chunk = own if own and not budgeted else chunk
     config = dropout_overrides(model_path, ModelConfig(dropout=dropout)) if dropout is not None else {}
@@ -158,6 +163,32 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
         return step, padded
 
     from transformers import AutoModel, AutoTokenizer
+
+    if system in ("bare-gc", "bare-gc-tok"):  # GradCache's own chunks, each encoded once with gradient
+        from embedscale.contrastive.gradcache import split_tokens
+
+        kwargs = {"attn_implementation": attn} if attn else {}
+        model = AutoModel.from_pretrained(model_path, **kwargs, **config).train()
+        tok = AutoTokenizer.from_pretrained(model_path)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        plan = dict(chunk_size=chunk, sort_by_length=True) if system == "bare-gc" else dict(token_budget=budget)
+        chunks = [c.tokens for texts in (queries, docs) for c in split_tokens(tokenize(tok, texts, max_length), **plan)]
+        padded = sum(c["input_ids"].numel() for c in chunks)
+        hidden = model.config.hidden_size
+        cotangents = [
+            torch.randn(len(c["input_ids"]), hidden, generator=torch.Generator().manual_seed(i))
+            for i, c in enumerate(chunks)
+        ]
+
+        def step():
+            for c, g in zip(chunks, cotangents, strict=True):
+                h = model(**c).last_hidden_state
+                m = c["attention_mask"].unsqueeze(-1).to(h.dtype)
+                (F.normalize((h * m).sum(1) / m.sum(1), dim=-1) * g).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step, padded
 
     if system.startswith("bare"):
         kwargs = {"attn_implementation": attn} if attn else {}
@@ -346,8 +377,12 @@ def main() -> None:
                 "vs": "",
             }
             base = parse_system(system)[0]
-            ref = {"es-plain": "bare", "es-gc": "bare-chunks", "es-gc-tok": "bare-chunks"}.get(base)
-            refs = [x for x in results if parse_system(x)[0] == ref]
+            ref = {
+                "es-plain": ["bare"],
+                "es-gc": ["bare-chunks", "bare-gc"],
+                "es-gc-tok": ["bare-chunks", "bare-gc-tok"],
+            }
+            refs = [x for x in results if parse_system(x)[0] in ref.get(base, [])]
             for x in refs:
                 ratios.append({"dataset": dataset, "time_of": system, "over": x, **ratio_stats(r, results[x])})
             if refs:

@@ -230,12 +230,13 @@ def _st_paired(ctx, proc):
 
 def _step_throughput(ctx, proc):
     out = rows(ctx, "step_throughput_smoke")
-    systems = "bare bare-chunks es-plain st-mnrl es-gc es-gc-tok st-cached st-cached-tok".split()
+    systems = "bare bare-chunks es-plain st-mnrl es-gc es-gc-tok st-cached st-cached-tok bare-gc bare-gc-tok".split()
     assert [r["system"] for r in out] == systems and all(r["pairs/s"] > 0 for r in out)
     full = ctx.json("step_throughput_smoke")
     assert full["dropout"] == 0.0
     pairs = {(r["time_of"], r["over"]) for r in full["ratios"]}
-    assert {("es-gc", "bare-chunks"), ("st-cached", "es-gc"), ("st-cached-tok", "es-gc-tok")} <= pairs, pairs
+    assert {("es-gc", "bare-chunks"), ("es-gc", "bare-gc"), ("es-gc-tok", "bare-gc-tok")} <= pairs, pairs
+    assert {("st-cached", "es-gc"), ("st-cached-tok", "es-gc-tok")} <= pairs, pairs
     assert all(r["min"] <= r["median"] <= r["max"] and r["rounds"] == 1 for r in full["ratios"])
 
 
@@ -417,7 +418,8 @@ CASES: dict[str, Case] = {
     "st_mnrl_scifact": Case(f"--out {{tmp}}/runs --seeds 1 {TINY_TRAIN}", _st_mnrl_scifact),
     "st_paired": Case(f"--out {{tmp}}/runs --seeds 1 {TINY_TRAIN}", _st_paired),
     "step_throughput": Case(  # every system in one process (--interleave): one start for all
-        "--datasets fixed --global-batch 4 --chunk 2 --threads 1 --repeats 1 --interleave --model {bert} "
+        "--datasets fixed --global-batch 4 --chunk 2 --threads 1 --repeats 1 --interleave --model {bert} --systems "
+        "bare,bare-chunks,es-plain,st-mnrl,es-gc,es-gc-tok,st-cached,st-cached-tok,bare-gc,bare-gc-tok "
         "--dropout 0 --name step_throughput_smoke",
         _step_throughput,
     ),
