@@ -15,6 +15,8 @@ Rows:
 - domain: mix + wise (conf/recipe/domain.yaml's training stage);
 - ict: no labels: inverse-cloze pairs from the SciFact corpus (data.format=corpus, data.pretrain.task=ict), 84
   steps, + wise (the domain recipe without its labelled pairs or the STS-B mixture).
+- wise@A, domain@A: wise and domain at anchor.interpolation=A (e.g. --rows domain@0.7): points of the WiSE curve,
+  each one evaluation (below); wise@0.5 is wise.
 
 The goal (issue 24): a recipe that keeps >= 90% of the quickstart's domain gain (NDCG@10 over zero-shot) while each
 general metric drops by at most 0.005 (0.5 points) from zero-shot; `goal` in the json computes it per row from
@@ -89,6 +91,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
     spec = rows_spec(args, rows)
+    resume_from = dict(RESUME_FROM)
+    for row in rows:  # wise@A, domain@A: the same cells at another interpolation (the WiSE curve, per seed)
+        base, _, alpha = row.partition("@")
+        if alpha and base in RESUME_FROM:
+            spec[row] = [o for o in spec[base] if not o.startswith("anchor.interpolation=")]
+            spec[row].append(f"anchor.interpolation={float(alpha)}")
+            resume_from[row] = RESUME_FROM[base]
     if unknown := set(rows) - set(spec):
         raise SystemExit(f"unknown rows {sorted(unknown)}: use {', '.join(spec)}")
     common = quality_common(args)
@@ -102,7 +111,7 @@ def main() -> None:
         work=work,
         fresh=args.fresh,
         extra=goal,
-        resume_from=RESUME_FROM,
+        resume_from=resume_from,
     )
 
 

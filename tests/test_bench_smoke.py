@@ -112,16 +112,18 @@ def _colbert_recipe(ctx, proc):
 def _domain_forgetting(ctx, proc):
     out = ctx.json("domain_forgetting_smoke")
     cells = {c["row"]: c for c in out["cells"]}
-    assert [(c["row"], c["seed"]) for c in out["cells"]] == [("quickstart", 1), ("mix", 1), ("domain", 1), ("ict", 1)]
+    rows = ["quickstart", "mix", "domain", "ict", "domain@0.8"]
+    assert [(c["row"], c["seed"]) for c in out["cells"]] == [(r, 1) for r in rows]
     assert all(0 <= c["medquad/ndcg@10"] <= 1 and -1 <= c["stsb/spearman"] <= 1 for c in out["cells"])
-    assert [c["steps"] for c in out["cells"]] == [4, 2, 2, 2] and set(out["zero_shot"]) == {
+    assert cells["domain@0.8"]["from"] == "mix" and "anchor.interpolation=0.8" in cells["domain@0.8"]["overrides"]
+    assert [c["steps"] for c in out["cells"]] == [4, 2, 2, 2, 2] and set(out["zero_shot"]) == {
         "scifact/ndcg@10", "scifact/recall@100", "stsb/spearman", "medquad/ndcg@10"
     }  # fmt: skip
     # domain resumed mix's final checkpoint: no step of its own, its seconds include mix's
     assert cells["domain"]["from"] == "mix" and cells["domain"]["seconds"] > cells["mix"]["seconds"]
     assert "resuming in" in proc.stdout and "from" not in cells["mix"]
     goal = out["goal"]
-    assert set(goal) == {"quickstart", "mix", "domain", "ict"} and set(goal["domain"]["general_change"]) == {
+    assert set(goal) == set(rows) and set(goal["domain"]["general_change"]) == {
         "stsb/spearman", "medquad/ndcg@10"
     }  # fmt: skip
 
@@ -357,7 +359,7 @@ CASES: dict[str, Case] = {
     ),
     "config_properties": Case("--examples 3", _config_properties),
     "domain_forgetting": Case(
-        "--rows quickstart,mix,domain,ict --seeds 1 --model {bert} --data-root {scifact} "
+        "--rows quickstart,mix,domain,ict,domain@0.8 --seeds 1 --model {bert} --data-root {scifact} "
         "--sts-train {data}/sts/test.tsv --sts-test {data}/sts/test.tsv --medquad medquad/pairs.jsonl "
         "--steps-per-epoch 2 --steps 2 "
         "--work {tmp}/df --name domain_forgetting_smoke --extra model.query_max_length=16;"
