@@ -181,6 +181,26 @@ def seed_table(
     zero_shot = {} if fresh or not previous.exists() else json.loads(previous.read_text()).get("zero_shot", {})
     keys = ["row", "seed", "n"] + [k for m in metrics for k in (m, f"{m} std")] + ["steps", "fit_s", "seconds", "from"]
     resume_from = resume_from or {}
+
+    def write(cells: list[dict], zero_shot: dict) -> None:
+        lines = []
+        for r in dict.fromkeys([*spec, *(c["row"] for c in cells)]):  # also rows this call did not name
+            got = [c for c in cells if c["row"] == r]
+            if not got:
+                continue
+            line = {"row": r, "seed": "mean", "n": len(got), "from": got[0].get("from")}
+            for m in metrics:
+                values = [c[m] for c in got]
+                line[m] = round(statistics.mean(values), 4)
+                line[f"{m} std"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
+            for k in ("steps", "fit_s", "seconds"):
+                present = [c[k] for c in got if c.get(k) is not None]
+                line[k] = round(statistics.mean(present), 1) if present else None
+            lines.append(line)
+        table = [{k: line.get(k) for k in keys} for line in lines + cells]
+        derived = extra(cells, zero_shot) if extra else {}
+        report(name, table, {"cells": cells, "zero_shot": zero_shot, **derived})
+
     for seed in seeds:  # seed-major: every row of a seed before the next seed
         for row in rows:
             if any(c["row"] == row and c["seed"] == seed for c in cells):
@@ -210,23 +230,8 @@ def seed_table(
             cells.append(cell)
             before = result["eval"].get("before", {})
             zero_shot = {m: round(before[m], 4) for m in metrics if m in before} or zero_shot
-            lines = []
-            for r in spec:
-                got = [c for c in cells if c["row"] == r]
-                if not got:
-                    continue
-                line = {"row": r, "seed": "mean", "n": len(got), "from": resume_from.get(r)}
-                for m in metrics:
-                    values = [c[m] for c in got]
-                    line[m] = round(statistics.mean(values), 4)
-                    line[f"{m} std"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
-                for k in ("steps", "fit_s", "seconds"):
-                    present = [c[k] for c in got if c.get(k) is not None]
-                    line[k] = round(statistics.mean(present), 1) if present else None
-                lines.append(line)
-            table = [{k: line.get(k) for k in keys} for line in lines + cells]
-            derived = extra(cells, zero_shot) if extra else {}
-            report(name, table, {"cells": cells, "zero_shot": zero_shot, **derived})
+            write(cells, zero_shot)
+    write(cells, zero_shot)  # also when every cell was already there: the derived figures follow the code
     return cells
 
 

@@ -62,17 +62,23 @@ def rows_spec(args, rows: list[str]) -> dict[str, list[str]]:
 
 
 def goal(cells: list[dict], zero_shot: dict) -> dict:
-    """Per row (its mean over seeds): the share of the quickstart's domain gain it keeps, each general metric's
-    change from zero-shot, and whether both targets hold."""
-    mean = lambda row, m: sum(c[m] for c in cells if c["row"] == row) / max(1, sum(c["row"] == row for c in cells))  # noqa: E731
-    if not zero_shot or not any(c["row"] == "quickstart" for c in cells):
+    """Per row, over the seeds it has and against the quickstart cells of those same seeds (a row that has fewer
+    seeds is not compared with another seed's quickstart): the share of the quickstart's domain gain it keeps, each
+    general metric's change from zero-shot, and whether both targets hold."""
+    if not zero_shot:
         return {}
-    gain = mean("quickstart", DOMAIN) - zero_shot[DOMAIN]
+    quickstart = {c["seed"]: c for c in cells if c["row"] == "quickstart"}
     out = {}
     for row in dict.fromkeys(c["row"] for c in cells):
-        kept = (mean(row, DOMAIN) - zero_shot[DOMAIN]) / gain if gain else None
-        drops = {m: round(mean(row, m) - zero_shot[m], 4) for m in GENERAL if m in zero_shot}
+        got = [c for c in cells if c["row"] == row and c["seed"] in quickstart]
+        if not got:
+            continue
+        mean = lambda group, m: sum(c[m] for c in group) / len(group)  # noqa: E731
+        gain = mean([quickstart[c["seed"]] for c in got], DOMAIN) - zero_shot[DOMAIN]
+        kept = (mean(got, DOMAIN) - zero_shot[DOMAIN]) / gain if gain else None
+        drops = {m: round(mean(got, m) - zero_shot[m], 4) for m in GENERAL if m in zero_shot}
         out[row] = {
+            "seeds": [c["seed"] for c in got],
             "domain_gain_kept": round(kept, 3) if kept is not None else None,
             "general_change": drops,
             "meets_goal": kept is not None and kept >= 0.9 and all(d >= -0.005 for d in drops.values()),
