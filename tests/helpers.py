@@ -244,3 +244,27 @@ def exported_weights(result: dict) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(result["export_dir"]) / "model.safetensors"))
+
+
+def train_processes(runs: dict[str, list[str]], root: Path, env: dict[str, str], *, workers: int = 2) -> dict:
+    """`python -m embedscale.jobs.train` for each {name: overrides} in root/name, `workers` at a time: {name: the
+    finished process}; fails on the first non-zero exit, with that run's stderr. A tiny 2-rank run is mostly two
+    interpreters importing Lightning one after the other (one core busy), so two runs side by side take little more
+    than one on 2 cores. Each run finds its own free rendezvous port (no MASTER_PORT in env)."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert "MASTER_PORT" not in env, "each run must pick its own port"
+
+    def one(item: tuple[str, list[str]]) -> subprocess.CompletedProcess:
+        name, args = item
+        run_dir = root / name
+        cmd = [sys.executable, "-m", "embedscale.jobs.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        procs = dict(zip(runs, pool.map(one, runs.items()), strict=True))
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-4000:]}"
+    return procs

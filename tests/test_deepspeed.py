@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import deepspeed  # noqa: F401  (see the module docstring: never a silent skip)
 import pytest
 import torch
+from helpers import train_processes
 
 pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
 
@@ -44,13 +43,11 @@ COMMON = [
 ]
 
 
-def _train(args: list[str], run_dir: Path, extensions: Path) -> None:
+def _env(extensions: Path) -> dict[str, str]:
     launch = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(extensions))
-    cmd = [sys.executable, "-m", "embedscale.jobs.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    return env
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -102,16 +99,14 @@ def zero_runs(tiny_bert_nodrop, tiny_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("zero")
     common = [f"model.name_or_path={tiny_bert_nodrop}", f"data.root={tiny_data}", *COMMON]
     extensions = root / "torch_extensions"
-    dirs = {"extensions": extensions}
-    for name, args in RUNS.items():
-        _train([*common, *args], root / name, extensions)
-        dirs[name] = root / name
+    train_processes({name: [*common, *args] for name, args in RUNS.items()}, root, _env(extensions))  # two at a time
     resume = ["trainer.max_steps=4", "trainer.max_epochs=6"]
-    for name, run in RESUMED.items():
-        last = root / run / "checkpoints" / "last.ckpt"
-        _train([*common, *RUNS[run], *resume, f"trainer.resume={last}"], root / name, extensions)
-        dirs[name] = root / name
-    return dirs
+    resumed = {
+        name: [*common, *RUNS[run], *resume, f"trainer.resume={root / run / 'checkpoints' / 'last.ckpt'}"]
+        for name, run in RESUMED.items()
+    }
+    train_processes(resumed, root, _env(extensions))
+    return {"extensions": extensions, **{name: root / name for name in [*RUNS, *RESUMED]}}
 
 
 def test_zero_checkpoints_resume_and_nothing_is_jit_compiled(zero_runs, tiny_bert_nodrop):
@@ -170,13 +165,9 @@ def test_lora_under_zero3_with_gradcache_equals_ddp_and_exports_merged(tiny_mist
         *COMMON,
     ]
     extensions = tmp_path / "torch_extensions"
-    weights = {}
-    for name, args in {
-        "ddp": ["trainer=ddp_cpu"],
-        "zero3_gc": ["trainer=deepspeed_zero3_cpu", "gradcache.chunk_size=2"],
-    }.items():
-        _train([*lora, *args], tmp_path / name, extensions)
-        weights[name] = _weights(tmp_path / name)
+    runs = {"ddp": ["trainer=ddp_cpu"], "zero3_gc": ["trainer=deepspeed_zero3_cpu", "gradcache.chunk_size=2"]}
+    train_processes({name: [*lora, *args] for name, args in runs.items()}, tmp_path, _env(extensions))  # side by side
+    weights = {name: _weights(tmp_path / name) for name in runs}
     assert not any("lora" in k or "base_layer" in k for k in weights["zero3_gc"])  # merged at export
     start = _weights_of(tiny_mistral)
     assert _max_diff(weights["zero3_gc"], {n: start[n] for n in weights["zero3_gc"]}) > 1e-4  # the adapters trained

@@ -193,21 +193,18 @@ def test_multi_rank_gradient_equals_one_process(tiny_bert, tmp_path, world_size,
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-12, msg=name)
 
 
-def _train(args: list[str], run_dir) -> None:
+def _env() -> dict[str, str]:
     import os
-    import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "embedscale.jobs.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    return env
 
 
 def test_lightning_ddp_with_gradcache_equals_one_process(tiny_bert_nodrop, tiny_data, tmp_path):
     """`trainer=ddp_cpu` (2 processes) + GradCache chunk 2 trains 3 shuffled optimizer steps to the weights of one
     process on the same global batch of 8 (no dropout here: the runs draw different random streams)."""
+    from helpers import train_processes
     from safetensors.torch import load_file
 
     common = [
@@ -224,8 +221,11 @@ def test_lightning_ddp_with_gradcache_equals_one_process(tiny_bert_nodrop, tiny_
         "trainer.progress=off",
         "trainer.num_threads=1",
     ]
-    _train([*common, "trainer=ddp_cpu", "data.batch_size_per_rank=4", "gradcache.chunk_size=2"], tmp_path / "ddp")
-    _train([*common, "data.batch_size_per_rank=8"], tmp_path / "single")
+    runs = {
+        "ddp": [*common, "trainer=ddp_cpu", "data.batch_size_per_rank=4", "gradcache.chunk_size=2"],
+        "single": [*common, "data.batch_size_per_rank=8"],
+    }
+    train_processes(runs, tmp_path, _env())  # side by side
     ddp, single = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("ddp", "single"))
     start = load_file(tiny_bert_nodrop / "model.safetensors")
     assert set(ddp) == set(single)

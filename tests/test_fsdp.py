@@ -18,16 +18,21 @@ import sys
 
 import pytest
 import torch
+from helpers import train_processes
 
 pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
 
 
-def _train(args: list[str], run_dir) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     launch = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    return env
+
+
+def _train(args: list[str], run_dir) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "embedscale.jobs.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -90,16 +95,14 @@ def fsdp_runs(tiny_bert_nodrop, tiny_data, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("fsdp")
     common = [f"model.name_or_path={tiny_bert_nodrop}", f"data.root={tiny_data}", *COMMON]
-    out = {}
-    for name, args in RUNS.items():
-        _train([*common, *args], root / name)
-        out[name] = (root / name, load_file(root / name / "model" / "model.safetensors"))
+    train_processes({name: [*common, *args] for name, args in RUNS.items()}, root, _env())  # two at a time
     resume = ["trainer.max_steps=4", "trainer.max_epochs=6"]
-    for name, ckpt in RESUMED.items():
-        last = root / ckpt / "checkpoints" / "last.ckpt"
-        _train([*common, *RUNS[ckpt], *resume, f"trainer.resume={last}"], root / name)
-        out[name] = (root / name, load_file(root / name / "model" / "model.safetensors"))
-    return out
+    resumed = {
+        name: [*common, *RUNS[ckpt], *resume, f"trainer.resume={root / ckpt / 'checkpoints' / 'last.ckpt'}"]
+        for name, ckpt in RESUMED.items()
+    }
+    train_processes(resumed, root, _env())
+    return {name: (root / name, load_file(root / name / "model" / "model.safetensors")) for name in [*RUNS, *RESUMED]}
 
 
 @pytest.mark.parametrize("name", ["fsdp2", "fsdp2_gc", "fsdp2_gc_keep"])
@@ -199,10 +202,8 @@ def test_lora_under_fsdp2_with_gradcache_equals_ddp(tiny_data, tmp_path):
         *TWO,
     ]
     runs = {"ddp": ["trainer=ddp_cpu"], "fsdp2_gc": ["trainer=fsdp2_cpu", "gradcache.chunk_size=2"]}
-    weights = {}
-    for name, args in runs.items():
-        _train([*lora, *args], tmp_path / name)
-        weights[name] = load_file(tmp_path / name / "model" / "model.safetensors")
+    train_processes({name: [*lora, *args] for name, args in runs.items()}, tmp_path, _env())  # side by side
+    weights = {name: load_file(tmp_path / name / "model" / "model.safetensors") for name in runs}
     assert not any("lora" in k or "base_layer" in k for k in weights["fsdp2_gc"])  # merged at export
     start = load_file(mistral / "model.safetensors")
     assert _max_diff(weights["ddp"], {n: start[n] for n in weights["ddp"]})[0] > 1e-4  # the adapters trained

@@ -284,9 +284,8 @@ def test_colbert_under_fsdp2_and_zero3_with_gradcache_trains_to_ddp_s_weights(ti
     """model.multivector under every strategy: FSDP2 + GradCache and DeepSpeed ZeRO-3 + GradCache, 2 gloo ranks,
     3 steps with hard negatives, train to the weights ddp does (backbone and projection, read from the exports)."""
     import os
-    import subprocess
-    import sys
 
+    from helpers import train_processes
     from safetensors.torch import load_file
 
     common = [
@@ -314,15 +313,13 @@ def test_colbert_under_fsdp2_and_zero3_with_gradcache_trains_to_ddp_s_weights(ti
     }
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    train_processes({name: [*common, *args] for name, args in runs.items()}, tmp_path, env)  # two at a time
     weights = {}
-    for name, args in runs.items():
-        run_dir = tmp_path / name
-        cmd = [sys.executable, "-m", "embedscale.jobs.train", *common, *args, f"run_dir={run_dir}"]
-        proc = subprocess.run([*cmd, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in runs:
+        dense = load_file(tmp_path / name / "model" / "1_Dense" / "model.safetensors")
         weights[name] = {
-            **load_file(run_dir / "model" / "model.safetensors"),
-            **{f"dense.{k}": v for k, v in load_file(run_dir / "model" / "1_Dense" / "model.safetensors").items()},
+            **load_file(tmp_path / name / "model" / "model.safetensors"),
+            **{f"dense.{k}": v for k, v in dense.items()},
         }
     start = load_file(tiny_bert_nodrop / "model.safetensors")
     moved = max((weights["ddp"][n] - start[n]).abs().max().item() for n in start if n in weights["ddp"])
