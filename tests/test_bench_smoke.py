@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -487,18 +488,55 @@ def test_every_script_has_a_case():
     assert set(SCRIPTS) == set(CASES), "a bench script without a smoke case (or a case without a script)"
 
 
+# the slowest cases first (measured in CI), so that two at a time finish together
+SLOWEST = ["sharded_equivalence", "domain_forgetting", "gpu_check", "objective_quality", "late_interaction"]
+
+
+@pytest.fixture(scope="module")
+def script_runs(request, tiny_bert, tiny_data, tiny_scifact, tmp_path_factory) -> dict:
+    """Every case this session selected, run once, two processes at a time (most of a case is an interpreter
+    importing torch and Lightning on one core): {script: (ctx, process or the timeout)}. The committed
+    bench/results/ must be untouched by all of them: {"results unchanged": bool}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = [
+        item.callspec.params["script"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_bench_script" and item.module.__name__ == __name__
+    ]
+    selected = sorted(
+        set(selected) & set(CASES), key=lambda s: (s not in SLOWEST, SLOWEST.index(s) if s in SLOWEST else 0, s)
+    )
+    # only if a selected case reads a run, train it (module-scoped: once)
+    run = request.getfixturevalue("train_run") if any("{run}" in CASES[s].args for s in selected) else None
+
+    def one(script: str):
+        tmp = tmp_path_factory.mktemp(script)
+        ctx = Ctx(tiny_bert, tiny_data, tiny_scifact, run, tmp, tmp / "results")
+        ctx.results.mkdir()
+        cmd = [sys.executable, str(BENCH / f"{script}.py"), *CASES[script].argv(ctx)]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=bench_env(tmp), timeout=TIMEOUT)
+        except subprocess.TimeoutExpired as err:
+            proc = err
+        print(f"bench/{script}.py: {time.perf_counter() - start:.0f} s", flush=True)
+        return ctx, proc
+
+    before = {p: p.stat().st_mtime_ns for p in (BENCH / "results").iterdir()}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = dict(zip(selected, pool.map(one, selected), strict=True))
+    unchanged = {p: p.stat().st_mtime_ns for p in (BENCH / "results").iterdir()} == before
+    return {"results unchanged": unchanged, **runs}
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_bench_script(script, request, tiny_bert, tiny_data, tiny_scifact, tmp_path):
+def test_bench_script(script, script_runs):
     case = CASES.get(script)
     if case is None:
         pytest.fail(f"bench/{script}.py has no smoke case: add one to CASES")
-    # only the cases that read a run wait for the training (module-scoped: once)
-    run = request.getfixturevalue("train_run") if "{run}" in case.args else None
-    ctx = Ctx(tiny_bert, tiny_data, tiny_scifact, run, tmp_path, tmp_path / "results")
-    ctx.results.mkdir()
-    before = {p: p.stat().st_mtime_ns for p in (BENCH / "results").iterdir()}
-    cmd = [sys.executable, str(BENCH / f"{script}.py"), *case.argv(ctx)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=bench_env(tmp_path), timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
-    assert {p: p.stat().st_mtime_ns for p in (BENCH / "results").iterdir()} == before  # committed results untouched
+    ctx, proc = script_runs[script]
+    assert not isinstance(proc, subprocess.TimeoutExpired), f"{' '.join(proc.cmd)}: over {TIMEOUT} s"
+    assert proc.returncode == 0, f"{' '.join(proc.args)}\n{proc.stderr[-3000:]}"
+    assert script_runs["results unchanged"]  # committed results untouched
     case.check(ctx, proc)
