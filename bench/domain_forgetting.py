@@ -12,7 +12,8 @@ Rows:
 - wise: + anchor.interpolation=0.5 (the final weights halfway between the start and the fine-tuned ones);
 - mix: SciFact (InfoNCE) + STS-B train (CoSENT) as a sharded mixture, 3 : 1 by global batches, 28 steps per
   epoch (the same 84 steps: about 63 on SciFact, 21 on STS-B);
-- domain: mix + wise (conf/recipe/domain.yaml's training stage);
+- domain: mix + wise (conf/recipe/domain.yaml's training stage until 2026-12-06; the recipe now interpolates at 0.7,
+  the row domain@0.7);
 - ict: no labels: inverse-cloze pairs from the SciFact corpus (data.format=corpus, data.pretrain.task=ict), 84
   steps, + wise (the domain recipe without its labelled pairs or the STS-B mixture).
 - wise@A, domain@A: wise and domain at anchor.interpolation=A (e.g. --rows domain@0.7): points of the WiSE curve,
