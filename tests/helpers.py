@@ -246,16 +246,17 @@ def exported_weights(result: dict) -> dict:
     return load_file(str(Path(result["export_dir"]) / "model.safetensors"))
 
 
-def train_processes(runs: dict[str, list[str]], root: Path, env: dict[str, str], *, workers: int = 2) -> dict:
+def train_processes(runs: dict[str, list[str]], root: Path, *, workers: int = 2, **env: str) -> dict:
     """`python -m embedscale.jobs.train` for each {name: overrides} in root/name, `workers` at a time: {name: the
     finished process}; fails on the first non-zero exit, with that run's stderr. A tiny 2-rank run is mostly two
     interpreters importing Lightning one after the other (one core busy), so two runs side by side take little more
-    than one on 2 cores. Each run finds its own free rendezvous port (no MASTER_PORT in env)."""
+    than one on 2 cores. The environment: clean_env() (no launcher variables: each run finds its own free
+    rendezvous port), W&B off, one thread per rank, then env."""
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    assert "MASTER_PORT" not in env, "each run must pick its own port"
+    env = {**clean_env(), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **env}
 
     def one(item: tuple[str, list[str]]) -> subprocess.CompletedProcess:
         name, args = item

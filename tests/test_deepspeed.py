@@ -14,7 +14,6 @@ here.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import deepspeed  # noqa: F401  (see the module docstring: never a silent skip)
@@ -41,13 +40,6 @@ COMMON = [
     "trainer.num_threads=1",
     "data.batch_size_per_rank=4",
 ]
-
-
-def _env(extensions: Path) -> dict[str, str]:
-    launch = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launch}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(extensions))
-    return env
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -99,13 +91,15 @@ def zero_runs(tiny_bert_nodrop, tiny_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("zero")
     common = [f"model.name_or_path={tiny_bert_nodrop}", f"data.root={tiny_data}", *COMMON]
     extensions = root / "torch_extensions"
-    train_processes({name: [*common, *args] for name, args in RUNS.items()}, root, _env(extensions))  # two at a time
+    train_processes(
+        {name: [*common, *args] for name, args in RUNS.items()}, root, TORCH_EXTENSIONS_DIR=str(extensions)
+    )  # two at a time
     resume = ["trainer.max_steps=4", "trainer.max_epochs=6"]
     resumed = {
         name: [*common, *RUNS[run], *resume, f"trainer.resume={root / run / 'checkpoints' / 'last.ckpt'}"]
         for name, run in RESUMED.items()
     }
-    train_processes(resumed, root, _env(extensions))
+    train_processes(resumed, root, TORCH_EXTENSIONS_DIR=str(extensions))
     return {"extensions": extensions, **{name: root / name for name in [*RUNS, *RESUMED]}}
 
 
@@ -166,7 +160,9 @@ def test_lora_under_zero3_with_gradcache_equals_ddp_and_exports_merged(tiny_mist
     ]
     extensions = tmp_path / "torch_extensions"
     runs = {"ddp": ["trainer=ddp_cpu"], "zero3_gc": ["trainer=deepspeed_zero3_cpu", "gradcache.chunk_size=2"]}
-    train_processes({name: [*lora, *args] for name, args in runs.items()}, tmp_path, _env(extensions))  # side by side
+    train_processes(
+        {name: [*lora, *args] for name, args in runs.items()}, tmp_path, TORCH_EXTENSIONS_DIR=str(extensions)
+    )  # side by side
     weights = {name: _weights(tmp_path / name) for name in runs}
     assert not any("lora" in k or "base_layer" in k for k in weights["zero3_gc"])  # merged at export
     start = _weights_of(tiny_mistral)

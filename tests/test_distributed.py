@@ -193,14 +193,6 @@ def test_multi_rank_gradient_equals_one_process(tiny_bert, tmp_path, world_size,
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-12, msg=name)
 
 
-def _env() -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    return env
-
-
 def test_lightning_ddp_with_gradcache_equals_one_process(tiny_bert_nodrop, tiny_data, tmp_path):
     """`trainer=ddp_cpu` (2 processes) + GradCache chunk 2 trains 3 shuffled optimizer steps to the weights of one
     process on the same global batch of 8 (no dropout here: the runs draw different random streams)."""
@@ -225,7 +217,7 @@ def test_lightning_ddp_with_gradcache_equals_one_process(tiny_bert_nodrop, tiny_
         "ddp": [*common, "trainer=ddp_cpu", "data.batch_size_per_rank=4", "gradcache.chunk_size=2"],
         "single": [*common, "data.batch_size_per_rank=8"],
     }
-    train_processes(runs, tmp_path, _env())  # side by side
+    train_processes(runs, tmp_path)  # side by side
     ddp, single = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("ddp", "single"))
     start = load_file(tiny_bert_nodrop / "model.safetensors")
     assert set(ddp) == set(single)

@@ -12,29 +12,12 @@ ddp's does (not across strategies: refused by name); a resume with nothing left 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from helpers import train_processes
 
 pytestmark = pytest.mark.slow  # every test here starts ranks (tests/conftest.py: tiers)
-
-
-def _env() -> dict[str, str]:
-    launch = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launch}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    return env
-
-
-def _train(args: list[str], run_dir) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "embedscale.jobs.train", *args, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def _max_diff(a: dict, b: dict) -> tuple[float, float]:
@@ -95,13 +78,13 @@ def fsdp_runs(tiny_bert_nodrop, tiny_data, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("fsdp")
     common = [f"model.name_or_path={tiny_bert_nodrop}", f"data.root={tiny_data}", *COMMON]
-    train_processes({name: [*common, *args] for name, args in RUNS.items()}, root, _env())  # two at a time
+    train_processes({name: [*common, *args] for name, args in RUNS.items()}, root)  # two at a time
     resume = ["trainer.max_steps=4", "trainer.max_epochs=6"]
     resumed = {
         name: [*common, *RUNS[ckpt], *resume, f"trainer.resume={root / ckpt / 'checkpoints' / 'last.ckpt'}"]
         for name, ckpt in RESUMED.items()
     }
-    train_processes(resumed, root, _env())
+    train_processes(resumed, root)
     return {name: (root / name, load_file(root / name / "model" / "model.safetensors")) for name in [*RUNS, *RESUMED]}
 
 
@@ -202,7 +185,7 @@ def test_lora_under_fsdp2_with_gradcache_equals_ddp(tiny_data, tmp_path):
         *TWO,
     ]
     runs = {"ddp": ["trainer=ddp_cpu"], "fsdp2_gc": ["trainer=fsdp2_cpu", "gradcache.chunk_size=2"]}
-    train_processes({name: [*lora, *args] for name, args in runs.items()}, tmp_path, _env())  # side by side
+    train_processes({name: [*lora, *args] for name, args in runs.items()}, tmp_path)  # side by side
     weights = {name: load_file(tmp_path / name / "model" / "model.safetensors") for name in runs}
     assert not any("lora" in k or "base_layer" in k for k in weights["fsdp2_gc"])  # merged at export
     start = load_file(mistral / "model.safetensors")
@@ -218,7 +201,7 @@ def test_a_resume_with_nothing_left_to_train_says_so(fsdp_runs, tiny_bert_nodrop
     says so (and how to continue) instead of exiting as if it had trained, and metrics.json counts 0 steps."""
     last = fsdp_runs["fsdp2_gc"][0] / "checkpoints" / "last.ckpt"
     common = [f"model.name_or_path={tiny_bert_nodrop}", f"data.root={tiny_data}", *COMMON]
-    proc = _train([*common, *RUNS["fsdp2_gc"], f"trainer.resume={last}"], tmp_path / "noop")
+    proc = train_processes({"noop": [*common, *RUNS["fsdp2_gc"], f"trainer.resume={last}"]}, tmp_path)["noop"]
     assert (
         "no step was trained" in proc.stderr + proc.stdout and "raise trainer.max_epochs" in proc.stderr + proc.stdout
     )
