@@ -267,6 +267,16 @@ def _objective_quality(ctx, proc):
     assert read_back == [[c[m] for m in metrics] for c in out["cells"]]
 
 
+def _sts_source(ctx, proc):
+    out = ctx.json("sts_source_smoke")
+    assert [(c["row"], c["seed"], c["steps"]) for c in out["cells"]] == [("cosent@1e-4", 1, 2)], out["cells"]
+    assert -1 <= out["cells"][0]["stsb/spearman"] <= 1 and set(out["zero_shot"]) == {"stsb/spearman"}
+    assert "optim.lr=0.0001" in out["cells"][0]["overrides"]
+    (plan,) = out["schedule"]  # the training stream's own draw of the 84-step mixture for seed 1
+    assert plan["seed"] == 1 and 0 <= plan["stsb_steps_last_10"] <= min(plan["stsb_steps"], 10) <= 10
+    assert 0 < plan["stsb_steps"] < 84 and plan["mix_stsb/spearman"] is None
+
+
 def _nonfinite_cost(ctx, proc):
     out = ctx.json("nonfinite_cost")
     assert len(out["rows"]) == 5 and all(r["ms"] > 0 for r in out["rows"])
@@ -442,6 +452,13 @@ CASES: dict[str, Case] = {
         "--extra model.query_max_length=16;model.document_max_length=16;trainer.max_epochs=1;"
         "data.batch_size_per_rank=4",
         _objective_quality,
+    ),
+    "sts_source": Case(
+        "--rows cosent@1e-4 --seeds 1 --model {bert} --data-root {scifact} --sts-train {data}/sts/test.tsv "
+        "--sts-test {data}/sts/test.tsv --medquad medquad/pairs.jsonl --sts-steps 2 --work {tmp}/sts "
+        "--no-mix-results --name sts_source_smoke --extra model.query_max_length=16;model.document_max_length=16;"
+        "data.batch_size_per_rank=4",
+        _sts_source,
     ),
     "verify_cost": Case("--rounds 1 --per-shard 50 --limit 200", _verify_cost),
     "sweeps": Case(f"--name sweeps_smoke {TINY_MODEL} data_root={{scifact}} sweep.output={{tmp}}/sweep.json", _sweeps),
