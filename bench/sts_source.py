@@ -13,8 +13,10 @@ Rows:
 
 `schedule` in the json: for each seed, the STS-B global batches among the mixture's first 84 (and the last 10), drawn
 by the training stream itself (embedscale.data.stream.MixtureStream over the same shards, weights and seed), next to
-the mix cell's STS-B test Spearman from bench/results/domain_forgetting.json when it holds that seed. Cells are
-resumable (bench/common.py seed_table) and share domain_forgetting's work directory (its STS-B shards).
+the mix cell's STS-B test Spearman from bench/results/domain_forgetting.json when it holds that seed. `grad_norms`:
+each cell's logged pre-clipping gradient norms (train/grad_norm in its logs/metrics.csv, every 10th step; the
+quickstart clips at 1.0). Cells are resumable (bench/common.py seed_table) and share domain_forgetting's work
+directory (its STS-B shards).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, make_mixture_shards, quality_args, quality_common, seed_table  # noqa: E402
+from common import RESULTS, cell_dir, make_mixture_shards, quality_args, quality_common, seed_table  # noqa: E402
 
 NAME = "sts_source"
 METRICS = ("stsb/spearman",)
@@ -64,6 +66,17 @@ def schedule(args, seeds: list[int]) -> list[dict]:
             }
         )
     return out
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    """The pre-clipping gradient norms a run logged (its CSV log's train/grad_norm)."""
+    import csv
+
+    log = run_dir / "logs" / "metrics.csv"
+    if not log.exists():
+        return []
+    with log.open() as f:
+        return [round(float(r["train/grad_norm"]), 2) for r in csv.DictReader(f) if r.get("train/grad_norm")]
 
 
 def main() -> None:
@@ -108,7 +121,16 @@ def main() -> None:
         metrics=METRICS,
         work=work,
         fresh=args.fresh,
-        extra=lambda cells, zero_shot: {"schedule": plan},
+        extra=lambda cells, zero_shot: {
+            "schedule": plan,
+            "grad_norms": {
+                f"{c['row']} seed {c['seed']}": grad_norms(
+                    cell_dir(work, [*common, *spec[c["row"]], f"seed={c['seed']}"])
+                )
+                for c in cells
+                if c["row"] in spec
+            },
+        },
     )
 
 
