@@ -243,6 +243,18 @@ def _step_throughput(ctx, proc):
     assert all(r["min"] <= r["median"] <= r["max"] and r["rounds"] == 1 for r in full["ratios"])
 
 
+def _step_profile(ctx, proc):
+    out = rows(ctx, "step_profile_smoke")
+    assert [r["system"] for r in out] == ["es-gc", "st-cached", "bare-gc"], out
+    for r in out:
+        kinds = sum(r[f"{k} s"] for k in ("matmul", "dropout masks", "softmax", "other"))
+        assert r["wall_s"] > 0 and abs(kinds - r["self_cpu_s"]) < 0.05, r
+    es, st, bare = out
+    # GradCache runs two forward passes per chunk (one kept), the bare limit one: more addmm, never fewer
+    assert bare["addmm calls"] < es["addmm calls"] and bare["addmm calls"] < st["addmm calls"], out
+    assert all(r["bernoulli_ calls"] == 0 for r in out)  # --dropout 0: no mask is drawn
+
+
 def _sweeps(ctx, proc):
     out = rows(ctx, "sweeps_smoke")
     assert {r["sweep"] for r in out} == {"matryoshka", "quantization"}
@@ -435,6 +447,10 @@ CASES: dict[str, Case] = {
         "bare,bare-chunks,es-plain,st-mnrl,es-gc,es-gc-tok,st-cached,st-cached-tok,bare-gc,bare-gc-tok "
         "--dropout 0 --name step_throughput_smoke",
         _step_throughput,
+    ),
+    "step_profile": Case(
+        "--dataset fixed --pairs 4 --chunk 2 --threads 1 --dropout 0 --model {bert} --name step_profile_smoke",
+        _step_profile,
     ),
     "multinode": _help("--no-slurm"),  # its runs are tests/test_multinode.py's
     "scale_rehearsal": Case(
