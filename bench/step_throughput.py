@@ -46,6 +46,11 @@ transformers' config overrides for the others); default: the checkpoint's (0.1 f
 `--model` replaces all-MiniLM-L6-v2 (for smoke runs with a tiny model, tests/test_bench_smoke.py; `fixed` needs
 128 positions, the real datasets 256); the figures are only comparable with the default.
 
+Columns: `padded_tokens` = the tokens one pass of the system encodes, padding included, over its own chunks
+(sentence-transformers >= 6 trims each mini-batch to the longest of its rows, and is counted so);
+`largest_chunk` = the tokens of its largest chunk, which bounds the activation memory a pass holds (compare it for
+equal-memory pairings).
+
 Ratios: es-plain / bare and es-gc / bare-chunks are overheads (targets <= 1.05 and <= 1.10 in time);
 st-* / es-* are speed-ups of embedscale (targets >= 1.0 on fixed, >= 1.1 for GradCache on real text).
 """
@@ -117,8 +122,31 @@ def parse_system(name: str) -> tuple[str, int | None, str]:
     return base, int(own) if own else None, attn
 
 
+def encoded(ids: list) -> tuple[int, int]:
+    """(tokens, largest chunk's tokens) of the input_ids tensors a step encodes, padding included."""
+    sizes = [t.numel() for t in ids]
+    return sum(sizes), max(sizes)
+
+
+def st_chunks(loss_fn, features: list[dict]) -> list:
+    """The input_ids a sentence-transformers cached loss encodes: its own mini-batch ranges, each trimmed of the
+    trailing padding its rows share (sentence-transformers >= 6 trims; its private helpers say how)."""
+    try:
+        from sentence_transformers.base.losses.gradcache import _create_minibatch, _minibatch_ranges
+    except ImportError:  # an older sentence-transformers: whole-batch width, the full slices
+        return [f["input_ids"][b : b + loss_fn.mini_batch_size] for f in features
+                for b in range(0, len(f["input_ids"]), loss_fn.mini_batch_size)]  # fmt: skip
+    budget = getattr(loss_fn, "mini_batch_num_tokens", None)
+    return [
+        _create_minibatch(f, b, e)["input_ids"]
+        for f in features
+        for b, e in _minibatch_ranges(f, loss_fn.mini_batch_size, budget)
+    ]
+
+
 def make_step(system: str, model_path: str, queries, docs, max_length: int, chunk: int, dropout: float | None = None):
-    """A zero-argument function running one optimizer step on (queries, docs), and padded token count."""
+    """(a zero-argument function running one optimizer step on (queries, docs), the tokens it encodes per pass,
+    padding included, and its largest chunk's tokens: the activation memory a pass holds scales with it)."""
     import torch
     import torch.nn.functional as F
 
@@ -152,7 +180,10 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         features = [model.tokenize(queries), model.tokenize(docs)]
-        padded = sum(f["input_ids"].numel() for f in features)
+        if system == "st-mnrl":
+            padded, largest = encoded([f["input_ids"] for f in features])
+        else:  # the mini-batches it encodes, trimmed
+            padded, largest = encoded(st_chunks(loss_fn, features))
 
         def step():
             loss = loss_fn(features, torch.empty(0))
@@ -160,7 +191,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return step, padded
+        return step, padded, largest
 
     from transformers import AutoModel, AutoTokenizer
 
@@ -173,7 +204,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         plan = dict(chunk_size=chunk, sort_by_length=True) if system == "bare-gc" else dict(token_budget=budget)
         chunks = [c.tokens for texts in (queries, docs) for c in split_tokens(tokenize(tok, texts, max_length), **plan)]
-        padded = sum(c["input_ids"].numel() for c in chunks)
+        padded, largest = encoded([c["input_ids"] for c in chunks])
         hidden = model.config.hidden_size
         cotangents = [
             torch.randn(len(c["input_ids"]), hidden, generator=torch.Generator().manual_seed(i))
@@ -188,7 +219,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return step, padded
+        return step, padded, largest
 
     if system.startswith("bare"):
         kwargs = {"attn_implementation": attn} if attn else {}
@@ -200,7 +231,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
             (tokenize(tok, queries[i : i + size], max_length), tokenize(tok, docs[i : i + size], max_length))
             for i in range(0, len(queries), size)
         ]
-        padded = sum(q["input_ids"].numel() + d["input_ids"].numel() for q, d in parts)
+        padded, largest = encoded([t["input_ids"] for part in parts for t in part])
 
         def embed(tokens):
             h = model(**tokens).last_hidden_state
@@ -214,7 +245,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return step, padded
+        return step, padded, largest
 
     from embedscale.config import GradCacheConfig, LossConfig, ModelConfig, OptimConfig
     from embedscale.contrastive.gradcache import gradcache_step, split_tokens
@@ -242,10 +273,10 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
         "es-gc-tok": dict(token_budget=budget),
     }[system]
     if plan is None:
-        padded = batch.queries["input_ids"].numel() + batch.documents["input_ids"].numel()
+        padded, largest = encoded([batch.queries["input_ids"], batch.documents["input_ids"]])
     else:
-        padded = sum(
-            c.tokens["input_ids"].numel() for t in (batch.queries, batch.documents) for c in split_tokens(t, **plan)
+        padded, largest = encoded(
+            [c.tokens["input_ids"] for t in (batch.queries, batch.documents) for c in split_tokens(t, **plan)]
         )
 
     def step():
@@ -256,7 +287,7 @@ def make_step(system: str, model_path: str, queries, docs, max_length: int, chun
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, padded
+    return step, padded, largest
 
 
 def child(
@@ -284,7 +315,7 @@ def child(
 
     queries, docs, max_length = load_pairs(dataset, n, AutoTokenizer.from_pretrained(model_path))
     steps = {s: make_step(s, model_path, queries, docs, max_length, chunk, dropout) for s in systems}
-    for step, _ in steps.values():
+    for step, *_ in steps.values():
         step()  # warm-up at full size: the allocator's first growth and lazy inits are paid once per run
     times: dict[str, list[float]] = {s: [] for s in systems}
     for r in range(repeats):
@@ -298,6 +329,7 @@ def child(
             "seconds": statistics.median(times[s]),
             "all_seconds": [round(t, 2) for t in times[s]],
             "padded_tokens": steps[s][1],
+            "largest_chunk_tokens": steps[s][2],
             "peak_rss_MiB": peak if len(systems) == 1 else f"{peak} (process, all systems)",
         }
         for s in systems
@@ -373,6 +405,7 @@ def main() -> None:
                 "all_s": " ".join(f"{t:.1f}" for t in r["all_seconds"]),
                 "pairs/s": round(args.global_batch / r["seconds"], 2),
                 "padded_tokens": r["padded_tokens"],
+                "largest_chunk": r.get("largest_chunk_tokens"),
                 "peak_rss_MiB": r["peak_rss_MiB"],
                 "vs": "",
             }

@@ -235,6 +235,9 @@ def _step_throughput(ctx, proc):
     out = rows(ctx, "step_throughput_smoke")
     systems = "bare bare-chunks es-plain st-mnrl es-gc es-gc-tok st-cached st-cached-tok bare-gc bare-gc-tok".split()
     assert [r["system"] for r in out] == systems and all(r["pairs/s"] > 0 for r in out)
+    assert all(0 < r["largest_chunk"] <= r["padded_tokens"] for r in out), out
+    by = {r["system"]: r for r in out}  # one pass over the whole batch vs chunks of 2 rows of the same texts
+    assert by["bare"]["largest_chunk"] > by["bare-chunks"]["largest_chunk"] == by["st-cached"]["largest_chunk"]
     full = ctx.json("step_throughput_smoke")
     assert full["dropout"] == 0.0
     pairs = {(r["time_of"], r["over"]) for r in full["ratios"]}
