@@ -270,13 +270,20 @@ def quality_common(args) -> list[str]:
     return common + [e for e in args.extra.split(";") if e]
 
 
+MIXTURE = {"scifact": {"weight": 3}, "stsb": {"loss": "cosent", "weight": 1}}
+"""The SciFact + STS-B mixture's sources (shards under work/shards/<name>): weights by global batches, STS-B's loss."""
+
+
 def mixture_overrides(args) -> list[str]:
     """SciFact train (InfoNCE) + STS-B train (CoSENT) as a sharded mixture, 3 : 1 by global batches, with the
     quickstart's steps per epoch; builds the two sources' shards under args.work when missing."""
     work = Path(args.work)
     make_mixture_shards(work, args.data_root, args.scifact, args.sts_train)
-    scifact, stsb = work / "shards" / "scifact", work / "shards" / "stsb"
-    sources = f"[{{path: {scifact}, weight: 3}}, {{path: {stsb}, loss: cosent, weight: 1}}]"
+    sources = ", ".join(
+        "{" + ", ".join([f"path: {work / 'shards' / name}", *(f"{k}: {v}" for k, v in spec.items())]) + "}"
+        for name, spec in MIXTURE.items()
+    )
+    sources = f"[{sources}]"
     return ["data.format=shards", f"data.sources={sources}", f"data.steps_per_epoch={args.steps_per_epoch}"]
 
 

@@ -130,13 +130,10 @@ def encoded(ids: list) -> tuple[int, int]:
 
 def st_chunks(loss_fn, features: list[dict]) -> list:
     """The input_ids a sentence-transformers cached loss encodes: its own mini-batch ranges, each trimmed of the
-    trailing padding its rows share (sentence-transformers >= 6 trims; its private helpers say how)."""
-    try:
-        from sentence_transformers.base.losses.gradcache import _create_minibatch, _minibatch_ranges
-    except ImportError:  # an older sentence-transformers: whole-batch width, the full slices
-        return [f["input_ids"][b : b + loss_fn.mini_batch_size] for f in features
-                for b in range(0, len(f["input_ids"]), loss_fn.mini_batch_size)]  # fmt: skip
-    budget = getattr(loss_fn, "mini_batch_num_tokens", None)
+    trailing padding its rows share (the locked sentence-transformers 6.x trims; its private helpers say how)."""
+    from sentence_transformers.base.losses.gradcache import _create_minibatch, _minibatch_ranges
+
+    budget = loss_fn.mini_batch_num_tokens
     return [
         _create_minibatch(f, b, e)["input_ids"]
         for f in features

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, cell_dir, make_mixture_shards, quality_args, quality_common, seed_table  # noqa: E402
+from common import MIXTURE, RESULTS, cell_dir, make_mixture_shards, quality_args, quality_common, seed_table  # noqa: E402
 
 NAME = "sts_source"
 METRICS = ("stsb/spearman",)
@@ -41,13 +41,8 @@ def schedule(args, seeds: list[int]) -> list[dict]:
     from embedscale.data.stream import MixtureStream
 
     work = Path(args.work)
-    cfg = DataConfig(
-        format=DataFormat.shards,
-        sources=[
-            SourceConfig(path=str(work / "shards" / "scifact"), weight=3),
-            SourceConfig(path=str(work / "shards" / "stsb"), loss="cosent", weight=1),
-        ],
-    )
+    sources = [SourceConfig(path=str(work / "shards" / name), **spec) for name, spec in MIXTURE.items()]
+    cfg = DataConfig(format=DataFormat.shards, sources=sources)
     sources = open_sources(cfg, work)
     sts = [s.name for s in sources].index("stsb")
     mixed = RESULTS / "domain_forgetting.json"
