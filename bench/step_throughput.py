@@ -43,6 +43,12 @@ default `--chunk` rows and `--chunk` x 256 tokens.
 `--dropout P` sets every dropout probability of the backbone to P for every system (embedscale's model.dropout;
 transformers' config overrides for the others); default: the checkpoint's (0.1 for all-MiniLM-L6-v2).
 
+`--allocator` sets the host allocator of the timing process, for every system alike (runtime.tune_allocator, the
+training jobs' trainer.host_allocator): `glibc` (default, glibc's own dynamic mmap threshold, as all figures before
+2026-12-06), `lean` (what a training job does by default: blocks of 1 MiB and more are mmap'ed and unmapped when
+freed, so every step faults its large blocks in again) or `reuse` (freed memory stays in the heap: no page faults
+after the warm-up, so the systems are compared on compute alone).
+
 `--model` replaces all-MiniLM-L6-v2 (for smoke runs with a tiny model, tests/test_bench_smoke.py; `fixed` needs
 128 positions, the real datasets 256); the figures are only comparable with the default.
 
@@ -296,6 +302,7 @@ def child(
     repeats: int,
     model: str | None = None,
     dropout: float | None = None,
+    allocator: str = "glibc",
 ) -> dict:
     """Time `systems` in this process: one untimed full-size warm-up each, then `repeats` rounds.
 
@@ -304,7 +311,9 @@ def child(
     import torch
 
     from embedscale.encoder.biencoder import resolve_model_path
+    from embedscale.runtime import tune_allocator
 
+    tune_allocator(allocator)  # before any large block: the whole process, every system alike
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model_path = model or str(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
@@ -361,6 +370,12 @@ def main() -> None:
     )
     parser.add_argument("--model", default=None, help="model path (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--dropout", type=float, default=None, help="every system's dropout (default: the model's)")
+    parser.add_argument(
+        "--allocator",
+        default="glibc",
+        choices=("glibc", "lean", "reuse"),
+        help="the process's host allocator (trainer.host_allocator, runtime.tune_allocator); default glibc's own",
+    )
     parser.add_argument("--name", default="step_throughput")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -375,6 +390,7 @@ def main() -> None:
             args.repeats,
             args.model,
             args.dropout,
+            args.allocator,
         )
         print(json.dumps(out))
         return
@@ -387,7 +403,9 @@ def main() -> None:
             cmd += ["--chunk", str(args.chunk), "--threads", str(args.threads), "--repeats", str(args.repeats)]
             cmd += ["--model", args.model] if args.model else []
             cmd += ["--dropout", str(args.dropout)] if args.dropout is not None else []
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            cmd += ["--allocator", args.allocator]
+            env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "EMBEDSCALE_MALLOC")}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 raise SystemExit(f"{group} on {dataset} failed:\n{out.stderr[-3000:]}")
             for system, r in json.loads(out.stdout.strip().splitlines()[-1]).items():
@@ -441,6 +459,7 @@ def main() -> None:
             "repeats": args.repeats,
             **({"model": args.model} if args.model else {}),
             "dropout": args.dropout,
+            "allocator": args.allocator,
             "ratios": ratios,
         },
     )

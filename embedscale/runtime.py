@@ -23,6 +23,9 @@ its mmap threshold each time a large block is freed, after which every block of 
 stays resident when freed. A GradCache step allocates and frees chunk-sized activations hundreds of times, so peak
 RSS grew ~30% beyond the live tensors (bench/results/gradcache_memory_live.json's note) unless the user knew to set
 MALLOC_MMAP_THRESHOLD_. Every job now pins the threshold at 1 MiB at start-up (bench/scale_rehearsal.py measures it).
+That costs kernel time: each large block is faulted in and zeroed again on every step, which on CPU training with a
+real model is a large share of the step (bench/host_allocator.py); trainer.host_allocator=reuse keeps freed memory
+in the process instead (faster steps, a larger resident set).
 """
 
 from __future__ import annotations
@@ -128,11 +131,21 @@ def exit_with_parent() -> bool:
 
 MMAP_THRESHOLD_BYTES = 1 << 20
 """Blocks from this size up are mmap'ed and go back to the OS when freed (glibc M_MMAP_THRESHOLD)."""
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_MAX = -4
+_M_TRIM_THRESHOLD = -1
+_NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the largest free heap top glibc may keep, 2 GiB ...
+ALLOCATOR_MODES = ("lean", "reuse", "glibc")
 
 
-def tune_allocator(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> str:
-    """Pin glibc malloc's mmap threshold, so that freed large blocks leave the resident set; returns what was done.
+def tune_allocator(mode: str = "lean", *, threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> str:
+    """Set how glibc's malloc hands freed host memory back (trainer.host_allocator); returns what was done.
+
+    lean: pin the mmap threshold at `threshold_bytes`, so that freed large blocks leave the resident set at once
+    (memory follows the live tensors; every new large block is faulted in and zeroed: kernel time on each step).
+    reuse: never mmap and never trim the heap, so that freed blocks serve the next step from warm pages (no page
+    faults once the first step reached its high-water mark, which the process then keeps, fragmentation included).
+    glibc: change nothing.
 
     Left alone when the user set MALLOC_MMAP_THRESHOLD_ (glibc read it at start-up), when EMBEDSCALE_MALLOC=default
     asks for glibc's own behaviour (how bench/scale_rehearsal.py measures the difference), and off glibc (macOS,
@@ -140,30 +153,38 @@ def tune_allocator(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> str:
     """
     import ctypes
 
+    if mode not in ALLOCATOR_MODES:
+        raise ValueError(f"trainer.host_allocator={mode!r}: choose one of {', '.join(ALLOCATOR_MODES)}")
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} (environment)"
     if os.environ.get("EMBEDSCALE_MALLOC", "").lower() == "default":
         return "glibc default (EMBEDSCALE_MALLOC=default)"
+    if mode == "glibc":
+        return "glibc default (trainer.host_allocator=glibc)"
     try:
         libc = ctypes.CDLL("libc.so.6")  # glibc's soname (ctypes.util.find_library would run ldconfig)
         libc.gnu_get_libc_version  # noqa: B018  AttributeError off glibc
     except (OSError, AttributeError):
         return "unchanged (not glibc)"
+    if mode == "reuse":
+        if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) != 1:
+            return "unchanged (mallopt refused)"
+        return "reuse: no mmap, heap kept"
     if libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)) != 1:
         return "unchanged (mallopt refused)"
     return f"mmap threshold {threshold_bytes} B"
 
 
-def start_run(run_dir: Path, *, seed: int, num_threads: int | None) -> Path:
+def start_run(run_dir: Path, *, seed: int, num_threads: int | None, allocator: str = "lean") -> Path:
     """What every training job does first: create the run directory (resolved), set torch's threads, seed
-    Python, numpy and torch (also in DataLoader workers), pin the allocator (`tune_allocator`) and quiet the
-    third-party output."""
+    Python, numpy and torch (also in DataLoader workers), set the allocator (`tune_allocator(allocator)`) and quiet
+    the third-party output."""
     import lightning as L
     import torch
 
     quiet_third_party_output()  # after Hydra configured logging and Lightning was imported: each message once
     exit_with_parent()
-    logging.getLogger(__name__).debug("allocator: %s", tune_allocator())
+    logging.getLogger(__name__).info("host allocator: %s", tune_allocator(allocator))
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if num_threads:

@@ -239,7 +239,7 @@ def _step_throughput(ctx, proc):
     by = {r["system"]: r for r in out}  # one pass over the whole batch vs chunks of 2 rows of the same texts
     assert by["bare"]["largest_chunk"] > by["bare-chunks"]["largest_chunk"] == by["st-cached"]["largest_chunk"]
     full = ctx.json("step_throughput_smoke")
-    assert full["dropout"] == 0.0
+    assert full["dropout"] == 0.0 and full["allocator"] == "reuse"
     pairs = {(r["time_of"], r["over"]) for r in full["ratios"]}
     assert {("es-gc", "bare-chunks"), ("es-gc", "bare-gc"), ("es-gc-tok", "bare-gc-tok")} <= pairs, pairs
     assert {("st-cached", "es-gc"), ("st-cached-tok", "es-gc-tok")} <= pairs, pairs
@@ -448,7 +448,7 @@ CASES: dict[str, Case] = {
     "step_throughput": Case(  # every system in one process (--interleave): one start for all
         "--datasets fixed --global-batch 4 --chunk 2 --threads 1 --repeats 1 --interleave --model {bert} --systems "
         "bare,bare-chunks,es-plain,st-mnrl,es-gc,es-gc-tok,st-cached,st-cached-tok,bare-gc,bare-gc-tok "
-        "--dropout 0 --name step_throughput_smoke",
+        "--dropout 0 --allocator reuse --name step_throughput_smoke",
         _step_throughput,
     ),
     "step_profile": Case(

@@ -178,6 +178,14 @@ class TriState(enum.StrEnum):
     false = "false"
 
 
+class HostAllocator(enum.StrEnum):
+    """How glibc's malloc treats the host memory a job frees (runtime.tune_allocator)."""
+
+    lean = "lean"
+    reuse = "reuse"
+    glibc = "glibc"
+
+
 class Progress(enum.StrEnum):
     auto = "auto"
     bar = "bar"

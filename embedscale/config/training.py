@@ -8,6 +8,7 @@ from typing import Any
 
 from embedscale.config.choices import (
     Accelerator,
+    HostAllocator,
     LoggerName,
     Precision,
     Progress,
@@ -178,6 +179,14 @@ class TrainerConfig:
     """Log the training curves every N optimizer steps; also the interval of trainer.progress=lines."""
     num_threads: int | None = bounded(None, ge=1)
     """torch.set_num_threads per process; None keeps torch's default."""
+    host_allocator: HostAllocator = HostAllocator.lean
+    """How the process's host (CPU) memory is handed back (glibc only; embedscale/runtime.py, docs/large-batch.md).
+    lean: blocks of 1 MiB and more go back to the OS when freed, so the resident set follows the live tensors, and
+    each new block is faulted in and zeroed again; reuse: freed memory stays in the process for the next step (no
+    page faults after the first step, so CPU training steps are faster; the resident set keeps its high-water mark
+    and the heap's fragmentation, so it is larger: both measured in docs/large-batch.md, "The host allocator"); glibc:
+    leave malloc as it is. GPU tensors are not affected.
+    MALLOC_MMAP_THRESHOLD_ in the environment wins, and EMBEDSCALE_MALLOC=default means glibc."""
     progress: Progress = Progress.auto
     """How training shows its progress: bar (a live progress bar), lines (a plain line every
     trainer.log_every_n_steps steps or trainer.progress_every_seconds seconds: step/total, epoch, loss, lr, pairs/s,

@@ -50,7 +50,10 @@ def run(cfg: RerankerJobConfig, *, run_dir: Path | None = None) -> dict[str, Any
 
     start = time.perf_counter()
     run_dir = start_run(
-        Path(cfg.run_dir or run_dir or "runs/reranker"), seed=cfg.seed, num_threads=cfg.trainer.num_threads
+        Path(cfg.run_dir or run_dir or "runs/reranker"),
+        seed=cfg.seed,
+        num_threads=cfg.trainer.num_threads,
+        allocator=str(cfg.trainer.host_allocator),
     )
     r = cfg.reranker
     model, tokenizer = load_cross_encoder(r.model, max_length=r.max_length)

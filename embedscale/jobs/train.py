@@ -36,7 +36,10 @@ def run(cfg: TrainConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     run_dir = start_run(
-        Path(cfg.run_dir or run_dir or "runs/train"), seed=cfg.seed, num_threads=cfg.trainer.num_threads
+        Path(cfg.run_dir or run_dir or "runs/train"),
+        seed=cfg.seed,
+        num_threads=cfg.trainer.num_threads,
+        allocator=str(cfg.trainer.host_allocator),
     )
     check_run_dir(run_dir, resume=cfg.trainer.resume, overwrite=cfg.overwrite)
     root = resolve_data_root(cfg.data.root)
