@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dropout", type=float, default=None, help="every system's dropout (default: the model's)")
     parser.add_argument("--model", default=None, help="model path (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--allocator", default="glibc", choices=("glibc", "lean", "reuse"), help="as in step_throughput.py"
+    )
     parser.add_argument("--name", default="step_profile")
     args = parser.parse_args()
 
@@ -71,7 +74,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from embedscale.encoder.biencoder import resolve_model_path
+    from embedscale.runtime import tune_allocator
 
+    tune_allocator(args.allocator)  # MALLOC_MMAP_THRESHOLD_ or EMBEDSCALE_MALLOC=default in the environment win
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model_path = args.model or str(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
@@ -96,7 +101,13 @@ def main() -> None:
     report(
         args.name,
         rows,
-        {"dataset": args.dataset, "pairs": args.pairs, "chunk": args.chunk, "threads": args.threads},
+        {
+            "dataset": args.dataset,
+            "pairs": args.pairs,
+            "chunk": args.chunk,
+            "threads": args.threads,
+            "allocator": args.allocator,
+        },
     )
 
 

@@ -55,7 +55,9 @@ after the warm-up, so the systems are compared on compute alone).
 Columns: `padded_tokens` = the tokens one pass of the system encodes, padding included, over its own chunks
 (sentence-transformers >= 6 trims each mini-batch to the longest of its rows, and is counted so);
 `largest_chunk` = the tokens of its largest chunk, which bounds the activation memory a pass holds (compare it for
-equal-memory pairings).
+equal-memory pairings); `minor_faults` and `system_s` = the median step's minor page faults and kernel CPU seconds
+(getrusage around each timed step: a minor fault is a fresh page touched for the first time, and how often a step
+touches fresh pages is the allocator setting's doing, `--allocator`).
 
 Ratios: es-plain / bare and es-gc / bare-chunks are overheads (targets <= 1.05 and <= 1.10 in time);
 st-* / es-* are speed-ups of embedscale (targets >= 1.0 on fixed, >= 1.1 for GradCache on real text).
@@ -324,11 +326,17 @@ def child(
     for step, *_ in steps.values():
         step()  # warm-up at full size: the allocator's first growth and lazy inits are paid once per run
     times: dict[str, list[float]] = {s: [] for s in systems}
+    faults: dict[str, list[int]] = {s: [] for s in systems}  # minor page faults per step (first-touch of new pages)
+    kernel: dict[str, list[float]] = {s: [] for s in systems}  # system CPU seconds per step (the faults' cost)
     for r in range(repeats):
         for system in systems[r % len(systems) :] + systems[: r % len(systems)]:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             steps[system][0]()
             times[system].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            faults[system].append(after.ru_minflt - before.ru_minflt)
+            kernel[system].append(after.ru_stime - before.ru_stime)
     peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {
         s: {
@@ -336,6 +344,8 @@ def child(
             "all_seconds": [round(t, 2) for t in times[s]],
             "padded_tokens": steps[s][1],
             "largest_chunk_tokens": steps[s][2],
+            "minor_faults": int(statistics.median(faults[s])),
+            "system_s": round(statistics.median(kernel[s]), 2),
             "peak_rss_MiB": peak if len(systems) == 1 else f"{peak} (process, all systems)",
         }
         for s in systems
@@ -421,6 +431,8 @@ def main() -> None:
                 "pairs/s": round(args.global_batch / r["seconds"], 2),
                 "padded_tokens": r["padded_tokens"],
                 "largest_chunk": r.get("largest_chunk_tokens"),
+                "minor_faults": r.get("minor_faults"),
+                "system_s": r.get("system_s"),
                 "peak_rss_MiB": r["peak_rss_MiB"],
                 "vs": "",
             }
