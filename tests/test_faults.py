@@ -599,41 +599,6 @@ def test_the_allocator_is_pinned_unless_the_user_chose(monkeypatch):
     assert tune_allocator() == "MALLOC_MMAP_THRESHOLD_=65536 (environment)"
 
 
-REUSE_PROBE = """
-import resource, sys, torch
-from embedscale.runtime import tune_allocator
-print(tune_allocator(sys.argv[1]), file=sys.stderr)
-def faults_of_a_fresh_block():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(4 << 20).fill_(1.0)  # 16 MiB of float32 written, then freed
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_a_fresh_block()  # the first one grows the heap in reuse mode too
-print(min(faults_of_a_fresh_block() for _ in range(3)))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt and getrusage's page-fault count")
-def test_reuse_serves_a_freed_block_again_without_page_faults():
-    """trainer.host_allocator=reuse is what makes CPU steps cheaper (bench/host_allocator.py): a freed 16 MiB block
-    comes back from the heap's warm pages, where lean (the default) maps it afresh and faults in every page."""
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt is glibc's")
-    faults = {}
-    for mode in ("lean", "reuse"):
-        env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "EMBEDSCALE_MALLOC")}
-        proc = subprocess.run(
-            [sys.executable, "-c", REUSE_PROBE, mode], capture_output=True, text=True, env=env, timeout=120
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        faults[mode] = int(proc.stdout.strip())
-    pages = (16 << 20) // 4096
-    assert faults["lean"] >= pages // 2, faults  # every page of the new mapping is touched: one fault each
-    assert faults["reuse"] < pages // 20, faults
-
-
 def test_a_guide_model_with_another_tokenizer_is_refused(tiny_bert, tmp_path):
     """loss.guide_model encodes the trained model's tokens: a guide with another vocabulary fails by name."""
     from helpers import make_tiny_mistral
