@@ -24,8 +24,8 @@ stays resident when freed. A GradCache step allocates and frees chunk-sized acti
 RSS grew ~30% beyond the live tensors (bench/results/gradcache_memory_live.json's note) unless the user knew to set
 MALLOC_MMAP_THRESHOLD_. Every job now pins the threshold at 1 MiB at start-up (bench/scale_rehearsal.py measures it).
 That costs kernel time: each large block is faulted in and zeroed again on every step, which on CPU training with a
-real model is a large share of the step (bench/host_allocator.py); trainer.host_allocator=reuse keeps freed memory
-in the process instead (faster steps, a larger resident set).
+real model is a large share of the step (bench/results/step_allocator_*.json); trainer.host_allocator=reuse keeps
+freed memory in the process instead (faster steps, a larger resident set).
 """
 
 from __future__ import annotations
