@@ -134,8 +134,7 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
 _M_TRIM_THRESHOLD = -1
-_NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the largest free heap top glibc may keep, 2 GiB ...
-ALLOCATOR_MODES = ("lean", "reuse", "glibc")
+_NEVER_TRIM = 2**31 - 1  # mallopt takes an int: a free heap top below 2 GiB is never given back
 
 
 def tune_allocator(mode: str = "lean", *, threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> str:
@@ -143,8 +142,9 @@ def tune_allocator(mode: str = "lean", *, threshold_bytes: int = MMAP_THRESHOLD_
 
     lean: pin the mmap threshold at `threshold_bytes`, so that freed large blocks leave the resident set at once
     (memory follows the live tensors; every new large block is faulted in and zeroed: kernel time on each step).
-    reuse: never mmap and never trim the heap, so that freed blocks serve the next step from warm pages (no page
-    faults once the first step reached its high-water mark, which the process then keeps, fragmentation included).
+    reuse: never mmap, and keep a free heap top below 2 GiB, so that freed blocks serve the next step from warm pages
+    (almost no page faults once the first step reached its high-water mark, which the process then keeps,
+    fragmentation included).
     glibc: change nothing.
 
     Left alone when the user set MALLOC_MMAP_THRESHOLD_ (glibc read it at start-up), when EMBEDSCALE_MALLOC=default
@@ -153,8 +153,10 @@ def tune_allocator(mode: str = "lean", *, threshold_bytes: int = MMAP_THRESHOLD_
     """
     import ctypes
 
-    if mode not in ALLOCATOR_MODES:
-        raise ValueError(f"trainer.host_allocator={mode!r}: choose one of {', '.join(ALLOCATOR_MODES)}")
+    from embedscale.config.choices import HostAllocator
+
+    if mode not in set(HostAllocator):
+        raise ValueError(f"trainer.host_allocator={mode!r}: choose one of {', '.join(HostAllocator)}")
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} (environment)"
     if os.environ.get("EMBEDSCALE_MALLOC", "").lower() == "default":

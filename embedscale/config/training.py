@@ -182,8 +182,8 @@ class TrainerConfig:
     host_allocator: HostAllocator = HostAllocator.lean
     """How the process's host (CPU) memory is handed back (glibc only; embedscale/runtime.py, docs/large-batch.md).
     lean: blocks of 1 MiB and more go back to the OS when freed, so the resident set follows the live tensors, and
-    each new block is faulted in and zeroed again; reuse: freed memory stays in the process for the next step (no
-    page faults after the first step, so CPU training steps are faster; the resident set keeps its high-water mark
+    each new block is faulted in and zeroed again; reuse: freed memory stays in the process for the next step (almost
+    no page faults after the first step, so CPU training steps are faster; the resident set keeps its high-water mark
     and the heap's fragmentation, so it is larger: both measured in docs/large-batch.md, "The host allocator"); glibc:
     leave malloc as it is. GPU tensors are not affected.
     MALLOC_MMAP_THRESHOLD_ in the environment wins, and EMBEDSCALE_MALLOC=default means glibc."""
