@@ -264,6 +264,13 @@ def _sweeps(ctx, proc):
     assert (ctx.tmp / "sweep.json").is_file()
 
 
+def _allocator_numerics(ctx, proc):
+    out = ctx.json("allocator_numerics_smoke")
+    assert [r["allocator"] for r in out["rows"]] == ["lean", "reuse"] and out["reference"] == "lean"
+    assert all(r["steps"] == 2 and r["losses identical"] and r["grad norms identical"] for r in out["rows"]), out
+    assert all(r["weights max rel diff"] == 0 for r in out["rows"]) and len(out["losses"]["reuse"]) == 2
+
+
 def _objective_quality(ctx, proc):
     out = ctx.json("objective_quality_smoke")
     assert [(c["row"], c["seed"]) for c in out["cells"]] == [("base", 1), ("cosent", 1)]
@@ -375,6 +382,12 @@ def _onnx_export(ctx, proc):
 
 
 CASES: dict[str, Case] = {
+    "allocator_numerics": Case(
+        "--allocators lean,reuse --steps 2 --work {tmp}/alloc --name allocator_numerics_smoke --extra "
+        "model.name_or_path={bert};model.document_max_length=32;model.query_max_length=16;data.root={scifact};"
+        "data.batch_size_per_rank=4",
+        _allocator_numerics,
+    ),
     "activation_bytes": Case("--quick --name activation_bytes_smoke", _activation_bytes),
     "code_metrics": Case("--name code_metrics_smoke", _code_metrics),
     "docker_resolve": _help("--name"),
