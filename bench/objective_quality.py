@@ -45,6 +45,38 @@ def rows_spec(args, rows: list[str]) -> dict[str, list[str]]:
     }
 
 
+def paired_vs_base(cells: list[dict], zero_shot: dict) -> dict:
+    """Each row against base seed by seed (the same seed: the same data order and dropout draws up to the change):
+    per metric the per-seed deltas, their mean, sample std and mean / (std / sqrt(n)) (a paired t statistic; with
+    n = 3 seeds |t| > 4.30 is p < 0.05 two-sided). Rows whose seeds base lacks are compared on the common seeds."""
+    import statistics
+
+    base = {c["seed"]: c for c in cells if c["row"] == "base"}
+    out: dict[str, dict] = {}
+    for row in dict.fromkeys(c["row"] for c in cells if c["row"] != "base"):
+        got = [c for c in cells if c["row"] == row and c["seed"] in base]
+        if not got:
+            continue
+        out[row] = {"seeds": [c["seed"] for c in got]}
+        for m in METRICS:
+            deltas = [round(c[m] - base[c["seed"]][m], 4) for c in got]
+            mean = statistics.mean(deltas)
+            std = statistics.stdev(deltas) if len(deltas) > 1 else None
+            t = mean / (std / len(deltas) ** 0.5) if std else None
+            out[row][m] = {
+                "deltas": deltas,
+                "mean": round(mean, 4),
+                "std": round(std, 4) if std is not None else None,
+                "t": round(t, 2) if t is not None else None,
+            }
+    for row, got in out.items():
+        print(
+            f"{row} - base, paired by seed {got['seeds']}: "
+            + "; ".join(f"{m} {got[m]['mean']:+.4f} (std {got[m]['std']}, t {got[m]['t']})" for m in METRICS)
+        )
+    return {"paired_vs_base": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="base,qqdd,guide,margin,cosent")
@@ -58,7 +90,9 @@ def main() -> None:
     if unknown := set(rows) - set(spec):
         raise SystemExit(f"unknown rows {sorted(unknown)}: use {', '.join(spec)}")
     common = quality_common(args)
-    seed_table(args.name, spec, rows, seeds, common=common, metrics=METRICS, work=work, fresh=args.fresh)
+    seed_table(
+        args.name, spec, rows, seeds, common=common, metrics=METRICS, work=work, fresh=args.fresh, extra=paired_vs_base
+    )
 
 
 if __name__ == "__main__":

@@ -276,6 +276,14 @@ def _objective_quality(ctx, proc):
     assert [(c["row"], c["seed"]) for c in out["cells"]] == [("base", 1), ("cosent", 1)]
     assert all(0 <= c["scifact/ndcg@10"] <= 1 and -1 <= c["stsb/spearman"] <= 1 for c in out["cells"])
     assert [r["n"] for r in out["rows"][:2]] == [1, 1] and out["cells"][1]["steps"] == 2
+    paired = out["paired_vs_base"]["cosent"]  # cosent - base on the one seed: no std, no t
+    delta = round(out["cells"][1]["scifact/ndcg@10"] - out["cells"][0]["scifact/ndcg@10"], 4)
+    assert paired["seeds"] == [1] and paired["scifact/ndcg@10"] == {
+        "deltas": [delta],
+        "mean": delta,
+        "std": None,
+        "t": None,
+    }
     again = subprocess.run(proc.args, capture_output=True, text=True, cwd=REPO, env=bench_env(ctx.tmp), timeout=TIMEOUT)
     assert again.returncode == 0 and again.stdout.count("already in the results: skipped") == 2, again.stdout[-2000:]
     # domain_forgetting's quickstart and mix rows are these cells: over the same work directory they are read back
