@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mixture_overrides, quality_args, quality_common, seed_table  # noqa: E402
+from common import cell_dir, mixture_overrides, quality_args, quality_common, seed_table  # noqa: E402
 
 NAME = "objective_quality"
 METRICS = ("scifact/ndcg@10", "scifact/recall@100", "stsb/spearman", "medquad/ndcg@10")
@@ -77,6 +77,34 @@ def paired_vs_base(cells: list[dict], zero_shot: dict) -> dict:
     return {"paired_vs_base": out}
 
 
+GUARDS = ("train/guide_masked", "train/margin_guard_masked")
+
+
+def guards_masked(cells: list[dict], run_dirs: dict[tuple[str, int], Path]) -> dict:
+    """Per guarded cell, how many in-batch candidates per query each guard masked: the mean, min and max over the
+    steps its CSV log holds (every trainer.log_every_n_steps-th step), read from the cell's run directory."""
+    import csv
+
+    out = {}
+    for c in cells:
+        log = run_dirs.get((c["row"], c["seed"]), Path("/nonexistent")) / "logs" / "metrics.csv"
+        if not log.exists():
+            continue
+        with open(log) as f:
+            logged = list(csv.DictReader(f))
+        for key in GUARDS:
+            values = [float(r[key]) for r in logged if r.get(key)]
+            if values:
+                out[f"{c['row']}/{c['seed']}"] = {
+                    "guard": key,
+                    "logged_steps": len(values),
+                    "mean": round(sum(values) / len(values), 4),
+                    "min": min(values),
+                    "max": max(values),
+                }
+    return {"masked_per_query": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="base,qqdd,guide,margin,cosent")
@@ -90,9 +118,16 @@ def main() -> None:
     if unknown := set(rows) - set(spec):
         raise SystemExit(f"unknown rows {sorted(unknown)}: use {', '.join(spec)}")
     common = quality_common(args)
-    seed_table(
-        args.name, spec, rows, seeds, common=common, metrics=METRICS, work=work, fresh=args.fresh, extra=paired_vs_base
-    )
+
+    def derived(cells: list[dict], zero_shot: dict) -> dict:  # also the cells of seeds this call did not name
+        run_dirs = {
+            (c["row"], c["seed"]): cell_dir(work, [*common, *spec[c["row"]], f"seed={c['seed']}"])
+            for c in cells
+            if c["row"] in spec
+        }
+        return {**paired_vs_base(cells, zero_shot), **guards_masked(cells, run_dirs)}
+
+    seed_table(args.name, spec, rows, seeds, common=common, metrics=METRICS, work=work, fresh=args.fresh, extra=derived)
 
 
 if __name__ == "__main__":

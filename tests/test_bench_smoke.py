@@ -273,19 +273,22 @@ def _allocator_numerics(ctx, proc):
 
 def _objective_quality(ctx, proc):
     out = ctx.json("objective_quality_smoke")
-    assert [(c["row"], c["seed"]) for c in out["cells"]] == [("base", 1), ("cosent", 1)]
+    assert [(c["row"], c["seed"]) for c in out["cells"]] == [("base", 1), ("margin", 1), ("cosent", 1)]
     assert all(0 <= c["scifact/ndcg@10"] <= 1 and -1 <= c["stsb/spearman"] <= 1 for c in out["cells"])
-    assert [r["n"] for r in out["rows"][:2]] == [1, 1] and out["cells"][1]["steps"] == 2
+    assert [r["n"] for r in out["rows"][:3]] == [1, 1, 1] and out["cells"][2]["steps"] == 2
     paired = out["paired_vs_base"]["cosent"]  # cosent - base on the one seed: no std, no t
-    delta = round(out["cells"][1]["scifact/ndcg@10"] - out["cells"][0]["scifact/ndcg@10"], 4)
+    delta = round(out["cells"][2]["scifact/ndcg@10"] - out["cells"][0]["scifact/ndcg@10"], 4)
     assert paired["seeds"] == [1] and paired["scifact/ndcg@10"] == {
         "deltas": [delta],
         "mean": delta,
         "std": None,
         "t": None,
     }
+    (masked,) = out["masked_per_query"].items()  # only the guarded row; read from its run's CSV log
+    assert masked[0] == "margin/1" and masked[1]["guard"] == "train/margin_guard_masked", masked
+    assert masked[1]["logged_steps"] >= 1 and 0 <= masked[1]["min"] <= masked[1]["mean"] <= masked[1]["max"] <= 7
     again = subprocess.run(proc.args, capture_output=True, text=True, cwd=REPO, env=bench_env(ctx.tmp), timeout=TIMEOUT)
-    assert again.returncode == 0 and again.stdout.count("already in the results: skipped") == 2, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("already in the results: skipped") == 3, again.stdout[-2000:]
     # domain_forgetting's quickstart and mix rows are these cells: over the same work directory they are read back
     args = list(proc.args)
     args[1] = str(REPO / "bench" / "domain_forgetting.py")
@@ -294,7 +297,7 @@ def _objective_quality(ctx, proc):
     assert shared.returncode == 0 and shared.stdout.count("already ran in") == 2, shared.stdout[-2000:]
     metrics = ("scifact/ndcg@10", "stsb/spearman", "medquad/ndcg@10")
     read_back = [[c[m] for m in metrics] for c in ctx.json("domain_forgetting_shared")["cells"]]
-    assert read_back == [[c[m] for m in metrics] for c in out["cells"]]
+    assert read_back == [[c[m] for m in metrics] for c in out["cells"] if c["row"] != "margin"]
 
 
 def _sts_source(ctx, proc):
@@ -486,11 +489,11 @@ CASES: dict[str, Case] = {
         "--world 2 --batch 16 --chunk 4 --steps 2 --no-lora --name sharded_equivalence_smoke", _sharded_equivalence
     ),
     "objective_quality": Case(
-        "--rows base,cosent --seeds 1 --model {bert} --data-root {scifact} --sts-train {data}/sts/test.tsv "
+        "--rows base,margin,cosent --seeds 1 --model {bert} --data-root {scifact} --sts-train {data}/sts/test.tsv "
         "--sts-test {data}/sts/test.tsv --medquad medquad/pairs.jsonl --steps-per-epoch 2 --work {tmp}/oq "
         "--name objective_quality_smoke "
         "--extra model.query_max_length=16;model.document_max_length=16;trainer.max_epochs=1;"
-        "data.batch_size_per_rank=4",
+        "data.batch_size_per_rank=4;trainer.log_every_n_steps=1",
         _objective_quality,
     ),
     "sts_source": Case(
